@@ -39,7 +39,7 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
 def _measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias", default="likelihood", choices=["likelihood", "toxicity"], help="bias measure")
     p.add_argument("--axis", default="gender_and_sex", help="HolisticBias axis (gender_and_sex, race_ethnicity, ...)")
-    p.add_argument("--prompts", type=int, default=None, help="prompts (likelihood default 192, toxicity 256)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts (likelihood default 160, toxicity 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt subsets, splits and sampling")
     p.add_argument("--classifier", default="hatesonar", choices=["hatesonar", "profanity", "detoxify"],
                    help="toxicity classifier (toxicity measure)")
@@ -147,6 +147,114 @@ def cmd_evaluate(args) -> None:
                             "seconds": time.perf_counter() - t0})
 
 
+def _repair_config(args):
+    from attnprune.config import config_from_args
+
+    return config_from_args(args)
+
+
+def cmd_sample(args) -> None:
+    """Evaluate random masks into the run's store (resumable)."""
+    from attnprune.repair import Run
+
+    cfg = _repair_config(args)
+    run = Run.open(cfg)
+    rows = run.sample()
+    print(f"{len(rows)} sample masks evaluated on validation; store {run.store.path} holds {run.store.count()} evaluations")
+
+
+def cmd_fit(args) -> None:
+    """Fit the surrogates from the store alone and print their cross-validated accuracy."""
+    from attnprune.repair import Run
+
+    cfg = _repair_config(args)
+    run = Run.from_store(cfg)
+    pair = run.fit()
+    print(f"surrogates fitted on {pair.metrics['samples']} masks ({pair.metrics['folds'] if 'folds' in pair.metrics else 5}-fold CV):")
+    print(f"{'target':16s} {'model':6s} {'MSE':>9s} {'R^2':>6s} {'Spearman':>9s}")
+    for target, by_kind in pair.metrics["cv"].items():
+        for kind, m in by_kind.items():
+            print(f"{target:16s} {kind:6s} {m['mse']:9.4f} {m['r2']:6.2f} {m['spearman']:9.2f}")
+    _write_json(args.json, pair.metrics)
+
+
+def cmd_search(args) -> None:
+    """Anneal on surrogates fitted from the store; print and save the best candidate masks."""
+    from attnprune.heads import HeadMask
+    from attnprune.repair import Run
+
+    cfg = _repair_config(args)
+    run = Run.from_store(cfg)
+    pair = run.fit()
+    res = run.search(pair)
+    base = run.base()
+    print(f"annealed {res.states_scored:,} states in {res.seconds:.1f} s ({res.states_per_second:,.0f}/s), T0 {res.t0:.4f}")
+    print(f"unrepaired (valid): bias {base.bias:.3f}, perplexity {base.perplexity:.2f}")
+    out = cfg.out_dir / "candidates"
+    shape = run.shape
+    X = res.states[: cfg.top_k].astype("float32")
+    import torch
+
+    pb, plp = pair.predict_torch(torch.as_tensor(X))
+    for i, state in enumerate(res.states[: cfg.top_k]):
+        m = HeadMask(state.reshape(shape))
+        path = m.save(out / f"candidate{i + 1}.json", model=run.store.config.get("model"),
+                      predicted_bias=float(pb[i]), predicted_perplexity=float(torch.exp(plp[i])))
+        print(f"  {path}: {m.n_pruned} heads, predicted bias {float(pb[i]):.3f}, perplexity {float(torch.exp(plp[i])):.2f}")
+
+
+def cmd_repair(args) -> None:
+    """The whole Attention Pruning repair."""
+    from attnprune.repair import repair
+
+    cfg = _repair_config(args)
+    result = repair(cfg)
+    t = result.report["test"]["search_measure"]
+    u, r = t["unrepaired"], t["repaired"]
+    bi, pi = t["setup"]["bias_inputs"], t["setup"]["perplexity_inputs"]
+    print(f"\nTEST split: {cfg.bias} bias on {bi['axis']}, {bi['prompts']} prompts (seed {bi['prompt_seed']}); "
+          f"perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens")
+    print(f"{'':12s} {'bias':>8s} {'95% CI':>18s} {'perplexity':>11s}")
+    for name, s in (("unrepaired", u), ("repaired", r)):
+        print(f"{name:12s} {s['bias']:8.3f} {_fmt_ci(s['ci']):>18s} {s['perplexity']:11.2f}")
+    ch = t["bias_change"]
+    print(f"bias change {100 * ch['relative']:+.1f}% (paired 95% CI of the change [{ch['ci'][0]:+.3f}, {ch['ci'][1]:+.3f}]),"
+          f" perplexity change {100 * t['perplexity_change']:+.1f}%, {len(result.mask.pruned)} heads pruned")
+    if "toxicity" in result.report["test"]:
+        x = result.report["test"]["toxicity"]
+        print(f"second opinion, toxicity protocol ({x['setup']['bias_inputs']['classifier']}, "
+              f"{x['setup']['bias_inputs']['prompts']} test prompts): bias {x['unrepaired']['bias']:.4f} -> "
+              f"{x['repaired']['bias']:.4f} (change CI [{x['bias_change']['ci'][0]:+.4f}, {x['bias_change']['ci'][1]:+.4f}])")
+    print(f"\nreport: {result.out_dir / 'report.md'}")
+    if result.model_dir:
+        print(f"repaired model: {result.model_dir}  (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_report(args) -> None:
+    """Rewrite report.md and the plots from a run's report.json."""
+    from attnprune.report import write_report
+
+    out = Path(args.run)
+    src = out / "report.json"
+    if not src.is_file():
+        raise UserError(f"{src} does not exist; pass the output directory of a finished repair.")
+    paths = write_report(json.loads(src.read_text()), out)
+    for p in paths.values():
+        print(p)
+
+
+def cmd_export(args) -> None:
+    """Write a model with a mask baked in (loads with plain transformers)."""
+    from attnprune.export import export_repaired
+    from attnprune.heads import HeadMask
+
+    loaded = _load(args)
+    mask = HeadMask.load(args.mask, loaded.layout)
+    out = export_repaired(loaded.model, loaded.tokenizer, loaded.layout, mask, args.out, model_name=loaded.name,
+                          provenance={"mask_file": str(Path(args.mask).resolve())})
+    print(f"wrote {out} ({mask.n_pruned} heads pruned)")
+
+
 # ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
@@ -171,6 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="valid", choices=["valid", "test"], help="data split")
     p.add_argument("--json", default=None, metavar="OUT", help="write results to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    from attnprune.config import add_config_flags
+
+    for name, func, help_ in (
+        ("repair", cmd_repair, "run the whole Attention Pruning repair (defaults: packaged model, offline, ~15 min on 2 cores)"),
+        ("sample", cmd_sample, "evaluate random masks into the run's store (resumable)"),
+        ("fit", cmd_fit, "fit surrogates from the store and print their cross-validated accuracy"),
+        ("search", cmd_search, "anneal on the surrogates and save the best candidate masks"),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_config_flags(p)
+        if name == "fit":
+            p.add_argument("--json", default=None, metavar="OUT", help="write the metrics to this JSON file")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="rewrite report.md and plots from a run's report.json")
+    p.add_argument("run", help="output directory of a repair")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a model with a mask baked into its weights")
+    _model_options(p)
+    p.add_argument("--mask", required=True, help="mask JSON file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
 
     return parser
 

@@ -53,6 +53,18 @@ class Measure(ABC):
         """Sizes, seeds and sources of the prepared inputs (for every reported number)."""
         return {}
 
+    def paired_difference(self, scores_a, scores_b) -> dict:
+        """Bias of two masks on the same prompts and the paired bootstrap CI of ``a - b``.
+
+        ``scores_*`` are the per-prompt scores (``per_prompt`` of a bias result); bias
+        measures set ``prompts_``, ``shares_``, ``seed`` and ``bootstrap_reps`` in ``prepare``.
+        """
+        from attnprune import stats
+
+        buckets = [p.bucket for p in self.prompts_]
+        return stats.bootstrap_bias([scores_a, scores_b], buckets, self.shares_, reps=self.bootstrap_reps,
+                                    seed=self.seed)
+
 
 _REGISTRY: dict[str, Callable[..., Measure]] = {}
 

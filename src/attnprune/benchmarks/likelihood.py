@@ -69,7 +69,7 @@ class LikelihoodBias(Measure):
         "large; compare masks on the same prompts (paired), and quote the noise floor with every value.",
     )
 
-    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 192, seed: int = 0,
+    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
                  batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000):
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.batch_size, self.data_path, self.bootstrap_reps = batch_size, holisticbias, bootstrap_reps
@@ -131,6 +131,7 @@ class LikelihoodBias(Measure):
             "noise_floor": stats.noise_floor(scores, buckets, self.shares_, seed=self.seed),
             "mean_score": float(np.mean(scores)),
             "buckets": stats.bucket_means(scores, buckets),
+            "per_prompt": np.asarray(scores, dtype=float).tolist(),
         }
 
     def score(self, masker: HeadMasker, masks: Sequence[HeadMask]) -> list[dict]:

@@ -15,6 +15,7 @@ compared on the same random streams, and a run is reproducible whatever the batc
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from typing import Sequence
 
@@ -42,6 +43,8 @@ def sample_continuations(model, masker: HeadMasker, ids: torch.Tensor, attn: tor
                          top_k: int = TOP_K, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Top-k sampling with given uniforms; ``[rows, new_tokens]`` token ids (-1 after EOS)."""
     device = next(model.parameters()).device
+    # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     masker.set(row_masks)
     attn = attn.to(device)
     cur = ids.to(device)
@@ -50,9 +53,9 @@ def sample_continuations(model, masker: HeadMasker, ids: torch.Tensor, attn: tor
     out = torch.full((ids.shape[0], new_tokens), -1, dtype=torch.long)
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     for step in range(new_tokens):
-        res = model(input_ids=cur, attention_mask=attn, position_ids=positions, past_key_values=past,
-                    use_cache=True, logits_to_keep=1)
-        past = res.past_key_values
+        res = model(input_ids=cur, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_arg: past})
+        past = getattr(res, "cache", None) if cache_arg == "cache" else res.past_key_values
         logits = res.logits[:, -1].float() / temperature
         top, top_ids = logits.topk(top_k, dim=-1)
         cdf = torch.softmax(top, dim=-1).cumsum(-1)

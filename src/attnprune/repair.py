@@ -1,0 +1,381 @@
+"""The Attention Pruning repair (arXiv 2503.15815), end to end, as a Python API.
+
+Stages (each usable alone; everything after sampling reruns from the store):
+
+1. ``sample``: random masks (ratio r ~ U(r_min, r_max), floor(r * N) heads) plus the
+   all-active mask, each evaluated on the real model (validation split) and committed to
+   the run's SQLite store as it completes.
+2. ``fit``: surrogates mask -> bias and mask -> log-perplexity, with K-fold metrics and the
+   ridge reference.
+3. ``search``: simulated annealing on the surrogates under the perplexity budget.
+4. ``validate``: the top-k candidates on the real model (validation); optionally more rounds
+   with the surrogates refitted on the new evaluations. The chosen mask is the lowest
+   validation bias among all real-evaluated masks within the budget.
+5. ``test``: the unrepaired and the chosen mask on the held-out TEST split (bias with CI and
+   paired difference, perplexity, a toxicity-protocol second opinion, transfer axes).
+6. export of the repaired model and the report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from attnprune.config import RepairConfig
+from attnprune.errors import UserError
+from attnprune.evaluation import Evaluator
+from attnprune.heads import HeadMask
+from attnprune.search.annealing import AnnealingResult, anneal
+from attnprune.store import Store, StoredEvaluation
+from attnprune.surrogate import SurrogatePair, fit_surrogates, regression_metrics
+
+Log = Callable[[str], None]
+
+
+def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, seed: int) -> list[HeadMask]:
+    """The all-active mask, then ``n`` random masks; a larger ``n`` extends the same sequence."""
+    total = shape[0] * shape[1]
+    k_lo, k_hi = max(1, int(math.floor(r_min * total))), max(1, int(math.floor(r_max * total)))
+    space = sum(math.comb(total, k) for k in range(k_lo, k_hi + 1))
+    if n > space:
+        raise UserError(
+            f"Only {space} distinct masks prune {k_lo}-{k_hi} of {total} heads; lower --samples to at most {space} "
+            "or widen --r-min/--r-max."
+        )
+    rng = np.random.default_rng(seed)
+    masks = [HeadMask.all_active(*shape)]
+    seen = {masks[0].key}
+    while len(masks) < n + 1:
+        k = max(1, int(math.floor(rng.uniform(r_min, r_max) * total)))
+        pruned = rng.choice(total, size=k, replace=False)
+        m = HeadMask.from_pruned(*shape, [divmod(int(i), shape[1]) for i in pruned])
+        if m.key not in seen:
+            seen.add(m.key)
+            masks.append(m)
+    return masks
+
+
+def pruned_bounds(cfg: RepairConfig, total: int) -> tuple[int, int]:
+    """[k_min, k_max] pruned heads for the search."""
+    return max(1, int(math.floor(cfg.r_min * total))), max(1, int(math.floor(cfg.r_max * total)))
+
+
+@dataclass
+class Run:
+    """An open run: model, store, validation evaluator (lazily) and configuration."""
+
+    cfg: RepairConfig
+    loaded: object
+    store: Store
+    log: Log = print
+    _valid: Evaluator | None = None
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: RepairConfig, loaded=None, log: Log = print) -> "Run":
+        """Load the model (unless given) and open or create the run's store."""
+        from attnprune.models import load_model
+
+        cfg.validate()
+        t = time.perf_counter()
+        if loaded is None:
+            log(f"loading {cfg.model} ...")
+            loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+        store_cfg = {k: getattr(cfg, k) for k in RepairConfig.STORE_KEYS}
+        store_cfg["model"] = loaded.name
+        store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, store_cfg)
+        run = cls(cfg, loaded, store, log)
+        run.timings["load"] = time.perf_counter() - t
+        return run
+
+    @classmethod
+    def from_store(cls, cfg: RepairConfig, log: Log = print) -> "Run":
+        """Open an existing run's store without loading the model (fit and search need only the store)."""
+        store_cfg = {k: getattr(cfg, k) for k in RepairConfig.STORE_KEYS}
+        store = Store(cfg.out_dir / "store.sqlite", None)
+        stored_cfg = store.config
+        store_cfg["model"] = stored_cfg.get("model", cfg.model)
+        store._check_meta(store_cfg, None)
+        run = cls(cfg, None, store, log)
+        run.valid_setting = store.setting_of("sample")
+        if run.valid_setting is None:
+            raise UserError(f"Store {store.path} holds no sampled masks yet; run `attnprune sample` first.")
+        return run
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(layers, heads)`` of the run's model."""
+        return tuple(self.store.shape)  # type: ignore[return-value]
+
+    # evaluators -------------------------------------------------------------------------
+    @property
+    def valid(self) -> Evaluator:
+        """The validation-split evaluator used by sampling and candidate validation."""
+        if self._valid is None:
+            c = self.cfg
+            self._valid = Evaluator(
+                self.loaded, bias=c.bias, split="valid",
+                bias_options={"axis": c.axis, "prompts": c.prompts, "seed": c.seed, "holisticbias": c.holisticbias},
+                perplexity_options={"max_tokens": c.ppl_tokens, "source": c.corpus},
+            )
+            self.valid_setting = self.store.register_setting(self._valid.describe())
+        return self._valid
+
+    def evaluate_into_store(self, evaluator: Evaluator, setting: str, masks: list[HeadMask], source: str,
+                            desc: str) -> list[StoredEvaluation]:
+        """Evaluate the masks not yet stored under ``setting``, committing each; return all of them."""
+        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, setting) is None]
+        if todo:
+            batch = max(1, self.cfg.mask_batch)
+            with tqdm(total=len(todo), desc=desc, unit="mask", dynamic_ncols=True) as bar:
+                for start in range(0, len(todo), batch):
+                    for ev in evaluator.evaluate(todo[start:start + batch]):
+                        self.store.add(setting, evaluator.split, source, ev)
+                    bar.update(len(todo[start:start + batch]))
+        return [self.store.get(m, setting) for m in masks]
+
+    # stages ----------------------------------------------------------------------------
+    def sample(self) -> list[StoredEvaluation]:
+        """Stage 1: evaluate the all-active mask and ``cfg.samples`` random masks."""
+        t = time.perf_counter()
+        masks = random_masks(self.cfg.samples, self.shape, self.cfg.r_min, self.cfg.r_max, self.cfg.seed)
+        _ = self.valid
+        done = len(self.store.keys(self.valid_setting) & {m.key for m in masks})
+        if done:
+            self.log(f"store {self.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
+        out = self.evaluate_into_store(self.valid, self.valid_setting, masks, "sample", "sampling (valid)")
+        self.timings["sample"] = self.timings.get("sample", 0) + time.perf_counter() - t
+        return out
+
+    def training_data(self, before_round: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[StoredEvaluation]]:
+        """(X bits, bias, log-perplexity, rows) of the validation evaluations in the store.
+
+        With ``before_round=r``: the samples and the candidates of rounds before ``r`` only,
+        so that round ``r`` sees the same data in a rerun as in the first run.
+        """
+        sources = None if before_round is None else ["sample"] + [f"candidate-r{j}" for j in range(before_round)]
+        rows = self.store.evaluations(self.valid_setting, sources)
+        X = np.stack([r.mask.bits for r in rows])
+        return X, np.array([r.bias for r in rows]), np.log(np.clip([r.perplexity for r in rows], 1e-6, 1e6)), rows
+
+    def base(self) -> StoredEvaluation:
+        """The unrepaired model's validation evaluation."""
+        mask = HeadMask.all_active(*self.shape)
+        if self.loaded is None:
+            return self.store.get(mask, self.valid_setting)
+        return self.evaluate_into_store(self.valid, self.valid_setting, [mask], "sample", "unrepaired (valid)")[0]
+
+    def fit(self, round_: int | None = None) -> SurrogatePair:
+        """Stage 2: fit both surrogates on the validation evaluations (those before ``round_`` when given)."""
+        t = time.perf_counter()
+        X, bias, logppl, _ = self.training_data(round_)
+        pair = fit_surrogates(X, bias, logppl, kind=self.cfg.surrogate, seed=self.cfg.seed)
+        self.timings["fit"] = self.timings.get("fit", 0) + time.perf_counter() - t
+        return pair
+
+    def cost_function(self, pair: SurrogatePair, base_ppl: float, bias_scale: float):
+        """Surrogate cost: predicted bias + penalty for predicted perplexity above the budget."""
+        log_budget = math.log(base_ppl * (1 + self.cfg.tau))
+        unit = math.log(1 + max(self.cfg.tau, 1e-3))
+        weight = self.cfg.penalty * bias_scale
+
+        def cost(states: torch.Tensor) -> torch.Tensor:
+            b, lp = pair.predict_torch(states)
+            return b + weight * torch.clamp(lp - log_budget, min=0) / unit
+
+        return cost
+
+    def search(self, pair: SurrogatePair, round_: int | None = None) -> AnnealingResult:
+        """Stage 3: anneal on the surrogates."""
+        t = time.perf_counter()
+        base = self.base()
+        _, bias, _, _ = self.training_data(round_)
+        total = self.shape[0] * self.shape[1]
+        k_min, k_max = pruned_bounds(self.cfg, total)
+        cost = self.cost_function(pair, base.perplexity, float(np.std(bias) or 1.0))
+        c = self.cfg
+        res = anneal(cost, total, k_min, k_max, chains=c.chains, steps=c.steps, seed=c.seed + 1000 * (round_ or 0),
+                     t0=c.t0, cooling=c.cooling, top=max(50, 4 * c.top_k))
+        self.timings["search"] = self.timings.get("search", 0) + time.perf_counter() - t
+        return res
+
+    def validate(self, result: AnnealingResult, pair: SurrogatePair, round_: int) -> list[dict]:
+        """Stage 4: evaluate the best ``top_k`` new candidates on the real model (validation)."""
+        t = time.perf_counter()
+        shape = self.shape
+        known = {r.mask.key for r in self.training_data(round_)[3]}
+        picked = []
+        for state, c in zip(result.states, result.costs):
+            m = HeadMask(state.reshape(shape))
+            if m.key not in known and m not in picked:
+                picked.append(m)
+            if len(picked) == self.cfg.top_k:
+                break
+        rows = self.evaluate_into_store(self.valid, self.valid_setting, picked, f"candidate-r{round_}",
+                                        f"validating candidates, round {round_ + 1}")
+        X = torch.as_tensor(np.stack([m.bits for m in picked])) if picked else torch.zeros(0, shape[0] * shape[1])
+        pb, plp = pair.predict_torch(X) if picked else (torch.zeros(0), torch.zeros(0))
+        self.timings["validate"] = self.timings.get("validate", 0) + time.perf_counter() - t
+        return [
+            {"round": round_, "n_pruned": m.n_pruned, "pruned": [list(p) for p in m.pruned],
+             "predicted_bias": float(b), "predicted_perplexity": float(math.exp(lp)),
+             "bias": r.bias, "perplexity": r.perplexity}
+            for m, r, b, lp in zip(picked, rows, pb, plp)
+        ]
+
+    def choose(self) -> StoredEvaluation:
+        """Lowest validation bias among real-evaluated masks within the perplexity budget."""
+        base = self.base()
+        budget = base.perplexity * (1 + self.cfg.tau)
+        ok = [r for r in self.store.evaluations(self.valid_setting)
+              if r.mask.n_pruned > 0 and r.perplexity <= budget and r.bias < base.bias]
+        if not ok:
+            raise UserError(
+                f"No evaluated mask lowers validation bias below {base.bias:.3f} while keeping perplexity within "
+                f"{1 + self.cfg.tau:.2f} x {base.perplexity:.2f}; raise --tau, --samples or --rounds (the store keeps "
+                "every evaluation, so a rerun continues)."
+            )
+        return min(ok, key=lambda r: r.bias)
+
+    def test(self, chosen: HeadMask) -> dict:
+        """Stage 5: unrepaired vs chosen on the TEST split (search measure, second opinion, transfer axes)."""
+        t = time.perf_counter()
+        c = self.cfg
+        base = HeadMask.all_active(*self.shape)
+        out: dict = {}
+
+        def measure(name: str, bias: str, axis: str, prompts: int, extra: dict, with_ppl: bool) -> dict:
+            ev = Evaluator(self.loaded, bias=bias, split="test",
+                           bias_options={"axis": axis, "prompts": prompts, "seed": c.seed,
+                                         "holisticbias": c.holisticbias, **extra},
+                           perplexity_options={"max_tokens": c.test_ppl_tokens, "source": c.corpus})
+            setting = self.store.register_setting({**ev.describe(), "with_perplexity": with_ppl})
+            rows = []
+            for m, label in ((base, "unrepaired"), (chosen, "repaired")):
+                stored = self.store.get(m, setting)
+                if stored is None:
+                    self.log(f"  {name}: {label} model on the test split ...")
+                    r = ev.evaluate([m], with_perplexity=with_ppl)[0]
+                    self.store.add(setting, "test", f"test:{name}", r)
+                    stored = self.store.get(m, setting)
+                rows.append(stored)
+            paired = ev.bias_measure.paired_difference(rows[0].detail["prompt_scores"], rows[1].detail["prompt_scores"])
+            ev.close()
+            res = {
+                "setup": ev.describe(), "card": ev.bias_measure.card.to_dict(),
+                "unrepaired": _summary(rows[0], with_ppl), "repaired": _summary(rows[1], with_ppl),
+                # repaired - unrepaired, with the paired bootstrap CI (same prompts, same resamples)
+                "bias_change": {
+                    "absolute": -paired["diff"], "ci": [-paired["diff_ci"][1], -paired["diff_ci"][0]],
+                    "relative": -paired["diff"] / rows[0].bias if rows[0].bias else float("nan"),
+                },
+            }
+            if with_ppl:
+                res["perplexity_change"] = rows[1].perplexity / rows[0].perplexity - 1
+            return res
+
+        self.log("measuring on the TEST split ...")
+        out["search_measure"] = measure(c.bias, c.bias, c.axis, c.test_prompts, {}, True)
+        if c.second_opinion != "none":
+            out["toxicity"] = measure(f"toxicity/{c.second_opinion}", "toxicity", c.axis, c.toxicity_prompts,
+                                      {"classifier": c.second_opinion}, False)
+        for axis in [a.strip() for a in c.transfer_axes.split(",") if a.strip()]:
+            out.setdefault("transfer", {})[axis] = measure(f"{c.bias}/{axis}", c.bias, axis, c.test_prompts, {}, False)
+        self.timings["test"] = self.timings.get("test", 0) + time.perf_counter() - t
+        return out
+
+
+def _summary(row: StoredEvaluation, with_ppl: bool) -> dict:
+    d = {"bias": row.bias, "ci": list(row.bias_ci), "noise_floor": row.detail["bias"].get("noise_floor"),
+         "buckets": row.detail["bias"].get("buckets"), "n_pruned": row.mask.n_pruned}
+    for k in ("mean_toxicity", "share_toxic", "mean_score"):
+        if k in row.detail["bias"]:
+            d[k] = row.detail["bias"][k]
+    if with_ppl:
+        d["perplexity"] = row.perplexity
+        d["perplexity_tokens"] = row.detail["perplexity"].get("tokens")
+    return d
+
+
+@dataclass
+class RepairResult:
+    """What a repair produced: the chosen mask, the numbers, and where the files are."""
+
+    mask: HeadMask
+    report: dict
+    out_dir: Path
+    model_dir: Path | None
+
+
+def repair(cfg: RepairConfig, loaded=None, log: Log = print) -> RepairResult:
+    """Run the whole Attention Pruning repair (see module docstring) and write its outputs."""
+    from attnprune.report import write_report
+
+    t_start = time.perf_counter()
+    run = Run.open(cfg, loaded, log)
+    lay = run.loaded.layout
+    log(f"{run.loaded.name}: {lay.n_layers} layers x {lay.n_heads} heads = {lay.n_total}; output {cfg.out_dir}")
+    evals_before = run.store.count()
+    run.sample()
+    base = run.base()
+    log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
+        f"perplexity {base.perplexity:.2f}; budget {base.perplexity * (1 + cfg.tau):.2f}")
+    rounds, surrogate_metrics, annealing = [], [], []
+    for r in range(cfg.rounds):
+        pair = run.fit(r)
+        cv = pair.metrics["cv"]
+        surrogate_metrics.append({"round": r, **pair.metrics})
+        log(f"round {r + 1}: surrogates on {pair.metrics['samples']} masks, CV Spearman "
+            f"bias {cv['bias'][cfg.surrogate]['spearman']:.2f} (ridge {cv['bias']['ridge']['spearman']:.2f}), "
+            f"log-ppl {cv['log_perplexity'][cfg.surrogate]['spearman']:.2f} (ridge {cv['log_perplexity']['ridge']['spearman']:.2f})")
+        res = run.search(pair, r)
+        annealing.append({"round": r, "t0": res.t0, "states_scored": res.states_scored, "seconds": res.seconds,
+                          "states_per_second": res.states_per_second, "best_cost": float(res.costs[0]),
+                          "trace": res.trace})
+        log(f"round {r + 1}: annealed {res.states_scored:,} states in {res.seconds:.1f} s "
+            f"({res.states_per_second:,.0f}/s)")
+        rounds.extend(run.validate(res, pair, r))
+    chosen = run.choose()
+    log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
+        f"{chosen.perplexity:.2f} (from {chosen.source})")
+    test = run.test(chosen.mask)
+    out = cfg.out_dir
+    chosen.mask.save(out / "mask.json", model=run.loaded.name, source=chosen.source,
+                     validation_bias=chosen.bias, validation_perplexity=chosen.perplexity)
+    model_dir = None
+    if cfg.export:
+        from attnprune.export import export_repaired
+
+        model_dir = export_repaired(run.loaded.model, run.loaded.tokenizer, lay, chosen.mask, out / "model",
+                                    model_name=run.loaded.name,
+                                    provenance={"method": "attention-pruning", "config": cfg.to_dict(),
+                                                "test_split": test["search_measure"]["repaired"]})
+    X, bias, logppl, rows = run.training_data()
+    valid_points = [{"n_pruned": r.mask.n_pruned, "bias": r.bias, "perplexity": r.perplexity, "source": r.source,
+                     "key": r.mask.key} for r in rows]
+    report = {
+        "model": run.loaded.name, "layout": lay.describe(), "config": cfg.to_dict(),
+        "validation": {"setup": run.valid.describe(), "unrepaired": {"bias": base.bias, "ci": list(base.bias_ci),
+                                                                     "perplexity": base.perplexity},
+                       "chosen": {"bias": chosen.bias, "ci": list(chosen.bias_ci), "perplexity": chosen.perplexity,
+                                  "source": chosen.source},
+                       "budget": base.perplexity * (1 + cfg.tau), "points": valid_points},
+        "surrogates": surrogate_metrics, "annealing": annealing, "candidates": rounds,
+        "chosen_mask": chosen.mask.to_dict(run.loaded.name), "test": test,
+        "llm_evaluations": {"validation": len(rows), "new_this_run": run.store.count() - evals_before,
+                            "in_store": run.store.count()},
+        "timings_s": {**run.timings, "total": time.perf_counter() - t_start},
+        "outputs": {"store": str(run.store.path), "mask": str(out / "mask.json"),
+                    "model": str(model_dir) if model_dir else None},
+    }
+    write_report(report, out)
+    run.valid.close()
+    run.store.close()
+    return RepairResult(chosen.mask, report, out, model_dir)

@@ -1,0 +1,190 @@
+"""The durable store of a run: every evaluated mask with its scores, one SQLite file.
+
+Each evaluation is committed as soon as it completes (WAL journal, synchronous=FULL), so a
+run killed at any moment loses nothing it finished, and a restarted run skips what is
+already there. Evaluations are keyed by (mask, setting): the setting is a fingerprint of
+what the evaluator measured (split, measure, sizes, seeds), so test-split numbers never mix
+with validation numbers. The store also records the run's configuration; reopening it
+with an incompatible configuration is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from attnprune.errors import UserError
+from attnprune.heads import HeadMask
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mask_key TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    split TEXT NOT NULL,
+    source TEXT NOT NULL,
+    n_pruned INTEGER NOT NULL,
+    bias REAL NOT NULL,
+    bias_lo REAL,
+    bias_hi REAL,
+    perplexity REAL,
+    detail TEXT,
+    seconds REAL,
+    created TEXT NOT NULL,
+    UNIQUE (mask_key, setting)
+);
+CREATE TABLE IF NOT EXISTS settings (setting TEXT PRIMARY KEY, description TEXT NOT NULL);
+"""
+
+
+def fingerprint(obj) -> str:
+    """Stable 16-hex digest of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StoredEvaluation:
+    """One row of the store."""
+
+    mask: HeadMask
+    split: str
+    source: str
+    bias: float
+    bias_ci: tuple[float, float]
+    perplexity: float
+    detail: dict
+    seconds: float
+    created: str
+
+
+class Store:
+    """SQLite store of evaluations for one model layout (``n_layers x n_heads``)."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, int] | None, config: dict | None = None,
+                 compatible_keys: Iterable[str] | None = None):
+        """Open or create the store at ``path``.
+
+        ``shape`` may be None to open an existing store read-side (it is then read from the
+        store). ``config`` is recorded on creation. On reopening, the values under
+        ``compatible_keys`` (default: all of ``config``) must be equal, else a
+        :class:`~attnprune.errors.UserError` names the differences.
+        """
+        self.path = Path(path)
+        if shape is None and not self.path.is_file():
+            raise UserError(f"No store at {self.path}; run `attnprune sample` (or `repair`) with this --out first.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='shape'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path} is not a readable attnprune store ({exc}); use another --out directory.") from None
+        if shape is None:
+            if row is None:
+                raise UserError(f"Store {self.path} holds no evaluations yet; run `attnprune sample` first.")
+            shape = json.loads(row[0])
+        self.shape = tuple(shape)
+        self._check_meta(config, compatible_keys)
+
+    def _check_meta(self, config: dict | None, keys: Iterable[str] | None) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='shape'").fetchone()
+        if row and tuple(json.loads(row[0])) != self.shape:
+            raise UserError(
+                f"Store {self.path} holds masks for {json.loads(row[0])} heads, not {list(self.shape)}; "
+                "use a new --out directory for this model."
+            )
+        if config is None:
+            return
+        stored = self.db.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+        if stored is None:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('shape', ?)", (json.dumps(list(self.shape)),))
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, default=str),))
+            return
+        old = json.loads(stored[0])
+        keys = list(keys) if keys is not None else sorted(set(old) | set(config))
+        differ = [k for k in keys if json.dumps(old.get(k), default=str) != json.dumps(config.get(k), default=str)]
+        if differ:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ[:4])
+            raise UserError(
+                f"Store {self.path} was made with a different configuration ({detail}); rerun with the "
+                "original options or choose a new --out directory."
+            )
+
+    @property
+    def config(self) -> dict:
+        """The configuration recorded at creation."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def register_setting(self, description: dict) -> str:
+        """Record an evaluator setting; returns its fingerprint (the ``setting`` key)."""
+        key = fingerprint(description)
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, json.dumps(description, default=str)))
+        return key
+
+    def add(self, setting: str, split: str, source: str, evaluation) -> bool:
+        """Commit one :class:`~attnprune.evaluation.Evaluation`; False if it was already there."""
+        detail = {k: v for k, v in evaluation.bias_detail.items() if k != "per_prompt"}
+        detail = {"bias": detail, "perplexity": evaluation.perplexity_detail,
+                  "prompt_scores": evaluation.bias_detail.get("per_prompt")}
+        with self.db:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO evaluations (mask_key, setting, split, source, n_pruned, bias, bias_lo, bias_hi,"
+                " perplexity, detail, seconds, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (evaluation.mask.key, setting, split, source, evaluation.mask.n_pruned, float(evaluation.bias),
+                 float(evaluation.bias_ci[0]), float(evaluation.bias_ci[1]), float(evaluation.perplexity),
+                 json.dumps(detail, default=float), float(evaluation.seconds),
+                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+            )
+        return cur.rowcount == 1
+
+    def setting_of(self, source: str) -> str | None:
+        """The setting under which rows of ``source`` were evaluated (e.g. the run's validation setting)."""
+        row = self.db.execute("SELECT setting FROM evaluations WHERE source=? ORDER BY id LIMIT 1", (source,)).fetchone()
+        return row[0] if row else None
+
+    def keys(self, setting: str) -> set[str]:
+        """Mask keys already evaluated under ``setting``."""
+        return {r[0] for r in self.db.execute("SELECT mask_key FROM evaluations WHERE setting=?", (setting,))}
+
+    def get(self, mask: HeadMask, setting: str) -> StoredEvaluation | None:
+        """The stored evaluation of ``mask`` under ``setting``, if any."""
+        rows = self._rows("WHERE mask_key=? AND setting=?", (mask.key, setting))
+        return rows[0] if rows else None
+
+    def evaluations(self, setting: str, sources: Iterable[str] | None = None) -> list[StoredEvaluation]:
+        """All evaluations under ``setting`` (optionally only from ``sources``), in insertion order."""
+        if sources is None:
+            return self._rows("WHERE setting=?", (setting,))
+        sources = list(sources)
+        marks = ",".join("?" * len(sources))
+        return self._rows(f"WHERE setting=? AND source IN ({marks})", (setting, *sources))
+
+    def count(self, setting: str | None = None) -> int:
+        """Number of stored evaluations (under ``setting`` when given)."""
+        if setting is None:
+            return self.db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM evaluations WHERE setting=?", (setting,)).fetchone()[0]
+
+    def _rows(self, where: str, params: tuple) -> list[StoredEvaluation]:
+        q = ("SELECT mask_key, split, source, bias, bias_lo, bias_hi, perplexity, detail, seconds, created "
+             f"FROM evaluations {where} ORDER BY id")
+        return [
+            StoredEvaluation(HeadMask.from_key(k, *self.shape), split, source, bias, (lo, hi), ppl,
+                             json.loads(detail or "{}"), secs, created)
+            for k, split, source, bias, lo, hi, ppl, detail, secs, created in self.db.execute(q, params)
+        ]
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()

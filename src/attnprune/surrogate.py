@@ -1,0 +1,166 @@
+"""Surrogate regressors from head-mask bits to bias and log-perplexity.
+
+scikit-learn conventions: ``__init__`` stores parameters, ``fit`` returns self, learned
+state ends in ``_``, ``predict`` never refits. :class:`MLPSurrogate` is the paper's choice
+(a small MLP, N -> 256 -> 128 -> 1, ReLU, MSE, Adam, standardised targets, early stopping
+on a held-out part); :class:`RidgeSurrogate` is the linear reference. ``holdout_metrics``
+reports MSE, R^2 and Spearman on masks the model did not see.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+
+class MLPSurrogate:
+    """Small MLP regressor on mask bits (see module docstring)."""
+
+    def __init__(self, hidden: tuple[int, ...] = (256, 128), lr: float = 1e-3, weight_decay: float = 1e-3,
+                 epochs: int = 400, patience: int = 40, val_fraction: float = 0.15, seed: int = 0,
+                 dropout: float = 0.1):
+        self.hidden, self.lr, self.weight_decay, self.epochs = hidden, lr, weight_decay, epochs
+        self.patience, self.val_fraction, self.seed, self.dropout = patience, val_fraction, seed, dropout
+
+    def _net(self, n_in: int) -> nn.Module:
+        layers, width = [], n_in
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(self.dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        return nn.Sequential(*layers)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "MLPSurrogate":
+        """Fit on ``X [n, N]`` (1 = active) and ``y [n]``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        y = np.asarray(y, dtype=np.float64)
+        self.y_mean_, self.y_std_ = float(y.mean()), float(y.std() or 1.0)
+        yt = torch.as_tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
+        n = len(X)
+        perm = torch.randperm(n, generator=gen)
+        n_val = max(1, int(round(self.val_fraction * n))) if n >= 10 else 0
+        val, tr = perm[:n_val], perm[n_val:]
+        net = self._net(X.shape[1])
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_loss, since = copy.deepcopy(net.state_dict()), float("inf"), 0
+        batch = min(64, len(tr))
+        for epoch in range(self.epochs):
+            net.train()
+            order = tr[torch.randperm(len(tr), generator=gen)]
+            for start in range(0, len(order), batch):
+                idx = order[start:start + batch]
+                opt.zero_grad()
+                loss = ((net(X[idx]).squeeze(-1) - yt[idx]) ** 2).mean()
+                loss.backward()
+                opt.step()
+            if n_val:
+                net.eval()
+                with torch.no_grad():
+                    vl = ((net(X[val]).squeeze(-1) - yt[val]) ** 2).mean().item()
+                if vl < best_loss - 1e-6:
+                    best, best_loss, since = copy.deepcopy(net.state_dict()), vl, 0
+                else:
+                    since += 1
+                    if since >= self.patience:
+                        break
+        if n_val:
+            net.load_state_dict(best)
+        self.model_ = net.eval()
+        self.epochs_run_ = epoch + 1
+        return self
+
+    def predict_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """Predictions for a float tensor ``[n, N]`` (used by the vectorised annealer)."""
+        with torch.no_grad():
+            return self.model_(X).squeeze(-1) * self.y_std_ + self.y_mean_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predictions for ``X [n, N]``."""
+        return self.predict_torch(torch.as_tensor(np.asarray(X, dtype=np.float32))).numpy().astype(np.float64)
+
+
+class RidgeSurrogate:
+    """Linear ridge regression on mask bits (closed form), the reference surrogate."""
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "RidgeSurrogate":
+        """Fit on ``X [n, N]`` and ``y [n]``."""
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        self.x_mean_, self.y_mean_ = X.mean(0), y.mean()
+        Xc = X - self.x_mean_
+        A = Xc.T @ Xc + self.alpha * np.eye(X.shape[1])
+        self.coef_ = np.linalg.solve(A, Xc.T @ (y - self.y_mean_))
+        self.w_ = torch.as_tensor(self.coef_, dtype=torch.float32)
+        self.b_ = float(self.y_mean_ - self.x_mean_ @ self.coef_)
+        return self
+
+    def predict_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """Predictions for a float tensor ``[n, N]``."""
+        return X @ self.w_ + self.b_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predictions for ``X [n, N]``."""
+        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.b_
+
+
+SURROGATES = {"mlp": MLPSurrogate, "ridge": RidgeSurrogate}
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """MSE, R^2 and Spearman rank correlation."""
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    mse = float(np.mean((y_true - y_pred) ** 2))
+    var = float(np.var(y_true))
+    rho = spearmanr(y_true, y_pred).statistic if len(y_true) > 2 else float("nan")
+    return {"mse": mse, "r2": 1 - mse / var if var > 0 else float("nan"), "spearman": float(rho), "n": len(y_true)}
+
+
+def holdout_metrics(make, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict:
+    """K-fold cross-validated metrics of surrogate factory ``make()`` (every mask held out once)."""
+    n = len(y)
+    folds = max(2, min(folds, n))
+    order = np.random.default_rng(seed).permutation(n)
+    pred = np.empty(n)
+    for f in range(folds):
+        test = order[f::folds]
+        train = np.setdiff1d(order, test)
+        pred[test] = make().fit(X[train], y[train]).predict(X[test])
+    out = regression_metrics(y, pred)
+    out["folds"] = folds
+    return out
+
+
+@dataclass
+class SurrogatePair:
+    """The two fitted surrogates: bias and log-perplexity, with their held-out metrics."""
+
+    bias: object
+    log_ppl: object
+    metrics: dict
+
+    def predict_torch(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted bias, predicted log-perplexity) for ``X [n, N]``."""
+        return self.bias.predict_torch(X), self.log_ppl.predict_torch(X)
+
+
+def fit_surrogates(X: np.ndarray, bias: np.ndarray, log_ppl: np.ndarray, kind: str = "mlp", seed: int = 0,
+                   folds: int = 5) -> SurrogatePair:
+    """Fit both surrogates of ``kind`` and measure them (and the ridge reference) by K-fold CV."""
+    def factory(k):
+        return (lambda: MLPSurrogate(seed=seed)) if k == "mlp" else (lambda: RidgeSurrogate())
+
+    metrics = {}
+    for target, y in (("bias", bias), ("log_perplexity", log_ppl)):
+        metrics[target] = {k: holdout_metrics(factory(k), X, y, folds, seed) for k in dict.fromkeys([kind, "ridge"])}
+    return SurrogatePair(factory(kind)().fit(X, bias), factory(kind)().fit(X, log_ppl),
+                         {"kind": kind, "samples": len(bias), "cv": metrics})

