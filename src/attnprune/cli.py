@@ -230,6 +230,22 @@ def cmd_repair(args) -> None:
         print(f"repaired model: {result.model_dir}  (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+def cmd_compare(args) -> None:
+    """Attention Pruning against FASP and simpler baselines on one store, measured on test."""
+    from attnprune.compare import DEFAULT_TRANSFER, compare, parse_methods
+
+    methods = parse_methods(args.methods)
+    cfg = _repair_config(args)
+    if args.transfer_axes is None and not args.config:
+        cfg.transfer_axes = DEFAULT_TRANSFER
+    if cfg.out is None:
+        cfg.out = str(cfg.out_dir).replace("repair-", "compare-", 1)
+    report = compare(cfg, methods)
+    print()
+    print((cfg.out_dir / "comparison.md").read_text())
+    print(f"wrote {cfg.out_dir / 'comparison.md'}, comparison.json, comparison.png")
+
+
 def cmd_report(args) -> None:
     """Rewrite report.md and the plots from a run's report.json."""
     from attnprune.report import write_report
@@ -293,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fit":
             p.add_argument("--json", default=None, metavar="OUT", help="write the metrics to this JSON file")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("compare", help="compare AP with FASP and baselines on the test split",
+                       description="Attention Pruning vs FASP, random, magnitude, gradient, bias_only, ppl_only and "
+                       "direct annealing, on one shared store and budget; results on the test split.")
+    add_config_flags(p)
+    from attnprune.compare import METHODS
+
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rewrite report.md and plots from a run's report.json")
     p.add_argument("run", help="output directory of a repair")

@@ -240,6 +240,21 @@ class HeadMasker:
         self._gates = gates
         return self
 
+    def set_gates(self, gates: torch.Tensor) -> "HeadMasker":
+        """Use continuous per-head gates ``[L, H]`` (e.g. ones with ``requires_grad``) on every layer.
+
+        Unlike :meth:`set`, values are not checked and no layer is skipped, so gradients of
+        the loss with respect to each head's gate flow back through the hooks.
+        """
+        if tuple(gates.shape) != self.layout.shape:
+            raise MaskError(f"Gates must have shape {self.layout.shape}; got {tuple(gates.shape)}.")
+        d = self.layout.head_dim
+        self._gates = [
+            gates[layer].repeat_interleave(d).to(device=proj.weight.device, dtype=proj.weight.dtype)
+            for layer, proj in enumerate(self.layout.out_projs)
+        ]
+        return self
+
     def _hook(self, layer: int):
         def pre_hook(module, args):
             gate = self._gates[layer]

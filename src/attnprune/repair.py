@@ -230,66 +230,119 @@ class Run:
             for m, r, b, lp in zip(picked, rows, pb, plp)
         ]
 
-    def choose(self) -> StoredEvaluation:
-        """Lowest validation bias among real-evaluated masks within the perplexity budget."""
-        base = self.base()
-        budget = base.perplexity * (1 + self.cfg.tau)
-        ok = [r for r in self.store.evaluations(self.valid_setting)
-              if r.mask.n_pruned > 0 and r.perplexity <= budget and r.bias < base.bias]
-        if not ok:
+    def attention_pruning(self) -> dict:
+        """Stages 2-4 for ``cfg.rounds`` rounds: fit, anneal, validate the top candidates."""
+        cfg, log = self.cfg, self.log
+        rounds, surrogate_metrics, annealing = [], [], []
+        for r in range(cfg.rounds):
+            pair = self.fit(r)
+            cv = pair.metrics["cv"]
+            surrogate_metrics.append({"round": r, **pair.metrics})
+            log(f"round {r + 1}: surrogates on {pair.metrics['samples']} masks, CV Spearman "
+                f"bias {cv['bias'][cfg.surrogate]['spearman']:.2f} (ridge {cv['bias']['ridge']['spearman']:.2f}), "
+                f"log-ppl {cv['log_perplexity'][cfg.surrogate]['spearman']:.2f} "
+                f"(ridge {cv['log_perplexity']['ridge']['spearman']:.2f})")
+            res = self.search(pair, r)
+            annealing.append({"round": r, "t0": res.t0, "states_scored": res.states_scored, "seconds": res.seconds,
+                              "states_per_second": res.states_per_second, "best_cost": float(res.costs[0]),
+                              "trace": res.trace})
+            log(f"round {r + 1}: annealed {res.states_scored:,} states in {res.seconds:.1f} s "
+                f"({res.states_per_second:,.0f}/s)")
+            rounds.extend(self.validate(res, pair, r))
+        sources = ["sample"] + [f"candidate-r{j}" for j in range(cfg.rounds)]
+        return {"surrogates": surrogate_metrics, "annealing": annealing, "candidates": rounds,
+                "rows": self.store.evaluations(self.valid_setting, sources)}
+
+    def budget(self) -> float:
+        """The validation perplexity budget, (1 + tau) x the unrepaired model's."""
+        return self.base().perplexity * (1 + self.cfg.tau)
+
+    def best_within_budget(self, rows: list[StoredEvaluation]) -> StoredEvaluation | None:
+        """Lowest validation bias among ``rows`` that prune something, meet the budget and beat the unrepaired model."""
+        base, budget = self.base(), self.budget()
+        ok = [r for r in rows if r.mask.n_pruned > 0 and r.perplexity <= budget and r.bias < base.bias]
+        return min(ok, key=lambda r: r.bias) if ok else None
+
+    def choose(self, rows: list[StoredEvaluation] | None = None) -> StoredEvaluation:
+        """Lowest validation bias among ``rows`` (default: all validation evaluations) within the budget."""
+        best = self.best_within_budget(rows if rows is not None else self.store.evaluations(self.valid_setting))
+        if best is None:
+            base = self.base()
             raise UserError(
                 f"No evaluated mask lowers validation bias below {base.bias:.3f} while keeping perplexity within "
                 f"{1 + self.cfg.tau:.2f} x {base.perplexity:.2f}; raise --tau, --samples or --rounds (the store keeps "
                 "every evaluation, so a rerun continues)."
             )
-        return min(ok, key=lambda r: r.bias)
+        return best
+
+    def test_measure(self, name: str, bias: str, axis: str, prompts: int, extra: dict, with_ppl: bool,
+                     masks: list[HeadMask]) -> list[dict]:
+        """Each of ``masks`` vs the unrepaired model on the TEST split, stored and paired on the same prompts."""
+        c = self.cfg
+        key = (bias, axis, prompts, tuple(sorted(extra.items())), with_ppl)
+        self._test_evaluators = getattr(self, "_test_evaluators", {})
+        if key not in self._test_evaluators:
+            ev = Evaluator(self.loaded, bias=bias, split="test",
+                           bias_options={"axis": axis, "prompts": prompts, "seed": c.seed,
+                                         "holisticbias": c.holisticbias, **extra},
+                           perplexity_options={"max_tokens": c.test_ppl_tokens, "source": c.corpus})
+            self._test_evaluators[key] = (ev, self.store.register_setting({**ev.describe(), "with_perplexity": with_ppl}))
+        ev, setting = self._test_evaluators[key]
+        base = HeadMask.all_active(*self.shape)
+        rows = {}
+        for m in dict.fromkeys([base, *masks]):
+            stored = self.store.get(m, setting)
+            if stored is None:
+                self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
+                self.store.add(setting, "test", f"test:{name}", ev.evaluate([m], with_perplexity=with_ppl)[0])
+                stored = self.store.get(m, setting)
+            rows[m] = stored
+        out = []
+        for m in masks:
+            b, r = rows[base], rows[m]
+            paired = ev.bias_measure.paired_difference(b.detail["prompt_scores"], r.detail["prompt_scores"])
+            res = {
+                "setup": ev.describe(), "card": ev.bias_measure.card.to_dict(),
+                "unrepaired": _summary(b, with_ppl), "repaired": _summary(r, with_ppl),
+                # repaired - unrepaired, with the paired bootstrap CI (same prompts, same resamples)
+                "bias_change": {
+                    "absolute": -paired["diff"], "ci": [-paired["diff_ci"][1], -paired["diff_ci"][0]],
+                    "relative": -paired["diff"] / b.bias if b.bias else float("nan"),
+                },
+            }
+            if with_ppl:
+                res["perplexity_change"] = r.perplexity / b.perplexity - 1
+            out.append(res)
+        return out
 
     def test(self, chosen: HeadMask) -> dict:
         """Stage 5: unrepaired vs chosen on the TEST split (search measure, second opinion, transfer axes)."""
         t = time.perf_counter()
         c = self.cfg
-        base = HeadMask.all_active(*self.shape)
         out: dict = {}
-
-        def measure(name: str, bias: str, axis: str, prompts: int, extra: dict, with_ppl: bool) -> dict:
-            ev = Evaluator(self.loaded, bias=bias, split="test",
-                           bias_options={"axis": axis, "prompts": prompts, "seed": c.seed,
-                                         "holisticbias": c.holisticbias, **extra},
-                           perplexity_options={"max_tokens": c.test_ppl_tokens, "source": c.corpus})
-            setting = self.store.register_setting({**ev.describe(), "with_perplexity": with_ppl})
-            rows = []
-            for m, label in ((base, "unrepaired"), (chosen, "repaired")):
-                stored = self.store.get(m, setting)
-                if stored is None:
-                    self.log(f"  {name}: {label} model on the test split ...")
-                    r = ev.evaluate([m], with_perplexity=with_ppl)[0]
-                    self.store.add(setting, "test", f"test:{name}", r)
-                    stored = self.store.get(m, setting)
-                rows.append(stored)
-            paired = ev.bias_measure.paired_difference(rows[0].detail["prompt_scores"], rows[1].detail["prompt_scores"])
-            ev.close()
-            res = {
-                "setup": ev.describe(), "card": ev.bias_measure.card.to_dict(),
-                "unrepaired": _summary(rows[0], with_ppl), "repaired": _summary(rows[1], with_ppl),
-                # repaired - unrepaired, with the paired bootstrap CI (same prompts, same resamples)
-                "bias_change": {
-                    "absolute": -paired["diff"], "ci": [-paired["diff_ci"][1], -paired["diff_ci"][0]],
-                    "relative": -paired["diff"] / rows[0].bias if rows[0].bias else float("nan"),
-                },
-            }
-            if with_ppl:
-                res["perplexity_change"] = rows[1].perplexity / rows[0].perplexity - 1
-            return res
-
         self.log("measuring on the TEST split ...")
-        out["search_measure"] = measure(c.bias, c.bias, c.axis, c.test_prompts, {}, True)
+        out["search_measure"] = self.test_measure(c.bias, c.bias, c.axis, c.test_prompts, {}, True, [chosen])[0]
         if c.second_opinion != "none":
-            out["toxicity"] = measure(f"toxicity/{c.second_opinion}", "toxicity", c.axis, c.toxicity_prompts,
-                                      {"classifier": c.second_opinion}, False)
-        for axis in [a.strip() for a in c.transfer_axes.split(",") if a.strip()]:
-            out.setdefault("transfer", {})[axis] = measure(f"{c.bias}/{axis}", c.bias, axis, c.test_prompts, {}, False)
+            out["toxicity"] = self.test_measure(f"toxicity/{c.second_opinion}", "toxicity", c.axis, c.toxicity_prompts,
+                                                {"classifier": c.second_opinion}, False, [chosen])[0]
+        for axis in transfer_axes(c):
+            out.setdefault("transfer", {})[axis] = self.test_measure(f"{c.bias}/{axis}", c.bias, axis, c.test_prompts,
+                                                                     {}, False, [chosen])[0]
         self.timings["test"] = self.timings.get("test", 0) + time.perf_counter() - t
         return out
+
+    def close(self) -> None:
+        """Remove hooks and close the store."""
+        for ev, _ in getattr(self, "_test_evaluators", {}).values():
+            ev.close()
+        if self._valid is not None:
+            self._valid.close()
+        self.store.close()
+
+
+def transfer_axes(cfg: RepairConfig) -> list[str]:
+    """The other axes named in ``cfg.transfer_axes``."""
+    return [a.strip() for a in cfg.transfer_axes.split(",") if a.strip()]
 
 
 def _summary(row: StoredEvaluation, with_ppl: bool) -> dict:
@@ -327,22 +380,8 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = print) -> RepairResult:
     base = run.base()
     log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
         f"perplexity {base.perplexity:.2f}; budget {base.perplexity * (1 + cfg.tau):.2f}")
-    rounds, surrogate_metrics, annealing = [], [], []
-    for r in range(cfg.rounds):
-        pair = run.fit(r)
-        cv = pair.metrics["cv"]
-        surrogate_metrics.append({"round": r, **pair.metrics})
-        log(f"round {r + 1}: surrogates on {pair.metrics['samples']} masks, CV Spearman "
-            f"bias {cv['bias'][cfg.surrogate]['spearman']:.2f} (ridge {cv['bias']['ridge']['spearman']:.2f}), "
-            f"log-ppl {cv['log_perplexity'][cfg.surrogate]['spearman']:.2f} (ridge {cv['log_perplexity']['ridge']['spearman']:.2f})")
-        res = run.search(pair, r)
-        annealing.append({"round": r, "t0": res.t0, "states_scored": res.states_scored, "seconds": res.seconds,
-                          "states_per_second": res.states_per_second, "best_cost": float(res.costs[0]),
-                          "trace": res.trace})
-        log(f"round {r + 1}: annealed {res.states_scored:,} states in {res.seconds:.1f} s "
-            f"({res.states_per_second:,.0f}/s)")
-        rounds.extend(run.validate(res, pair, r))
-    chosen = run.choose()
+    search = run.attention_pruning()
+    chosen = run.choose(search["rows"])
     log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
         f"{chosen.perplexity:.2f} (from {chosen.source})")
     test = run.test(chosen.mask)
@@ -367,7 +406,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = print) -> RepairResult:
                        "chosen": {"bias": chosen.bias, "ci": list(chosen.bias_ci), "perplexity": chosen.perplexity,
                                   "source": chosen.source},
                        "budget": base.perplexity * (1 + cfg.tau), "points": valid_points},
-        "surrogates": surrogate_metrics, "annealing": annealing, "candidates": rounds,
+        "surrogates": search["surrogates"], "annealing": search["annealing"], "candidates": search["candidates"],
         "chosen_mask": chosen.mask.to_dict(run.loaded.name), "test": test,
         "llm_evaluations": {"validation": len(rows), "new_this_run": run.store.count() - evals_before,
                             "in_store": run.store.count()},
@@ -376,6 +415,5 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = print) -> RepairResult:
                     "model": str(model_dir) if model_dir else None},
     }
     write_report(report, out)
-    run.valid.close()
-    run.store.close()
+    run.close()
     return RepairResult(chosen.mask, report, out, model_dir)

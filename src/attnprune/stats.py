@@ -1,12 +1,20 @@
 """The bias statistic, its bootstrap confidence interval and its noise floor.
 
 Bias of an axis with buckets B (the protocol of FASP / Attention Pruning):
-``sum over b in B of |mean(axis) - mean(bucket b)|``. The axis mean is the stratified
-estimate ``sum_b share_b * mean_b`` with the buckets' population shares, so that a
-subset that over-samples small buckets still estimates the population's axis mean.
+``sum over b in B of |mean(axis) - mean(bucket b)|``. The axis mean is the weighted mean
+``sum_b share_b * mean_b`` with the buckets' population shares, so that a subset that
+over-samples small buckets still estimates the population's axis mean.
+
+Template adjustment (``strata``): HolisticBias sentences come from ~26 templates, and on
+SmolLM2 the template explains ~77% of the per-prompt variance of the likelihood score. Raw
+bucket means inherit the random template mix of each bucket's sample. With ``strata``
+(one template label per prompt) the bucket means are the bucket coefficients of the
+fixed-effects regression ``score ~ bucket + template``: bucket effects compared at the
+same template mix. This removes template composition noise without discarding prompts.
 
 A sum of absolute deviations is positive even for a perfectly fair model, so every bias
-number comes with its noise floor: the statistic's value when bucket labels are permuted.
+number comes with its noise floor: the statistic's value when bucket labels are permuted
+(within templates when adjusted).
 """
 
 from __future__ import annotations
@@ -14,15 +22,82 @@ from __future__ import annotations
 import numpy as np
 
 
-def _groups(buckets: list[str] | np.ndarray) -> tuple[list[str], list[np.ndarray]]:
-    labels = np.asarray(buckets)
-    names = sorted(set(labels.tolist()))
-    return names, [np.nonzero(labels == b)[0] for b in names]
+class BucketDesign:
+    """The prompts' bucket (and optional template) labels and the bucket weights.
 
+    ``means(values)`` maps per-prompt values ``[..., n]`` to bucket means ``[..., B]``
+    (template-adjusted when ``strata`` is given) as one linear projection.
+    """
 
-def _weights(names: list[str], sizes: list[int], shares: dict[str, float] | None) -> np.ndarray:
-    w = np.array([shares[b] if shares else n for b, n in zip(names, sizes)], dtype=float)
-    return w / w.sum()
+    def __init__(self, buckets, shares: dict[str, float] | None = None, strata=None):
+        self.buckets = np.asarray(buckets)
+        self.strata = None if strata is None else np.asarray(strata)
+        self.names = sorted(set(self.buckets.tolist()))
+        sizes = [int((self.buckets == b).sum()) for b in self.names]
+        w = np.array([shares[b] if shares else n for b, n in zip(self.names, sizes)], dtype=float)
+        self.weights = w / w.sum()
+        self.projection = self._projection(np.arange(len(self.buckets)), self.buckets)
+
+    def _projection(self, idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """``[B, n]`` matrix giving bucket means of ``values[idx]`` under bucket ``labels``."""
+        onehot = (labels[:, None] == np.array(self.names)[None, :]).astype(float)
+        if self.strata is None:
+            return (onehot / np.maximum(onehot.sum(0), 1)).T
+        strata = self.strata[idx]
+        levels = sorted(set(strata.tolist()))[1:]  # first level is the reference
+        design = np.concatenate([onehot, (strata[:, None] == np.array(levels)[None, :]).astype(float)], axis=1)
+        return np.linalg.pinv(design)[: len(self.names)]
+
+    def means(self, values) -> np.ndarray:
+        """Bucket means ``[..., B]`` of per-prompt ``values [..., n]``."""
+        return np.asarray(values, dtype=float) @ self.projection.T
+
+    def bias(self, values) -> np.ndarray | float:
+        """The bias statistic of ``values [..., n]``."""
+        return bias_from_means(self.means(values), self.weights)
+
+    def bootstrap(self, values, reps: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+        """Within-bucket bootstrap of the bias; ``values`` ``[n]`` or ``[k, n]`` (paired rows)."""
+        v = np.atleast_2d(np.asarray(values, dtype=float))
+        rng = np.random.default_rng(seed)
+        groups = [np.nonzero(self.buckets == b)[0] for b in self.names]
+        boot = np.empty((v.shape[0], reps))
+        for r in range(reps):
+            idx = np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups])
+            proj = self._projection(idx, self.buckets[idx]) if self.strata is not None else None
+            means = v[:, idx] @ proj.T if proj is not None else np.stack(
+                [v[:, idx[self.buckets[idx] == b]].mean(-1) for b in self.names], axis=-1)
+            boot[:, r] = bias_from_means(means, self.weights)
+        point = np.atleast_1d(self.bias(v))
+        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+        out = {
+            "bias": point.tolist() if len(point) > 1 else float(point[0]),
+            "ci": [np.percentile(b, [lo, hi]).tolist() for b in boot] if len(point) > 1
+            else np.percentile(boot[0], [lo, hi]).tolist(),
+            "level": level,
+            "reps": reps,
+        }
+        if len(point) == 2:
+            out["diff"] = float(point[0] - point[1])
+            out["diff_ci"] = np.percentile(boot[0] - boot[1], [lo, hi]).tolist()
+        return out
+
+    def noise_floor(self, values, reps: int = 200, seed: int = 0) -> dict:
+        """The bias when bucket labels are shuffled (within strata when adjusted): noise alone."""
+        values = np.asarray(values, dtype=float)
+        rng = np.random.default_rng(seed)
+        idx = np.arange(len(self.buckets))
+        sims = np.empty(reps)
+        for r in range(reps):
+            labels = self.buckets.copy()
+            if self.strata is None:
+                labels = rng.permutation(labels)
+            else:
+                for s in set(self.strata.tolist()):
+                    where = np.nonzero(self.strata == s)[0]
+                    labels[where] = rng.permutation(labels[where])
+            sims[r] = bias_from_means(values @ self._projection(idx, labels).T, self.weights)
+        return {"mean": float(sims.mean()), "p95": float(np.percentile(sims, 95)), "reps": reps}
 
 
 def bias_from_means(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -31,55 +106,23 @@ def bias_from_means(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.abs(axis_mean - means).sum(-1)
 
 
-def bucket_means(values: np.ndarray, buckets, shares: dict[str, float] | None = None) -> dict[str, float]:
-    """Mean value per bucket."""
-    names, idx = _groups(buckets)
-    return {b: float(np.asarray(values)[i].mean()) for b, i in zip(names, idx)}
+def bucket_means(values, buckets, shares=None, strata=None) -> dict[str, float]:
+    """Mean value per bucket (template-adjusted with ``strata``)."""
+    d = BucketDesign(buckets, shares, strata)
+    return dict(zip(d.names, d.means(values).tolist()))
 
 
-def bias_statistic(values, buckets, shares: dict[str, float] | None = None) -> float:
+def bias_statistic(values, buckets, shares: dict[str, float] | None = None, strata=None) -> float:
     """``sum_b |mean(axis) - mean(b)|`` with the axis mean weighted by ``shares`` (default: sample sizes)."""
-    values = np.asarray(values, dtype=float)
-    names, idx = _groups(buckets)
-    means = np.array([values[i].mean() for i in idx])
-    return float(bias_from_means(means, _weights(names, [len(i) for i in idx], shares)))
+    return float(BucketDesign(buckets, shares, strata).bias(values))
 
 
 def bootstrap_bias(values, buckets, shares=None, reps: int = 1000, seed: int = 0, level: float = 0.95,
-                   extra: np.ndarray | None = None) -> dict:
-    """Stratified (within-bucket) bootstrap of the bias statistic.
-
-    ``values`` is ``[n]`` or ``[k, n]`` (k score vectors on the same prompts, resampled with the
-    same indices: paired). Returns the point estimate(s), the CI, and with ``k == 2`` the CI of
-    the difference ``values[0] - values[1]``.
-    """
-    v = np.atleast_2d(np.asarray(values, dtype=float))
-    names, idx = _groups(buckets)
-    w = _weights(names, [len(i) for i in idx], shares)
-    rng = np.random.default_rng(seed)
-    boot_means = np.empty((v.shape[0], reps, len(names)))
-    for j, i in enumerate(idx):
-        draws = i[rng.integers(0, len(i), size=(reps, len(i)))]  # [reps, n_b]
-        boot_means[:, :, j] = v[:, draws].mean(-1)
-    boot = bias_from_means(boot_means, w)  # [k, reps]
-    point = np.array([bias_statistic(row, buckets, shares) for row in v])
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {
-        "bias": point.tolist() if len(point) > 1 else float(point[0]),
-        "ci": [np.percentile(b, [lo, hi]).tolist() for b in boot] if len(point) > 1 else np.percentile(boot[0], [lo, hi]).tolist(),
-        "level": level,
-        "reps": reps,
-    }
-    if len(point) == 2:
-        out["diff"] = float(point[0] - point[1])
-        out["diff_ci"] = np.percentile(boot[0] - boot[1], [lo, hi]).tolist()
-    return out
+                   strata=None) -> dict:
+    """Stratified (within-bucket) bootstrap of the bias statistic; see :meth:`BucketDesign.bootstrap`."""
+    return BucketDesign(buckets, shares, strata).bootstrap(values, reps, seed, level)
 
 
-def noise_floor(values, buckets, shares=None, reps: int = 200, seed: int = 0) -> dict:
-    """The bias statistic when bucket labels are shuffled (sizes kept): what noise alone gives."""
-    values = np.asarray(values, dtype=float)
-    labels = np.asarray(buckets)
-    rng = np.random.default_rng(seed)
-    sims = np.array([bias_statistic(values, rng.permutation(labels), shares) for _ in range(reps)])
-    return {"mean": float(sims.mean()), "p95": float(np.percentile(sims, 95)), "reps": reps}
+def noise_floor(values, buckets, shares=None, reps: int = 200, seed: int = 0, strata=None) -> dict:
+    """The bias statistic with shuffled bucket labels; see :meth:`BucketDesign.noise_floor`."""
+    return BucketDesign(buckets, shares, strata).noise_floor(values, reps, seed)

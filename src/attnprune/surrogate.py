@@ -2,8 +2,8 @@
 
 scikit-learn conventions: ``__init__`` stores parameters, ``fit`` returns self, learned
 state ends in ``_``, ``predict`` never refits. :class:`MLPSurrogate` is the paper's choice
-(a small MLP, N -> 256 -> 128 -> 1, ReLU, MSE, Adam, standardised targets, early stopping
-on a held-out part); :class:`RidgeSurrogate` is the linear reference. ``holdout_metrics``
+(a small MLP, N -> 256 -> 128 -> 1, ReLU, MSE, Adam with weight decay, standardised
+targets, early stopping on a held-out part, inputs = pruned-head indicators); :class:`RidgeSurrogate` is the linear reference. ``holdout_metrics``
 reports MSE, R^2 and Spearman on masks the model did not see.
 """
 
@@ -21,8 +21,8 @@ from torch import nn
 class MLPSurrogate:
     """Small MLP regressor on mask bits (see module docstring)."""
 
-    def __init__(self, hidden: tuple[int, ...] = (256, 128), lr: float = 1e-3, weight_decay: float = 1e-3,
-                 epochs: int = 400, patience: int = 40, val_fraction: float = 0.15, seed: int = 0,
+    def __init__(self, hidden: tuple[int, ...] = (256, 128), lr: float = 3e-3, weight_decay: float = 0.1,
+                 epochs: int = 400, patience: int = 100, val_fraction: float = 0.15, seed: int = 0,
                  dropout: float = 0.1):
         self.hidden, self.lr, self.weight_decay, self.epochs = hidden, lr, weight_decay, epochs
         self.patience, self.val_fraction, self.seed, self.dropout = patience, val_fraction, seed, dropout
@@ -39,7 +39,10 @@ class MLPSurrogate:
         """Fit on ``X [n, N]`` (1 = active) and ``y [n]``."""
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        # The network sees which heads are *pruned* (1 - bits): sparse inputs with the unrepaired
+        # model at the origin. With the active bits as inputs (mostly ones) the same MLP reached
+        # a held-out Spearman of 0.22 on SmolLM2 log-perplexity; with pruned bits, 0.78.
+        X = 1.0 - torch.as_tensor(np.asarray(X, dtype=np.float32))
         y = np.asarray(y, dtype=np.float64)
         self.y_mean_, self.y_std_ = float(y.mean()), float(y.std() or 1.0)
         yt = torch.as_tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
@@ -79,7 +82,7 @@ class MLPSurrogate:
     def predict_torch(self, X: torch.Tensor) -> torch.Tensor:
         """Predictions for a float tensor ``[n, N]`` (used by the vectorised annealer)."""
         with torch.no_grad():
-            return self.model_(X).squeeze(-1) * self.y_std_ + self.y_mean_
+            return self.model_(1.0 - X).squeeze(-1) * self.y_std_ + self.y_mean_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predictions for ``X [n, N]``."""

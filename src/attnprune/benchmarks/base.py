@@ -57,13 +57,10 @@ class Measure(ABC):
         """Bias of two masks on the same prompts and the paired bootstrap CI of ``a - b``.
 
         ``scores_*`` are the per-prompt scores (``per_prompt`` of a bias result); bias
-        measures set ``prompts_``, ``shares_``, ``seed`` and ``bootstrap_reps`` in ``prepare``.
+        measures set ``design_`` (a :class:`~attnprune.stats.BucketDesign`), ``seed`` and
+        ``bootstrap_reps`` in ``prepare``.
         """
-        from attnprune import stats
-
-        buckets = [p.bucket for p in self.prompts_]
-        return stats.bootstrap_bias([scores_a, scores_b], buckets, self.shares_, reps=self.bootstrap_reps,
-                                    seed=self.seed)
+        return self.design_.bootstrap([scores_a, scores_b], reps=self.bootstrap_reps, seed=self.seed)
 
 
 _REGISTRY: dict[str, Callable[..., Measure]] = {}

@@ -219,3 +219,21 @@ def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None
         k = min(len(items), max(floor, round(n * len(items) / total)))
         out.extend(sorted(items, key=lambda p: _rank(p.text, f"subset{seed}"))[:k])
     return out
+
+
+ADJUSTMENTS = ("template", "none")
+
+
+def check_adjust(adjust: str) -> str:
+    """Validate a bucket-mean adjustment name."""
+    if adjust not in ADJUSTMENTS:
+        raise UserError(f"Unknown adjustment '{adjust}'; use 'template' or 'none'.")
+    return adjust
+
+
+def design(prompts: list[Prompt], shares: dict[str, float], adjust: str = "template"):
+    """The :class:`~attnprune.stats.BucketDesign` of ``prompts`` (template strata unless ``adjust='none'``)."""
+    from attnprune.stats import BucketDesign
+
+    strata = [p.template for p in prompts] if adjust == "template" else None
+    return BucketDesign([p.bucket for p in prompts], shares, strata)

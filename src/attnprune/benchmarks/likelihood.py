@@ -8,7 +8,9 @@ the log-odds that the model's continuation *starts* toxic rather than friendly, 
 fixed word lists (each word as a single token with a leading space, lower- and
 capitalised; words that are not one token in the model's vocabulary are dropped and the
 kept counts reported). Bias is the protocol's bucket formula on these scores:
-``sum_b |mean(axis) - mean(bucket b)|``.
+``sum_b |mean(axis) - mean(bucket b)|``, with bucket means adjusted for the sentence
+template (fixed-effects regression, see :mod:`attnprune.stats`; ``adjust="none"`` for raw
+means): the template explains ~77% of the per-prompt variance on SmolLM2.
 
 One forward pass per prompt with logits at the last position only: no generation, no
 classifier, no sampling noise (masks are compared on exactly the same prompts).
@@ -21,7 +23,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from attnprune import stats
 from attnprune.benchmarks import holisticbias as hb
 from attnprune.benchmarks.base import Card, Measure, mask_rows, masked_forward, register
 from attnprune.heads import HeadMask, HeadMasker
@@ -70,14 +71,17 @@ class LikelihoodBias(Measure):
     )
 
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
-                 batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000):
+                 batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000,
+                 adjust: str = "template"):
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.batch_size, self.data_path, self.bootstrap_reps = batch_size, holisticbias, bootstrap_reps
+        self.adjust = hb.check_adjust(adjust)
 
     def prepare(self, loaded) -> "LikelihoodBias":
         tok = loaded.tokenizer
         self.prompts_ = hb.subset(self.axis, self.split, self.n_prompts, self.seed, self.data_path)
         self.shares_ = hb.bucket_shares(self.axis, self.split, self.seed, self.data_path)
+        self.design_ = hb.design(self.prompts_, self.shares_, self.adjust)
         self.toxic_ids_ = torch.tensor(single_token_ids(tok, TOXIC_WORDS))
         self.benign_ids_ = torch.tensor(single_token_ids(tok, BENIGN_WORDS))
         # Sort by length so that batches carry little padding; left padding keeps the
@@ -100,6 +104,7 @@ class LikelihoodBias(Measure):
     def describe(self) -> dict:
         return {
             "axis": self.axis, "split": self.split, "prompts": len(self.prompts_), "prompt_seed": self.seed,
+            "bucket_means": "template-adjusted" if self.adjust == "template" else "raw",
             "buckets": {b: sum(p.bucket == b for p in self.prompts_) for b in self.shares_},
             "toxic_tokens": len(self.toxic_ids_), "benign_tokens": len(self.benign_ids_), "tokens": self.tokens_,
         }
@@ -124,13 +129,12 @@ class LikelihoodBias(Measure):
 
     def summarize(self, scores: np.ndarray) -> dict:
         """Bias with bootstrap CI, noise floor and per-bucket means for one score vector."""
-        buckets = [p.bucket for p in self.prompts_]
-        boot = stats.bootstrap_bias(scores, buckets, self.shares_, reps=self.bootstrap_reps, seed=self.seed)
+        boot = self.design_.bootstrap(scores, reps=self.bootstrap_reps, seed=self.seed)
         return {
             "bias": boot["bias"], "ci": boot["ci"], "ci_level": boot["level"],
-            "noise_floor": stats.noise_floor(scores, buckets, self.shares_, seed=self.seed),
+            "noise_floor": self.design_.noise_floor(scores, seed=self.seed),
             "mean_score": float(np.mean(scores)),
-            "buckets": stats.bucket_means(scores, buckets),
+            "buckets": dict(zip(self.design_.names, self.design_.means(scores).tolist())),
             "per_prompt": np.asarray(scores, dtype=float).tolist(),
         }
 

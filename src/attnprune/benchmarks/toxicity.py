@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from attnprune import stats
 from attnprune.benchmarks import holisticbias as hb
 from attnprune.benchmarks.base import Card, Measure, row_batches, register
 from attnprune.classifiers import get_classifier
@@ -97,13 +96,14 @@ class ToxicityBias(Measure):
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 256, seed: int = 0,
                  generations: int = 1, classifier: str = "hatesonar", score_text: str | None = None,
                  batch_size: int = 32, holisticbias: str | None = None, new_tokens: int = NEW_TOKENS,
-                 bootstrap_reps: int = 1000):
+                 bootstrap_reps: int = 1000, adjust: str = "template"):
         if score_text not in (None, "continuation", "full"):
             raise UserError("--score-text must be 'continuation' or 'full'.")
         self.axis, self.split, self.n_prompts, self.seed, self.generations = axis, split, prompts, seed, generations
         self.classifier_name, self.batch_size, self.data_path = classifier, batch_size, holisticbias
         self.new_tokens, self.bootstrap_reps = new_tokens, bootstrap_reps
         self.score_text = score_text
+        self.adjust = hb.check_adjust(adjust)
 
     def prepare(self, loaded) -> "ToxicityBias":
         self.classifier_ = get_classifier(self.classifier_name)
@@ -113,6 +113,7 @@ class ToxicityBias(Measure):
         self.tokenizer_ = tok
         self.prompts_ = hb.subset(self.axis, self.split, self.n_prompts, self.seed, self.data_path)
         self.shares_ = hb.bucket_shares(self.axis, self.split, self.seed, self.data_path)
+        self.design_ = hb.design(self.prompts_, self.shares_, self.adjust)
         encoded = [tok(p.text).input_ids[:PROMPT_TOKENS] for p in self.prompts_]
         self.texts_ = [tok.decode(e, skip_special_tokens=True) for e in encoded]
         width = max(len(e) for e in encoded)
@@ -134,7 +135,8 @@ class ToxicityBias(Measure):
     def describe(self) -> dict:
         return {
             "axis": self.axis, "split": self.split, "prompts": len(self.prompts_), "generations_per_prompt": self.generations,
-            "prompt_seed": self.seed, "sampling": f"top-k {TOP_K}, T={TEMPERATURE}, {self.new_tokens} new tokens, "
+            "prompt_seed": self.seed, "bucket_means": "template-adjusted" if self.adjust == "template" else "raw",
+            "sampling": f"top-k {TOP_K}, T={TEMPERATURE}, {self.new_tokens} new tokens, "
             f"prompt <= {PROMPT_TOKENS} tokens", "classifier": self.classifier_name, "scored_text": self.score_text,
             "buckets": {b: sum(p.bucket == b for p in self.prompts_) for b in self.shares_},
         }
@@ -163,11 +165,11 @@ class ToxicityBias(Measure):
         tox = self.classifier_.score(scored)
         per_prompt = tox.reshape(len(self.prompts_), self.generations).mean(1)
         buckets = [p.bucket for p in self.prompts_]
-        boot = stats.bootstrap_bias(per_prompt, buckets, self.shares_, reps=self.bootstrap_reps, seed=self.seed)
+        boot = self.design_.bootstrap(per_prompt, reps=self.bootstrap_reps, seed=self.seed)
         row_buckets = np.array(buckets)[self.row_prompt_]
         return {
             "bias": boot["bias"], "ci": boot["ci"], "ci_level": boot["level"],
-            "noise_floor": stats.noise_floor(per_prompt, buckets, self.shares_, seed=self.seed),
+            "noise_floor": self.design_.noise_floor(per_prompt, seed=self.seed),
             "mean_toxicity": float(tox.mean()), "share_toxic": float((tox > 0.5).mean()),
             "buckets": {b: {"mean_toxicity": float(tox[row_buckets == b].mean()),
                             "share_toxic": float((tox[row_buckets == b] > 0.5).mean())}

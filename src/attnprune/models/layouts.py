@@ -72,6 +72,7 @@ class HeadLayout:
     layers_path: str
     out_proj_path: str
     out_projs: list[nn.Module] = field(repr=False)
+    layer_modules: list[nn.Module] = field(repr=False, default_factory=list)
 
     @property
     def n_total(self) -> int:
@@ -82,6 +83,13 @@ class HeadLayout:
     def shape(self) -> tuple[int, int]:
         """``(n_layers, n_heads)``, the shape of a :class:`~attnprune.heads.HeadMask`."""
         return (self.n_layers, self.n_heads)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The module that holds the output projection of ``layer`` (its q/k/v live there too)."""
+        module = self.layer_modules[layer]
+        for part in self.out_proj_path.split(".")[:-1]:
+            module = getattr(module, part)
+        return module
 
     def out_proj_name(self, layer: int) -> str:
         """Full dotted module name of the output projection of ``layer``."""
@@ -130,14 +138,14 @@ def _text_config(config):
     return sub if sub is not None and hasattr(sub, "num_attention_heads") else config
 
 
-def _resolve(model: nn.Module, adapter: ArchAdapter, n_layers: int) -> list[nn.Module] | None:
+def _resolve(model: nn.Module, adapter: ArchAdapter, n_layers: int):
     layers = _get(model, adapter.layers)
     if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) != n_layers:
         return None
     projs = [_get(layer, adapter.out_proj) for layer in layers]
     if any(p is None or not hasattr(p, "weight") for p in projs):
         return None
-    return projs
+    return list(layers), projs
 
 
 def head_layout(model: nn.Module) -> HeadLayout:
@@ -163,9 +171,10 @@ def head_layout(model: nn.Module) -> HeadLayout:
     candidates = [(model_type, ADAPTERS[model_type])] if model_type in ADAPTERS else []
     candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type]
     for _, adapter in candidates:
-        projs = _resolve(model, adapter, n_layers)
-        if projs is None:
+        found = _resolve(model, adapter, n_layers)
+        if found is None:
             continue
+        layer_modules, projs = found
         width = projection_in_features(projs[0])
         if width % n_heads:
             continue
@@ -178,6 +187,7 @@ def head_layout(model: nn.Module) -> HeadLayout:
             layers_path=adapter.layers,
             out_proj_path=adapter.out_proj,
             out_projs=projs,
+            layer_modules=layer_modules,
         )
     tried = sorted({f"{a.layers}.<i>.{a.out_proj}" for a in ADAPTERS.values()})
     raise ModelLoadError(

@@ -112,8 +112,13 @@ def anneal(cost: Cost, n: int, k_min: int, k_max: int, chains: int = 256, steps:
         proposal = _flip(states, heads)
         k_new = n - proposal.sum(1)
         valid = (k_new >= k_min) & (k_new <= k_max)
-        new_costs = cost(proposal)
-        scored += chains
+        # only proposals inside the bounds are scored (on a real model each score is an evaluation)
+        new_costs = torch.full((chains,), float("inf"))
+        if bool(valid.all()):
+            new_costs = cost(proposal)
+        elif bool(valid.any()):
+            new_costs[valid] = cost(proposal[valid]).to(new_costs.dtype)
+        scored += int(valid.sum())
         delta = new_costs - costs
         u = torch.rand(chains, generator=gen)
         accept = valid & ((delta <= 0) | (u < torch.exp(-delta.clamp(min=0) / max(temp, 1e-12))))

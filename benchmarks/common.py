@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark scripts: timing and writing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    """Best wall-clock seconds of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(), "processor": platform.processor()}
+
+
+def write(name: str, data: dict) -> Path:
+    """Write ``benchmarks/results/<name>.json`` and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
