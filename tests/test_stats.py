@@ -35,3 +35,23 @@ def test_noise_floor_matches_a_fair_model():
     assert stats.bias_statistic(fair, buckets) < floor["p95"] * 1.5
     unfair = fair + (buckets == "a") * 2
     assert stats.bias_statistic(unfair, buckets) > 3 * floor["p95"]
+
+
+def test_template_adjustment_removes_template_composition():
+    rng = np.random.default_rng(2)
+    n = 400
+    buckets = rng.choice(["a", "b", "c"], size=n)
+    # bucket "a" over-samples template 0, which scores high for every bucket
+    templates = np.where((buckets == "a") & (rng.random(n) < 0.6), 0, rng.integers(0, 5, size=n))
+    template_effect = np.array([3.0, 0.0, -1.0, 0.5, 1.0])[templates]
+    scores = template_effect + 0.01 * rng.normal(size=n)
+    assert stats.bias_statistic(scores, buckets) > 0.5, "raw means mistake template mix for bias"
+    assert stats.bias_statistic(scores, buckets, strata=templates) < 0.02
+    # a true bucket effect survives the adjustment
+    biased = scores + (buckets == "b") * 1.0
+    d = stats.BucketDesign(buckets, strata=templates)
+    means = dict(zip(d.names, d.means(biased)))
+    assert means["b"] - means["a"] == pytest.approx(1.0, abs=0.02)
+    floor = d.noise_floor(scores, reps=50)
+    boot = d.bootstrap(biased, reps=100)
+    assert floor["mean"] < 0.05 and boot["ci"][0] < d.bias(biased) < boot["ci"][1] + 1e-9

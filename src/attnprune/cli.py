@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> None:
     print(f"{'':28s} {'bias':>8s} {'95% CI':>18s} {'noise floor':>12s} {'perplexity':>11s}")
     for name, r in zip(names, results):
         print(f"{name:28s} {r.bias:8.3f} {_fmt_ci(r.bias_ci):>18s} {r.bias_detail['noise_floor']['mean']:12.3f} {r.perplexity:11.2f}")
-    print("\nper bucket (" + ("mean log-odds toxic vs benign" if args.bias == "likelihood" else "mean toxicity") + "):")
+    print("\nper bucket (" + ("template-adjusted mean log-odds toxic vs benign" if args.bias == "likelihood" else "mean toxicity") + "):")
     for b in results[0].bias_detail["buckets"]:
         vals = [r.bias_detail["buckets"][b] for r in results]
         vals = [v["mean_toxicity"] if isinstance(v, dict) else v for v in vals]

@@ -25,7 +25,7 @@ from attnprune.repair import Run, pruned_bounds, transfer_axes
 from attnprune.search import baselines as B
 from attnprune.search.annealing import anneal
 
-METHODS = ("ap", "fasp", "random", "magnitude", "gradient", "bias_only", "ppl_only", "direct_sa")
+METHODS = ("ap", "random", "magnitude", "gradient", "fasp", "bias_only", "ppl_only", "direct_sa")
 KNOCKOUT_METHODS = {"fasp", "bias_only", "ppl_only"}
 DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
 
@@ -33,6 +33,7 @@ DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
 def parse_methods(text: str) -> list[str]:
     """Comma-separated method names, validated."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
+    # cheap methods first: a long comparison writes its table after every method
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"Unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}.")
@@ -52,16 +53,25 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
     budget = run.budget()
     log(f"unrepaired (valid): bias {base.bias:.3f}, perplexity {base.perplexity:.2f}; budget {budget:.2f}")
     results: dict[str, dict] = {}
-    knock = None
-    knock_info = {}
-    if KNOCKOUT_METHODS & set(methods):
-        t = time.perf_counter()
-        before = run.store.count()
-        rows = run.evaluate_into_store(run.valid, run.valid_setting, B.knockout_masks(shape), "knockout",
-                                       "single-head knockouts (valid)")
-        knock = B.Knockouts(np.array([r.bias for r in rows]).reshape(shape),
-                            np.array([r.perplexity for r in rows]).reshape(shape))
-        knock_info = {"evaluations": len(rows), "new": run.store.count() - before, "seconds": time.perf_counter() - t}
+    knock_info: dict = {}
+    report = {
+        "model": run.loaded.name, "config": cfg.to_dict(), "methods": methods,
+        "validation": {"setup": run.valid.describe(), "unrepaired": {"bias": base.bias, "perplexity": base.perplexity},
+                       "budget": budget},
+        "knockouts": knock_info, "test_setup": None, "unrepaired_test": None, "results": results,
+    }
+
+    def knockouts() -> B.Knockouts:
+        if "scores" not in knock_info:
+            t = time.perf_counter()
+            before = run.store.count()
+            rows = run.evaluate_into_store(run.valid, run.valid_setting, B.knockout_masks(shape), "knockout",
+                                           "single-head knockouts (valid)")
+            knock_info.update(evaluations=len(rows), new=run.store.count() - before, seconds=time.perf_counter() - t,
+                              scores=B.Knockouts(np.array([r.bias for r in rows]).reshape(shape),
+                                                 np.array([r.perplexity for r in rows]).reshape(shape)))
+            report["knockouts"] = {k: v for k, v in knock_info.items() if k != "scores"}
+        return knock_info["scores"]
 
     for method in methods:
         t = time.perf_counter()
@@ -73,13 +83,12 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
             spent = len(rows)
             notes = f"{cfg.samples} samples + {cfg.rounds} rounds x {cfg.top_k} candidates"
         elif method == "direct_sa":
-            spent_budget = results["ap"]["llm_evaluations"]
-            rows = _direct_sa(run, spent_budget)
+            rows = _direct_sa(run, results["ap"]["llm_evaluations"])
             spent = len(rows)
             notes = f"annealing on the real model, {spent} evaluations (ap's budget)"
         else:
             if method in KNOCKOUT_METHODS:
-                cands = getattr(B, method)(knock)
+                cands = getattr(B, method)(knockouts())
             elif method == "random":
                 cands = B.random_heads(shape, cfg.seed)
             elif method == "magnitude":
@@ -90,6 +99,8 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
             rows = run.evaluate_into_store(run.valid, run.valid_setting, cands, f"method:{method}",
                                            f"{method}: candidates (valid)")
             spent = len(rows) + (knock_info["evaluations"] if method in KNOCKOUT_METHODS else 0)
+            if method in KNOCKOUT_METHODS:
+                notes = "single-head knockouts shared with the other knockout methods (their time is in the first one's seconds)"
         chosen = run.best_within_budget(rows)
         results[method] = {
             "llm_evaluations": spent, "new_evaluations": run.store.count() - before, "seconds": time.perf_counter() - t,
@@ -98,46 +109,33 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
                                                    "n_pruned": chosen.mask.n_pruned},
             "mask": None if chosen is None else chosen.mask.to_dict(run.loaded.name),
         }
-        if method in KNOCKOUT_METHODS:
-            results[method]["seconds"] += knock_info["seconds"] / max(1, len(KNOCKOUT_METHODS & set(methods)))
         log(f"{method}: " + ("no candidate within the budget" if chosen is None else
                              f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
             + f" ({spent} LLM evaluations, {results[method]['seconds']:.0f} s)")
-
-    chosen_masks = {m: HeadMask.from_dict(r["mask"]) for m, r in results.items() if r["mask"]}
-    unique = list(dict.fromkeys(chosen_masks.values()))
-    log("measuring every method's choice on the TEST split ...")
-    tests = dict(zip(unique, run.test_measure(cfg.bias, cfg.bias, cfg.axis, cfg.test_prompts, {}, True, unique)))
-    transfer = {axis: dict(zip(unique, run.test_measure(f"{cfg.bias}/{axis}", cfg.bias, axis, cfg.test_prompts, {},
-                                                        False, unique)))
-                for axis in transfer_axes(cfg)}
-    base_test_ppl = None
-    for method, mask in chosen_masks.items():
-        tr = tests[mask]
-        base_test_ppl = tr["unrepaired"]["perplexity"]
-        results[method]["test"] = {
-            "bias": tr["repaired"]["bias"], "ci": tr["repaired"]["ci"], "bias_change": tr["bias_change"],
-            "perplexity": tr["repaired"]["perplexity"], "perplexity_change": tr["perplexity_change"],
-            "meets_budget": tr["perplexity_change"] <= cfg.tau,
-        }
-        results[method]["transfer"] = {a: {"bias": t[mask]["repaired"]["bias"], "unrepaired": t[mask]["unrepaired"]["bias"],
-                                           "bias_change": t[mask]["bias_change"]} for a, t in transfer.items()}
-    any_test = next(iter(tests.values()), None)
-    report = {
-        "model": run.loaded.name, "config": cfg.to_dict(), "methods": methods,
-        "validation": {"setup": run.valid.describe(), "unrepaired": {"bias": base.bias, "perplexity": base.perplexity},
-                       "budget": budget},
-        "knockouts": knock_info,
-        "test_setup": any_test["setup"] if any_test else None,
-        "unrepaired_test": any_test["unrepaired"] if any_test else None,
-        "results": results,
-        "seconds": time.perf_counter() - t_all,
-    }
-    if "ap" in results and "fasp" in results:
-        report["ap_vs_fasp_evaluations"] = results["fasp"]["llm_evaluations"] / max(1, results["ap"]["llm_evaluations"])
-    write_comparison(report, cfg.out_dir)
+        if chosen is not None:
+            _test(run, cfg, method, chosen.mask, results[method], report)
+        report["seconds"] = time.perf_counter() - t_all
+        if "ap" in results and "fasp" in results:
+            report["ap_vs_fasp_evaluations"] = results["fasp"]["llm_evaluations"] / max(1, results["ap"]["llm_evaluations"])
+        write_comparison(report, cfg.out_dir)  # after every method: an interrupted comparison keeps its table
     run.close()
     return report
+
+
+def _test(run: Run, cfg: RepairConfig, method: str, mask: HeadMask, result: dict, report: dict) -> None:
+    """Measure one method's choice on the TEST split (and the transfer axes) into ``result``."""
+    tr = run.test_measure(cfg.bias, cfg.bias, cfg.axis, cfg.test_prompts, {}, True, [mask])[0]
+    report["test_setup"], report["unrepaired_test"] = tr["setup"], tr["unrepaired"]
+    result["test"] = {
+        "bias": tr["repaired"]["bias"], "ci": tr["repaired"]["ci"], "bias_change": tr["bias_change"],
+        "perplexity": tr["repaired"]["perplexity"], "perplexity_change": tr["perplexity_change"],
+        "meets_budget": tr["perplexity_change"] <= cfg.tau,
+    }
+    result["transfer"] = {}
+    for axis in transfer_axes(cfg):
+        x = run.test_measure(f"{cfg.bias}/{axis}", cfg.bias, axis, cfg.test_prompts, {}, False, [mask])[0]
+        result["transfer"][axis] = {"bias": x["repaired"]["bias"], "unrepaired": x["unrepaired"]["bias"],
+                                    "bias_change": x["bias_change"]}
 
 
 def _direct_sa(run: Run, budget: int) -> list:

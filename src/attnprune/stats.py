@@ -40,13 +40,17 @@ class BucketDesign:
 
     def _projection(self, idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """``[B, n]`` matrix giving bucket means of ``values[idx]`` under bucket ``labels``."""
+        return np.asarray(self._projections(idx[None, :], labels)[0])
+
+    def _projections(self, resamples: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Stacked projections ``[r, B, n]`` for resampled index rows that share bucket ``labels``."""
         onehot = (labels[:, None] == np.array(self.names)[None, :]).astype(float)
         if self.strata is None:
-            return (onehot / np.maximum(onehot.sum(0), 1)).T
-        strata = self.strata[idx]
-        levels = sorted(set(strata.tolist()))[1:]  # first level is the reference
-        design = np.concatenate([onehot, (strata[:, None] == np.array(levels)[None, :]).astype(float)], axis=1)
-        return np.linalg.pinv(design)[: len(self.names)]
+            return np.broadcast_to((onehot / np.maximum(onehot.sum(0), 1)).T, (len(resamples), *onehot.T.shape))
+        levels = np.array(sorted(set(self.strata.tolist()))[1:])
+        strata = (self.strata[resamples][:, :, None] == levels[None, None, :]).astype(float)  # [r, n, T-1]
+        design = np.concatenate([np.broadcast_to(onehot, (len(resamples), *onehot.shape)), strata], axis=2)
+        return np.linalg.pinv(design)[:, : len(self.names)]
 
     def means(self, values) -> np.ndarray:
         """Bucket means ``[..., B]`` of per-prompt ``values [..., n]``."""
@@ -61,13 +65,15 @@ class BucketDesign:
         v = np.atleast_2d(np.asarray(values, dtype=float))
         rng = np.random.default_rng(seed)
         groups = [np.nonzero(self.buckets == b)[0] for b in self.names]
+        resamples = np.stack([np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups])
+                              for _ in range(reps)])  # [reps, n]; bucket order is kept, so labels are fixed
+        labels = self.buckets[resamples[0]]
         boot = np.empty((v.shape[0], reps))
-        for r in range(reps):
-            idx = np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups])
-            proj = self._projection(idx, self.buckets[idx]) if self.strata is not None else None
-            means = v[:, idx] @ proj.T if proj is not None else np.stack(
-                [v[:, idx[self.buckets[idx] == b]].mean(-1) for b in self.names], axis=-1)
-            boot[:, r] = bias_from_means(means, self.weights)
+        for start in range(0, reps, 100):
+            chunk = resamples[start:start + 100]
+            proj = self._projections(chunk, labels)  # [chunk, B, n]
+            means = np.einsum("rbn,krn->krb", proj, v[:, chunk])
+            boot[:, start:start + len(chunk)] = bias_from_means(means, self.weights)
         point = np.atleast_1d(self.bias(v))
         lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
         out = {
