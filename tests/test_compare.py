@@ -1,11 +1,8 @@
 """Baselines and the comparison: valid masks within budget, FASP by hand, stored knockouts reused."""
 
-import json
-
 import numpy as np
 import pytest
 
-from attnprune.cli import main
 from attnprune.compare import compare, parse_methods
 from attnprune.config import RepairConfig
 from attnprune.errors import UserError

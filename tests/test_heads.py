@@ -8,7 +8,7 @@ import torch
 
 from attnprune import HeadMask, HeadMasker, MaskError, apply_mask, head_layout
 from attnprune.models.layouts import projection_input_axis
-from conftest import ARCHS, tiny_model, token_batch
+from conftest import tiny_model, token_batch
 
 
 def logits(model, ids, attention_mask=None):

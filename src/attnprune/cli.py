@@ -240,7 +240,7 @@ def cmd_compare(args) -> None:
         cfg.transfer_axes = DEFAULT_TRANSFER
     if cfg.out is None:
         cfg.out = str(cfg.out_dir).replace("repair-", "compare-", 1)
-    report = compare(cfg, methods)
+    compare(cfg, methods)
     print()
     print((cfg.out_dir / "comparison.md").read_text())
     print(f"wrote {cfg.out_dir / 'comparison.md'}, comparison.json, comparison.png")

@@ -34,7 +34,7 @@ from attnprune.evaluation import Evaluator
 from attnprune.heads import HeadMask
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.store import Store, StoredEvaluation
-from attnprune.surrogate import SurrogatePair, fit_surrogates, regression_metrics
+from attnprune.surrogate import SurrogatePair, fit_surrogates
 
 Log = Callable[[str], None]
 

@@ -66,8 +66,12 @@ class LikelihoodBias(Measure):
         citation=hb.CITATION + " Measure: attnprune (a likelihood proxy for the toxicity protocol of FASP, "
         "Zayed et al. AAAI 2024, and Attention Pruning, Dasu et al. arXiv 2503.15815).",
         limits="Looks at the first continuation token only, through two small word lists: it is a proxy for "
-        "(not the same as) the toxicity of sampled continuations. Template effects make per-prompt variance "
-        "large; compare masks on the same prompts (paired), and quote the noise floor with every value.",
+        "(not the same as) the toxicity of sampled continuations. Checked against `toxicity` (hatesonar, "
+        "continuation only) on SmolLM2-135M, 31 masks (unrepaired + 30 random, 1-20% pruned), the same 145 "
+        "validation prompts: Spearman +0.01 between the two bias values and +0.28 between mean log-odds and "
+        "mean toxicity (benchmarks/likelihood_vs_toxicity.py); at that size the toxicity bias sits at its "
+        "noise floor, so the check cannot confirm or refute agreement. Compare masks on the same prompts "
+        "(paired), and quote the noise floor with every value.",
     )
 
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
