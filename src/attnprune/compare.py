@@ -147,12 +147,11 @@ def _direct_sa(run: Run, budget: int) -> list:
     base = run.base()
     samples = run.store.evaluations(run.valid_setting, ["sample"])
     scale = float(np.std([r.bias for r in samples])) if len(samples) > 1 else 1.0
-    seen: list = []
+    seen: dict[HeadMask, object] = {}  # distinct evaluated masks, in order
 
     def evaluate(mask: HeadMask):
         row = run.evaluate_into_store(run.valid, run.valid_setting, [mask], "method:direct_sa", "direct_sa")[0]
-        if row.mask not in [r.mask for r in seen]:
-            seen.append(row)
+        seen.setdefault(row.mask, row)
         return row.bias, row.perplexity
 
     cost = B.direct_sa_cost(evaluate, shape, math.log(base.perplexity * (1 + cfg.tau)), cfg.penalty * scale,
@@ -160,7 +159,7 @@ def _direct_sa(run: Run, budget: int) -> list:
     # T0 from the sampled masks' spread (estimating it would cost hundreds of evaluations)
     anneal(cost, total, k_min, k_max, chains=1, steps=max(1, budget - 1), seed=cfg.seed, t0=0.5 * scale,
            cooling=cfg.cooling, top=1)
-    return seen
+    return list(seen.values())
 
 
 def markdown(report: dict) -> str:

@@ -30,10 +30,10 @@ MASK_FILE = "attnprune_mask.json"
 
 
 @torch.no_grad()
-def bake_mask(layout: HeadLayout, mask: HeadMask) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+def bake_mask(layout: HeadLayout, mask: HeadMask) -> list[tuple[torch.nn.Parameter, tuple, torch.Tensor]]:
     """Zero the pruned heads' input slices of the output projections in place.
 
-    Returns ``(parameter, original values)`` pairs so the caller can undo it.
+    Returns ``(weight, index, original values)`` triples so that :func:`unbake` can undo it.
     """
     saved = []
     d = layout.head_dim
