@@ -9,6 +9,7 @@ together (each batch row carries its own mask).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -16,6 +17,7 @@ import torch
 
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, HeadMasker
+from attnprune.layercache import LayerInputCache, first_pruned_layer
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ def get_measure(name: str, **options) -> Measure:
     return _REGISTRY[name](**options)
 
 
+def reuses_layers(name: str) -> bool:
+    """Whether the registered measure ``name`` takes the layer-reuse options."""
+    return isinstance(_REGISTRY.get(name), type) and issubclass(_REGISTRY[name], ReusesLayers)
+
+
 def measure_names(kind: str | None = None) -> list[str]:
     """Registered measure names (of ``kind`` when given)."""
     return sorted(n for n, c in _REGISTRY.items() if kind is None or getattr(c, "kind", None) == kind)
@@ -110,14 +117,18 @@ def masked_forward(
     batch_size: int,
     reduce: Callable[[torch.Tensor, slice], torch.Tensor],
     logits_to_keep: int | torch.Tensor = 0,
+    cache: LayerInputCache | None = None,
 ) -> torch.Tensor:
     """Run ``input_ids`` (``[rows, pos]``) with one mask per row, in batches.
 
     ``reduce(logits [batch, pos, vocab], rows)`` turns each batch's logits into a small
     per-row tensor; only those are kept, so memory does not grow with the vocabulary.
     ``logits_to_keep`` is passed to the model (compute the LM head at the last positions only).
+    With ``cache`` (built on the first ``cache.built_rows`` rows, which the rest repeat mask
+    after mask), each batch starts at the deepest cached layer before its first pruned layer.
     """
     device = next(model.parameters()).device
+    base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
     outs = []
     for rows in row_batches(input_ids.shape[0], batch_size):
         masker.set(row_masks[rows])
@@ -125,13 +136,40 @@ def masked_forward(
         attn = attention_mask[rows]
         # Explicit positions: with left padding, each row's first real token is position 0.
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=input_ids[rows].to(device),
-            attention_mask=attn.to(device),
-            position_ids=positions.to(device),
-            use_cache=False,
-            **kwargs,
-        )
+        start = cache.start_layer(first_pruned_layer(row_masks[rows])) if cache is not None else 0
+        with cache.skip_to(start, base_rows[rows]) if start else nullcontext():
+            out = model(
+                input_ids=input_ids[rows].to(device),
+                attention_mask=attn.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                **kwargs,
+            )
         outs.append(reduce(out.logits.float(), rows).cpu())
     masker.set(None)
     return torch.cat(outs)
+
+
+class ReusesLayers:
+    """Mixin of forward-only measures: a :class:`LayerInputCache` for their fixed inputs.
+
+    Subclasses set ``reuse_layers``, ``cache_mb`` and ``batch_size`` in ``__init__``,
+    ``model_`` and ``layout_`` in ``prepare``, and return their fixed ``(input_ids,
+    attention_mask)`` from :meth:`fixed_inputs`. The cache is built on the first ``score``
+    call (it needs the masker, to run with every head active).
+    """
+
+    cache_: LayerInputCache | None = None
+
+    def fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` that every mask is evaluated on."""
+        raise NotImplementedError
+
+    def layer_cache(self, masker: HeadMasker) -> LayerInputCache | None:
+        """The cache of this measure's inputs (built once), or None when reuse is off."""
+        if not self.reuse_layers:
+            return None
+        if self.cache_ is None:
+            self.cache_ = LayerInputCache(self.layout_, int(self.cache_mb * 2**20)).build(
+                self.model_, masker, *self.fixed_inputs(), self.batch_size)
+        return self.cache_

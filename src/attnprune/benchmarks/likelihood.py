@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from attnprune.benchmarks import holisticbias as hb
-from attnprune.benchmarks.base import Card, Measure, mask_rows, masked_forward, register
+from attnprune.benchmarks.base import Card, Measure, ReusesLayers, mask_rows, masked_forward, register
 from attnprune.heads import HeadMask, HeadMasker
 
 TOXIC_WORDS = (
@@ -51,7 +51,7 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 
 
 @register("likelihood")
-class LikelihoodBias(Measure):
+class LikelihoodBias(ReusesLayers, Measure):
     """Bias from next-token toxic-vs-benign log-odds on HolisticBias prompts."""
 
     kind = "bias"
@@ -76,7 +76,10 @@ class LikelihoodBias(Measure):
 
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
                  batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000,
-                 adjust: str = "template"):
+                 adjust: str = "template", reuse_layers: bool = True, cache_mb: float = 1024,
+                 last_logits_only: bool = True):
+        # speed options (same numbers either way): layer reuse, LM head at the scored position only
+        self.reuse_layers, self.cache_mb, self.last_logits_only = reuse_layers, cache_mb, last_logits_only
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.batch_size, self.data_path, self.bootstrap_reps = batch_size, holisticbias, bootstrap_reps
         self.adjust = hb.check_adjust(adjust)
@@ -102,8 +105,11 @@ class LikelihoodBias(Measure):
             attn[row, width - len(e):] = 1
         self.ids_, self.attn_ = ids, attn
         self.tokens_ = int(attn.sum())
-        self.model_ = loaded.model
+        self.model_, self.layout_ = loaded.model, loaded.layout
         return self
+
+    def fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids_, self.attn_
 
     def describe(self) -> dict:
         return {
@@ -125,7 +131,7 @@ class LikelihoodBias(Measure):
             return logp[:, tox].logsumexp(-1) - logp[:, ben].logsumexp(-1)
 
         flat = masked_forward(self.model_, masker, ids, attn, mask_rows(masks, n), self.batch_size, log_odds,
-                              logits_to_keep=1).numpy()
+                              logits_to_keep=1 if self.last_logits_only else 0, cache=self.layer_cache(masker)).numpy()
         sorted_scores = flat.reshape(len(masks), n)
         scores = np.empty_like(sorted_scores)
         scores[:, self.order_] = sorted_scores

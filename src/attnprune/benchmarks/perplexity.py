@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from attnprune.benchmarks.base import Card, Measure, mask_rows, masked_forward, register
+from attnprune.benchmarks.base import Card, Measure, ReusesLayers, mask_rows, masked_forward, register
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, HeadMasker
 
@@ -96,7 +96,7 @@ def corpus_lines(source: str, split: str) -> tuple[list[str], str]:
 
 
 @register("perplexity")
-class PerplexityBenchmark(Measure):
+class PerplexityBenchmark(ReusesLayers, Measure):
     """Perplexity of the masked model on a held-out corpus (see module docstring)."""
 
     kind = "utility"
@@ -113,8 +113,9 @@ class PerplexityBenchmark(Measure):
     )
 
     def __init__(self, split: str = "valid", source: str = "auto", max_tokens: int = 2048, window: int = 256,
-                 batch_size: int = 8):
+                 batch_size: int = 8, reuse_layers: bool = True, cache_mb: float = 1024):
         _check_split(split)
+        self.reuse_layers, self.cache_mb = reuse_layers, cache_mb
         if max_tokens < 2 or window < 2:
             raise UserError("--ppl-tokens and the window must be at least 2 tokens.")
         self.split, self.source, self.max_tokens, self.window, self.batch_size = split, source, max_tokens, window, batch_size
@@ -130,8 +131,11 @@ class PerplexityBenchmark(Measure):
             raise UserError(f"The {self.split} corpus is empty; give a corpus with text in both halves.")
         self.windows_ = ids[: n * window].view(n, window)
         self.attention_ = torch.ones_like(self.windows_)
-        self.model_ = loaded.model
+        self.model_, self.layout_ = loaded.model, loaded.layout
         return self
+
+    def fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows_, self.attention_
 
     def describe(self) -> dict:
         n, w = self.windows_.shape
@@ -148,7 +152,8 @@ class PerplexityBenchmark(Measure):
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
             return nll.view(target.shape).sum(-1)
 
-        sums = masked_forward(self.model_, masker, ids, attn, mask_rows(masks, nw), self.batch_size, nll_sum)
+        sums = masked_forward(self.model_, masker, ids, attn, mask_rows(masks, nw), self.batch_size, nll_sum,
+                              cache=self.layer_cache(masker))
         tokens = nw * (self.windows_.shape[1] - 1)
         out = []
         for i in range(len(masks)):

