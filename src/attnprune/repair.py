@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from attnprune.config import RepairConfig
 from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
+from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.store import Store, StoredEvaluation
@@ -76,6 +77,7 @@ class Run:
     store: Store
     log: Log = print
     _valid: Evaluator | None = None
+    _executor: Executor | None = None
     timings: dict = field(default_factory=dict)
 
     @classmethod
@@ -87,7 +89,8 @@ class Run:
         t = time.perf_counter()
         if loaded is None:
             log(f"loading {cfg.model} ...")
-            loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+            loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
+                                device_map=cfg.device_map)
         store_cfg = {k: getattr(cfg, k) for k in RepairConfig.STORE_KEYS}
         store_cfg["model"] = loaded.name
         store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, store_cfg)
@@ -115,34 +118,61 @@ class Run:
         return tuple(self.store.shape)  # type: ignore[return-value]
 
     # evaluators -------------------------------------------------------------------------
+    def measure_options(self, bias: str) -> tuple[dict, dict]:
+        """Speed options this run's evaluators pass to the bias measure ``bias`` and to perplexity."""
+        from attnprune.benchmarks.base import reuses_layers
+
+        c = self.cfg
+        speed = {"reuse_layers": c.reuse_layers and c.layer_cache_mb > 0, "cache_mb": c.layer_cache_mb}
+        return (dict(speed) if reuses_layers(bias) else {}), speed
+
+    @property
+    def valid_spec(self) -> EvaluatorSpec:
+        """The recipe of the validation evaluator (what Ray workers build too)."""
+        c = self.cfg
+        bias_speed, ppl_speed = self.measure_options(c.bias)
+        return EvaluatorSpec(
+            model=c.model, bias=c.bias, split="valid", device=c.device, dtype=c.dtype, device_map=c.device_map,
+            cache_dir=c.cache_dir,
+            # 200 bootstrap replicates while searching (the CI of each sample is recorded, not
+            # used for decisions); the test split uses the measures' default of 1,000
+            bias_options={"axis": c.axis, "prompts": c.prompts, "seed": c.seed, "holisticbias": c.holisticbias,
+                          "bootstrap_reps": 200, **bias_speed},
+            perplexity_options={"max_tokens": c.ppl_tokens, "source": c.corpus, **ppl_speed},
+        )
+
     @property
     def valid(self) -> Evaluator:
         """The validation-split evaluator used by sampling and candidate validation."""
         if self._valid is None:
-            c = self.cfg
-            self._valid = Evaluator(
-                self.loaded, bias=c.bias, split="valid",
-                # 200 bootstrap replicates while searching (the CI of each sample is recorded, not
-                # used for decisions); the test split uses the measures' default of 1,000
-                bias_options={"axis": c.axis, "prompts": c.prompts, "seed": c.seed, "holisticbias": c.holisticbias,
-                              "bootstrap_reps": 200},
-                perplexity_options={"max_tokens": c.ppl_tokens, "source": c.corpus},
-            )
+            self._valid = self.valid_spec.build(self.loaded)
             self.valid_setting = self.store.register_setting(self._valid.describe())
         return self._valid
 
-    def evaluate_into_store(self, evaluator: Evaluator, setting: str, masks: list[HeadMask], source: str,
-                            desc: str) -> list[StoredEvaluation]:
-        """Evaluate the masks not yet stored under ``setting``, committing each; return all of them."""
-        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, setting) is None]
+    @property
+    def executor(self) -> Executor:
+        """Where validation evaluations run (``cfg.executor``), started on first use."""
+        if self._executor is None:
+            c = self.cfg
+            if c.executor == "ray":
+                self.log(f"starting {c.workers} Ray workers ({c.worker_cpus:g} CPUs, {c.worker_gpus:g} GPUs each"
+                         f"{', cluster ' + c.address if c.address else ', local'}) ...")
+            self._executor = make_executor(c.executor, self.valid_spec, self.valid, c.mask_batch, c.workers,
+                                           c.worker_cpus, c.worker_gpus, c.address)
+        return self._executor
+
+    def evaluate_into_store(self, masks: list[HeadMask], source: str, desc: str) -> list[StoredEvaluation]:
+        """Evaluate (validation split) the masks not yet stored, committing each as it arrives; return all."""
+        _ = self.valid
+        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, self.valid_setting) is None]
         if todo:
-            batch = max(1, self.cfg.mask_batch)
             with tqdm(total=len(todo), desc=desc, unit="mask", dynamic_ncols=True) as bar:
-                for start in range(0, len(todo), batch):
-                    for ev in evaluator.evaluate(todo[start:start + batch]):
-                        self.store.add(setting, evaluator.split, source, ev)
-                    bar.update(len(todo[start:start + batch]))
-        return [self.store.get(m, setting) for m in masks]
+                def commit(ev) -> None:
+                    self.store.add(self.valid_setting, "valid", source, ev)
+                    bar.update(1)
+
+                self.executor.evaluate(todo, commit)
+        return [self.store.get(m, self.valid_setting) for m in masks]
 
     # stages ----------------------------------------------------------------------------
     def sample(self) -> list[StoredEvaluation]:
@@ -153,7 +183,7 @@ class Run:
         done = len(self.store.keys(self.valid_setting) & {m.key for m in masks})
         if done:
             self.log(f"store {self.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
-        out = self.evaluate_into_store(self.valid, self.valid_setting, masks, "sample", "sampling (valid)")
+        out = self.evaluate_into_store(masks, "sample", "sampling (valid)")
         self.timings["sample"] = self.timings.get("sample", 0) + time.perf_counter() - t
         return out
 
@@ -173,7 +203,7 @@ class Run:
         mask = HeadMask.all_active(*self.shape)
         if self.loaded is None:
             return self.store.get(mask, self.valid_setting)
-        return self.evaluate_into_store(self.valid, self.valid_setting, [mask], "sample", "unrepaired (valid)")[0]
+        return self.evaluate_into_store([mask], "sample", "unrepaired (valid)")[0]
 
     def fit(self, round_: int | None = None) -> SurrogatePair:
         """Stage 2: fit both surrogates on the validation evaluations (those before ``round_`` when given)."""
@@ -235,7 +265,7 @@ class Run:
                 picked.append(m)
             if len(picked) == self.cfg.top_k:
                 break
-        rows = self.evaluate_into_store(self.valid, self.valid_setting, picked, f"candidate-r{round_}",
+        rows = self.evaluate_into_store(picked, f"candidate-r{round_}",
                                         f"validating candidates, round {round_ + 1}")
         X = torch.as_tensor(np.stack([m.bits for m in picked])) if picked else torch.zeros(0, shape[0] * shape[1])
         pb, plp = pair.predict_torch(X) if picked else (torch.zeros(0), torch.zeros(0))
@@ -299,10 +329,11 @@ class Run:
         key = (bias, axis, prompts, tuple(sorted(extra.items())), with_ppl)
         self._test_evaluators = getattr(self, "_test_evaluators", {})
         if key not in self._test_evaluators:
+            bias_speed, ppl_speed = self.measure_options(bias)
             ev = Evaluator(self.loaded, bias=bias, split="test",
                            bias_options={"axis": axis, "prompts": prompts, "seed": c.seed,
-                                         "holisticbias": c.holisticbias, **extra},
-                           perplexity_options={"max_tokens": c.test_ppl_tokens, "source": c.corpus})
+                                         "holisticbias": c.holisticbias, **extra, **bias_speed},
+                           perplexity_options={"max_tokens": c.test_ppl_tokens, "source": c.corpus, **ppl_speed})
             self._test_evaluators[key] = (ev, self.store.register_setting({**ev.describe(), "with_perplexity": with_ppl}))
         ev, setting = self._test_evaluators[key]
         base = HeadMask.all_active(*self.shape)
@@ -352,6 +383,9 @@ class Run:
         """Remove hooks and close the store."""
         for ev, _ in getattr(self, "_test_evaluators", {}).values():
             ev.close()
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
         if self._valid is not None:
             self._valid.close()
         self.store.close()

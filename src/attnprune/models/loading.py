@@ -190,9 +190,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _from_directory(path: str, dtype: torch.dtype, device: str, local_only: bool):
+    """``device`` is a torch device, or ``map:<device_map>`` for accelerate's placement over devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    if device.startswith("map:"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
+                                                     device_map=device[4:])
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
     return model.to(device), tok
 
@@ -202,14 +207,17 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     cache_dir: str | Path | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM from a preset name, a ``.gguf`` file, a local HF directory or a hub id.
 
-    Returns a :class:`LoadedModel` in eval mode with its :class:`HeadLayout`. Every failure a
-    user can cause raises :class:`~attnprune.errors.UserError` with one sentence naming the fix.
+    ``device_map`` (e.g. ``"auto"``) places the layers over all visible devices with
+    accelerate, for models larger than one GPU; ``device`` is then ignored. Returns a
+    :class:`LoadedModel` in eval mode with its :class:`HeadLayout`. Every failure a user can
+    cause raises :class:`~attnprune.errors.UserError` with one sentence naming the fix.
     """
     _quiet_transformers()
-    device = resolve_device(device)
+    device = f"map:{device_map}" if device_map else resolve_device(device)
     torch_dtype = _dtype(dtype)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     source: dict = {"spec": spec}
