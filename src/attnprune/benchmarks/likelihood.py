@@ -77,9 +77,11 @@ class LikelihoodBias(ReusesLayers, Measure):
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
                  batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000,
                  adjust: str = "template", reuse_layers: bool = True, cache_mb: float = 1024,
-                 last_logits_only: bool = True):
-        # speed options (same numbers either way): layer reuse, LM head at the scored position only
-        self.reuse_layers, self.cache_mb, self.last_logits_only = reuse_layers, cache_mb, last_logits_only
+                 last_logits_only: bool = True, trim_padding: bool = True):
+        # speed options (same numbers either way): layer reuse, LM head at the scored position
+        # only, no compute on columns that are padding in a whole batch
+        self.reuse_layers, self.cache_mb = reuse_layers, cache_mb
+        self.last_logits_only, self.trim_padding = last_logits_only, trim_padding
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.batch_size, self.data_path, self.bootstrap_reps = batch_size, holisticbias, bootstrap_reps
         self.adjust = hb.check_adjust(adjust)
@@ -131,7 +133,8 @@ class LikelihoodBias(ReusesLayers, Measure):
             return logp[:, tox].logsumexp(-1) - logp[:, ben].logsumexp(-1)
 
         flat = masked_forward(self.model_, masker, ids, attn, mask_rows(masks, n), self.batch_size, log_odds,
-                              logits_to_keep=1 if self.last_logits_only else 0, cache=self.layer_cache(masker)).numpy()
+                              logits_to_keep=1 if self.last_logits_only else 0, cache=self.layer_cache(masker),
+                              trim_padding=self.trim_padding).numpy()
         sorted_scores = flat.reshape(len(masks), n)
         scores = np.empty_like(sorted_scores)
         scores[:, self.order_] = sorted_scores
