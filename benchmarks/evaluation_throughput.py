@@ -14,7 +14,9 @@ Configurations (cumulative):
 2. + compute only what the measure needs: LM head only at the scored (last) position of a
    likelihood prompt, and no compute on columns that are padding in a whole batch;
 3. + layer reuse: start at the first pruned layer, earlier activations cached once;
-4. + 4 masks per forward batch (per-example masks).
+4. + template prefixes computed once per mask and shared by the prompts of the template
+   (the default configuration of the repair);
+5. + 4 masks per forward batch (per-example masks).
 
 Every configuration must give the same numbers (checked here). Also reported: the share of
 an evaluation spent in statistics (bootstrap CI, noise floor), and the arithmetic rate of
@@ -36,17 +38,18 @@ from attnprune.repair import random_masks
 from common import write
 
 CONFIGS = {
-    "naive": dict(reuse_layers=False, lean=False, mask_batch=1),
-    "measure_needs_only": dict(reuse_layers=False, lean=True, mask_batch=1),
-    "layer_reuse": dict(reuse_layers=True, lean=True, mask_batch=1),
-    "mask_batch_4": dict(reuse_layers=True, lean=True, mask_batch=4),
+    "naive": dict(reuse_layers=False, lean=False, share_prefixes=False, mask_batch=1),
+    "measure_needs_only": dict(reuse_layers=False, lean=True, share_prefixes=False, mask_batch=1),
+    "layer_reuse": dict(reuse_layers=True, lean=True, share_prefixes=False, mask_batch=1),
+    "prefix_sharing": dict(reuse_layers=True, lean=True, share_prefixes=True, mask_batch=1),
+    "mask_batch_4": dict(reuse_layers=True, lean=True, share_prefixes=True, mask_batch=4),
 }
 
 
-def evaluator(lm, reuse_layers: bool, lean: bool) -> Evaluator:
+def evaluator(lm, reuse_layers: bool, lean: bool, share_prefixes: bool) -> Evaluator:
     return Evaluator(lm, bias="likelihood", split="valid",
                      bias_options={"prompts": 160, "seed": 0, "bootstrap_reps": 200, "reuse_layers": reuse_layers,
-                                   "last_logits_only": lean, "trim_padding": lean},
+                                   "last_logits_only": lean, "trim_padding": lean, "share_prefixes": share_prefixes},
                      perplexity_options={"max_tokens": 1024, "source": "auto", "reuse_layers": reuse_layers})
 
 
@@ -100,7 +103,7 @@ def main() -> None:
                  "configs": {}}
     reference = {}
     for name, c in CONFIGS.items():
-        ev = evaluator(lm, c["reuse_layers"], c["lean"])
+        ev = evaluator(lm, c["reuse_layers"], c["lean"], c["share_prefixes"])
         t = time.perf_counter()
         ev.evaluate([HeadMask.all_active(*shape)])  # warm-up; builds the layer caches where on
         setup = time.perf_counter() - t
@@ -112,6 +115,10 @@ def main() -> None:
             if set_name not in reference:
                 reference[set_name] = vals
             row[set_name]["max_rel_diff_vs_naive"] = float(np.max(np.abs(vals / reference[set_name] - 1)))
+        if name == "prefix_sharing":
+            lik = ev.bias_measure
+            row["likelihood_tokens"] = {"whole_prompts": lik.tokens_, "prefixes_plus_suffixes": lik.shared_tokens_,
+                                        "sharing_used": bool(lik.sharing_)}
         if name == "layer_reuse":
             row["cache_mb"] = {"likelihood": ev.bias_measure.cache_.nbytes() / 2**20,
                                "perplexity": ev.ppl_measure.cache_.nbytes() / 2**20}

@@ -97,3 +97,18 @@ def test_measures_with_and_without_reuse_agree():
         pa, pb = ([r["perplexity"] for r in m.score(masker, masks)] for m in ppl)
     assert np.allclose(a, b, atol=1e-5)
     assert np.allclose(pa, pb, rtol=1e-5)
+
+
+def test_shared_template_prefixes_equal_whole_prompts(arch):
+    loaded = tiny_loaded(arch)
+    masks = [HeadMask.from_pruned(3, 4, [(1, 0), (2, 3)]), HeadMask.all_active(3, 4), HeadMask.from_pruned(3, 4, [(2, 2)])]
+    with HeadMasker(loaded.model, loaded.layout) as masker:
+        plain, shared = (get_measure("likelihood", prompts=40, batch_size=8, share_prefixes=s).prepare(loaded)
+                         for s in (False, True))
+        a = plain.prompt_scores(masker, masks)
+        b = shared.prompt_scores(masker, masks)  # several masks in one call
+        c = np.concatenate([shared.prompt_scores(masker, [m]) for m in masks])
+    assert np.allclose(a, b, atol=1e-4) and np.allclose(a, c, atol=1e-4), np.abs(a - b).max()
+    assert plain.sharing_ is False
+    if arch == "llama":  # the common case really shares (the check falls back where it cannot)
+        assert shared.sharing_ and shared.shared_tokens_ < 0.8 * shared.tokens_

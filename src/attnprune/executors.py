@@ -115,7 +115,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise missing_package("ray", "pip install 'attnprune[ray]'") from None
+        raise missing_package("ray", "--executor ray", "pip install 'attnprune[ray]'") from None
     return ray
 
 

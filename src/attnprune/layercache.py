@@ -17,8 +17,9 @@ equality with the full forward on every one of them. The cache is bounded by
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,44 @@ def trim_left_padding(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tens
     real = torch.nonzero(attn.any(dim=0))
     first = int(real[0]) if len(real) else 0
     return ids[:, first:], attn[:, first:]
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (under either name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+PastFor = Callable[[slice, torch.Tensor], tuple[object, torch.Tensor]]
+
+
+def forward_rows(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, trim: bool = True,
+                 past=None, past_attn: torch.Tensor | None = None, use_cache: bool = False, **kwargs):
+    """One forward of left-padded rows; returns ``(output, width)``.
+
+    ``trim`` drops columns that are padding in every row. ``past`` (a transformers cache with
+    ``past_attn``, its ``[rows, P]`` padding mask) continues earlier tokens: positions go on
+    from each row's number of real past tokens. Positions are explicit, so with left padding
+    every row's first real token is position 0.
+    """
+    if trim:
+        ids, attn = trim_left_padding(ids, attn)
+    positions = attn.cumsum(-1) - 1
+    if past is not None:
+        positions = positions + past_attn.sum(-1, keepdim=True)
+        attn = torch.cat([past_attn, attn], dim=-1)
+        use_cache = True
+    device = next(model.parameters()).device
+    if past is not None:
+        kwargs[cache_argument(model)] = past
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                position_ids=positions.clamp(min=0).to(device), use_cache=use_cache, **kwargs)
+    return out, ids.shape[1]
 
 
 def first_pruned_layer(row_masks: torch.Tensor) -> int:
@@ -78,12 +117,17 @@ class LayerInputCache:
 
     @torch.no_grad()
     def build(self, model: torch.nn.Module, masker: HeadMasker, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor, batch_size: int) -> "LayerInputCache":
-        """Run the unrepaired model over ``input_ids`` (``[rows, pos]``) and keep the layer inputs."""
+              attention_mask: torch.Tensor, batch_size: int, layers: list[int] | None = None,
+              past_for: PastFor | None = None, trim: bool = True) -> "LayerInputCache":
+        """Run the unrepaired model over ``input_ids`` (``[rows, pos]``) and keep the layer inputs.
+
+        ``layers`` fixes the cached layers (default: as many as ``max_bytes`` allows);
+        ``past_for(rows, base_rows)`` gives the rows' cached earlier tokens, as in the scoring.
+        """
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
         dtype = next(model.parameters()).dtype
         per_layer = input_ids.numel() * hidden * torch.empty((), dtype=dtype).element_size()
-        wanted = self.choose_layers(per_layer)
+        wanted = self.choose_layers(per_layer) if layers is None else sorted(layers)
         self.inputs = {}
         if not wanted:
             return self
@@ -103,15 +147,13 @@ class LayerInputCache:
         handles = [modules[l].register_forward_pre_hook(capture(l), with_kwargs=True) for l in wanted]
         handles.append(modules[0].register_forward_hook(record_output, with_kwargs=True))
         try:
-            device = next(model.parameters()).device
             masker.set(None)
             for start in range(0, input_ids.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
-                ids, attn = trim_left_padding(input_ids[rows], attention_mask[rows])
-                widths.append(ids.shape[1])
-                model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                      position_ids=(attn.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
-                      logits_to_keep=1)
+                rows = slice(start, min(start + batch_size, input_ids.shape[0]))
+                past, past_attn = past_for(rows, torch.arange(input_ids.shape[0])[rows]) if past_for else (None, None)
+                _, width = forward_rows(model, input_ids[rows], attention_mask[rows], trim=trim, past=past,
+                                        past_attn=past_attn, logits_to_keep=1)
+                widths.append(width)
         finally:
             for h in handles:
                 h.remove()

@@ -17,7 +17,7 @@ import torch
 
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, HeadMasker
-from attnprune.layercache import LayerInputCache, first_pruned_layer, trim_left_padding
+from attnprune.layercache import LayerInputCache, PastFor, first_pruned_layer, forward_rows, trim_left_padding
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ def masked_forward(
     logits_to_keep: int | torch.Tensor = 0,
     cache: LayerInputCache | None = None,
     trim_padding: bool = True,
+    past_for: PastFor | None = None,
 ) -> torch.Tensor:
     """Run ``input_ids`` (``[rows, pos]``) with one mask per row, in batches.
 
@@ -130,9 +131,10 @@ def masked_forward(
     With ``trim_padding``, columns that are padding in every row of a batch are not computed
     (inputs are left-padded to one width for all rows; a batch of short prompts needs less),
     so ``reduce`` sees logits for the batch's own width, aligned at the right.
+    ``past_for(rows, base_rows)`` gives each batch cached earlier tokens (a shared prefix).
     """
-    device = next(model.parameters()).device
-    base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
+    n_base = cache.built_rows if cache is not None else input_ids.shape[0]
+    base_rows = torch.arange(input_ids.shape[0]) % n_base
     outs = []
     for rows in row_batches(input_ids.shape[0], batch_size):
         masker.set(row_masks[rows])
@@ -140,17 +142,10 @@ def masked_forward(
         ids, attn = input_ids[rows], attention_mask[rows]
         if trim_padding:
             ids, attn = trim_left_padding(ids, attn)
-        # Explicit positions: with left padding, each row's first real token is position 0.
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        past, past_attn = past_for(rows, base_rows[rows]) if past_for else (None, None)
         start = cache.start_layer(first_pruned_layer(row_masks[rows])) if cache is not None else 0
         with cache.skip_to(start, base_rows[rows], ids.shape[1]) if start else nullcontext():
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                position_ids=positions.to(device),
-                use_cache=False,
-                **kwargs,
-            )
+            out, _ = forward_rows(model, ids, attn, trim=False, past=past, past_attn=past_attn, **kwargs)
         outs.append(reduce(out.logits.float(), rows).cpu())
     masker.set(None)
     return torch.cat(outs)

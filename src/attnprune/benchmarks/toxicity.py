@@ -15,7 +15,6 @@ compared on the same random streams, and a run is reproducible whatever the batc
 
 from __future__ import annotations
 
-import inspect
 import zlib
 from typing import Sequence
 
@@ -27,6 +26,7 @@ from attnprune.benchmarks.base import Card, Measure, row_batches, register
 from attnprune.classifiers import get_classifier
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, HeadMasker
+from attnprune.layercache import cache_argument, output_cache
 
 PROMPT_TOKENS, NEW_TOKENS, TOP_K, TEMPERATURE = 22, 40, 50, 1.0
 
@@ -42,8 +42,7 @@ def sample_continuations(model, masker: HeadMasker, ids: torch.Tensor, attn: tor
                          top_k: int = TOP_K, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Top-k sampling with given uniforms; ``[rows, new_tokens]`` token ids (-1 after EOS)."""
     device = next(model.parameters()).device
-    # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     masker.set(row_masks)
     attn = attn.to(device)
     cur = ids.to(device)
@@ -54,7 +53,7 @@ def sample_continuations(model, masker: HeadMasker, ids: torch.Tensor, attn: tor
     for step in range(new_tokens):
         res = model(input_ids=cur, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
                     **{cache_arg: past})
-        past = getattr(res, "cache", None) if cache_arg == "cache" else res.past_key_values
+        past = output_cache(res)
         logits = res.logits[:, -1].float() / temperature
         top, top_ids = logits.topk(top_k, dim=-1)
         cdf = torch.softmax(top, dim=-1).cumsum(-1)
