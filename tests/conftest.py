@@ -117,3 +117,11 @@ def tiny_loaded(arch: str = "llama", seed: int = 0):
     model = T.AutoModelForCausalLM.from_config(config).eval()
     return LoadedModel(name=f"tiny-{arch}", model=model, tokenizer=tok, layout=head_layout(model),
                        source={"kind": "test"})
+
+
+def saved_tiny(directory, arch: str = "llama", seed: int = 0):
+    """Save a :func:`tiny_loaded` model and its tokenizer as a Hugging Face directory (loadable by path)."""
+    lm = tiny_loaded(arch, seed=seed)
+    lm.model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
+    return directory

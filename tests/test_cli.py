@@ -8,16 +8,12 @@ import pytest
 
 from attnprune.cli import main
 from attnprune.heads import HeadMask
-from conftest import tiny_loaded
+from conftest import saved_tiny
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    lm = tiny_loaded("llama")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_info_json(model_dir, capsys):

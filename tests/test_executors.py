@@ -11,18 +11,14 @@ from attnprune.cli import main
 from attnprune.errors import UserError
 from attnprune.executors import EvaluatorSpec, LocalExecutor, RayExecutor, make_executor
 from attnprune.repair import random_masks
-from conftest import tiny_loaded
+from conftest import saved_tiny
 
 ray = pytest.importorskip("ray", reason="Ray is installed by scripts/install.sh; pip install 'attnprune[ray]'")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-ray") / "model"
-    lm = tiny_loaded("llama", seed=5)
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory.mktemp("tiny-ray") / "model", seed=5)
 
 
 def _spec(model_dir) -> EvaluatorSpec:

