@@ -96,3 +96,11 @@ def test_sample_with_ray_executor_from_the_cli(model_dir, tmp_path, ray_cluster)
     assert main(args) == 0
     with sqlite3.connect(out / "store.sqlite") as con:
         assert con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 13
+
+
+def test_workers_that_cannot_start_give_one_sentence(tmp_path, ray_cluster):
+    spec = EvaluatorSpec(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(UserError, match="could not start|is neither"):
+        RayExecutor(spec, workers=1)
+    with pytest.raises(UserError, match="did not start within"):
+        RayExecutor(spec, workers=1, gpus_per_worker=1, start_timeout=5)  # this cluster has no GPU

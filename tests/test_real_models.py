@@ -1,4 +1,4 @@
-"""The two packaged real models: layout, exact masking, per-example masks, export round trip."""
+"""The two packaged real models: layout, exact masking, per-example masks, export round trip, exact speed-ups."""
 
 import pytest
 import torch
@@ -49,3 +49,20 @@ def test_masking_real_model_is_exact_and_per_example(loaded, tmp_path):
         diff = (reloaded(**enc).logits - only1).abs().max().item()
     assert diff <= 1e-5, diff
     assert reloaded.config.attnprune["mask"]["pruned"] == [list(p) for p in m1.pruned]
+
+
+def test_speed_ups_give_the_plain_numbers_on_real_models(loaded):
+    """Layer reuse + shared template prefixes + trimmed padding == plain forward (both presets)."""
+    from attnprune.benchmarks import get_measure
+    from attnprune.heads import HeadMasker
+
+    lay = loaded.layout
+    masks = [HeadMask.from_pruned(*lay.shape, [(lay.n_layers // 2, 1)]), HeadMask.from_pruned(*lay.shape, [(2, 0), (9, 3)])]
+    fast = get_measure("likelihood", prompts=48).prepare(loaded)
+    plain = get_measure("likelihood", prompts=48, reuse_layers=False, share_prefixes=False, trim_padding=False,
+                        last_logits_only=False).prepare(loaded)
+    with HeadMasker(loaded.model, lay) as masker:
+        a = plain.prompt_scores(masker, masks)
+        b = fast.prompt_scores(masker, masks)
+    assert fast.sharing_ and fast.cache_ is not None and fast.shared_tokens_ < fast.tokens_
+    assert abs(a - b).max() < 1e-3, abs(a - b).max()

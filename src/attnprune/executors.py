@@ -126,7 +126,7 @@ class RayExecutor(Executor):
 
     def __init__(self, spec: EvaluatorSpec, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
                  address: str | None = None, mask_batch: int = 1, max_restarts: int = 2,
-                 expected: dict | None = None):
+                 expected: dict | None = None, start_timeout: float = 600):
         if workers < 1:
             raise UserError("--workers must be at least 1.")
         ray = _ray()
@@ -149,10 +149,20 @@ class RayExecutor(Executor):
         threads = max(1, int(cpus_per_worker))
         self.actors = [actor.remote(spec, threads) for _ in range(workers)]
         try:
-            descriptions = ray.get([a.describe.remote() for a in self.actors])
+            descriptions = ray.get([a.describe.remote() for a in self.actors], timeout=start_timeout)
         except ray.exceptions.RayTaskError as exc:
             self.close()
             raise _cause(exc) from None
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"A Ray worker could not start ({first}); check that attnprune and the model load "
+                            "on every node (run `attnprune info --model ...` there).") from None
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise UserError(f"The Ray workers did not start within {start_timeout:.0f} s; the cluster may lack the "
+                            f"requested {cpus_per_worker:g} CPUs / {gpus_per_worker:g} GPUs per worker: lower "
+                            "--worker-cpus/--worker-gpus or --workers.") from None
         if expected is not None and any(d != expected for d in descriptions):
             self.close()
             raise UserError("The Ray workers measure something else than this run (different data or package "
