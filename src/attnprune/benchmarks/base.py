@@ -55,6 +55,9 @@ class Measure(ABC):
         """Sizes, seeds and sources of the prepared inputs (for every reported number)."""
         return {}
 
+    def release(self) -> None:
+        """Drop memory held for speed (caches); the measure stays usable."""
+
     def paired_difference(self, scores_a, scores_b) -> dict:
         """Bias of two masks on the same prompts and the paired bootstrap CI of ``a - b``.
 
@@ -165,6 +168,9 @@ class ReusesLayers:
     def fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` that every mask is evaluated on."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        self.cache_ = None
 
     def layer_cache(self, masker: HeadMasker) -> LayerInputCache | None:
         """The cache of this measure's inputs (built once), or None when reuse is off."""

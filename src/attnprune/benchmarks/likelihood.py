@@ -189,6 +189,10 @@ class LikelihoodBias(ReusesLayers, Measure):
 
         return past_for
 
+    def release(self) -> None:
+        super().release()
+        self.prefix_cache_ = None
+
     def layer_cache(self, masker: HeadMasker):
         if not self.sharing_:
             return super().layer_cache(masker)
