@@ -34,6 +34,7 @@ import torch
 
 from attnprune import HeadMask, load_model
 from attnprune.evaluation import Evaluator
+from attnprune.executors import LocalExecutor
 from attnprune.repair import random_masks
 from common import write
 
@@ -56,8 +57,7 @@ def evaluator(lm, reuse_layers: bool, lean: bool, share_prefixes: bool) -> Evalu
 def run_set(ev: Evaluator, masks: list[HeadMask], batch: int) -> tuple[float, list]:
     t = time.perf_counter()
     out = []
-    for i in range(0, len(masks), batch):
-        out.extend(ev.evaluate(masks[i:i + batch]))
+    LocalExecutor(ev, batch).evaluate(masks, out.append)
     return time.perf_counter() - t, out
 
 

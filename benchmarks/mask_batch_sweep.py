@@ -14,6 +14,7 @@ import time
 
 from attnprune import HeadMask, load_model
 from attnprune.evaluation import Evaluator
+from attnprune.executors import LocalExecutor
 from attnprune.repair import random_masks
 from common import write
 
@@ -30,8 +31,7 @@ def main() -> None:
     rows = {}
     for b in BATCHES:
         t = time.perf_counter()
-        for i in range(0, len(masks), b):
-            ev.evaluate(masks[i:i + b])
+        LocalExecutor(ev, b).evaluate(masks, lambda result: None)
         seconds = time.perf_counter() - t
         rows[b] = {"seconds": seconds, "per_minute": 60 * len(masks) / seconds}
     for b in BATCHES:

@@ -51,7 +51,8 @@ def output_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-PastFor = Callable[[slice, torch.Tensor], tuple[object, torch.Tensor]]
+# (rows of the forward) -> (their KV cache of earlier tokens, its [rows, P] padding mask)
+PastFor = Callable[[slice], tuple[object, torch.Tensor]]
 
 
 def forward_rows(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, trim: bool = True,
@@ -69,10 +70,9 @@ def forward_rows(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, 
     if past is not None:
         positions = positions + past_attn.sum(-1, keepdim=True)
         attn = torch.cat([past_attn, attn], dim=-1)
+        kwargs[cache_argument(model)] = past
         use_cache = True
     device = next(model.parameters()).device
-    if past is not None:
-        kwargs[cache_argument(model)] = past
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
                 position_ids=positions.clamp(min=0).to(device), use_cache=use_cache, **kwargs)
     return out, ids.shape[1]
@@ -122,7 +122,7 @@ class LayerInputCache:
         """Run the unrepaired model over ``input_ids`` (``[rows, pos]``) and keep the layer inputs.
 
         ``layers`` fixes the cached layers (default: as many as ``max_bytes`` allows);
-        ``past_for(rows, base_rows)`` gives the rows' cached earlier tokens, as in the scoring.
+        ``past_for(rows)`` gives the rows' cached earlier tokens, as in the scoring.
         """
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
         dtype = next(model.parameters()).dtype
@@ -150,7 +150,7 @@ class LayerInputCache:
             masker.set(None)
             for start in range(0, input_ids.shape[0], batch_size):
                 rows = slice(start, min(start + batch_size, input_ids.shape[0]))
-                past, past_attn = past_for(rows, torch.arange(input_ids.shape[0])[rows]) if past_for else (None, None)
+                past, past_attn = past_for(rows) if past_for else (None, None)
                 _, width = forward_rows(model, input_ids[rows], attention_mask[rows], trim=trim, past=past,
                                         past_attn=past_attn, logits_to_keep=1)
                 widths.append(width)

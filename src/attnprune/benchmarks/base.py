@@ -134,10 +134,9 @@ def masked_forward(
     With ``trim_padding``, columns that are padding in every row of a batch are not computed
     (inputs are left-padded to one width for all rows; a batch of short prompts needs less),
     so ``reduce`` sees logits for the batch's own width, aligned at the right.
-    ``past_for(rows, base_rows)`` gives each batch cached earlier tokens (a shared prefix).
+    ``past_for(rows)`` gives each batch cached earlier tokens (a shared prefix).
     """
-    n_base = cache.built_rows if cache is not None else input_ids.shape[0]
-    base_rows = torch.arange(input_ids.shape[0]) % n_base
+    base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
     outs = []
     for rows in row_batches(input_ids.shape[0], batch_size):
         masker.set(row_masks[rows])
@@ -145,7 +144,7 @@ def masked_forward(
         ids, attn = input_ids[rows], attention_mask[rows]
         if trim_padding:
             ids, attn = trim_left_padding(ids, attn)
-        past, past_attn = past_for(rows, base_rows[rows]) if past_for else (None, None)
+        past, past_attn = past_for(rows) if past_for else (None, None)
         start = cache.start_layer(first_pruned_layer(row_masks[rows])) if cache is not None else 0
         with cache.skip_to(start, base_rows[rows], ids.shape[1]) if start else nullcontext():
             out, _ = forward_rows(model, ids, attn, trim=False, past=past, past_attn=past_attn, **kwargs)

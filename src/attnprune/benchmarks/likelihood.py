@@ -180,7 +180,7 @@ class LikelihoodBias(ReusesLayers, Measure):
     def _past_for(self, past):
         n, G = self.sids_.shape[0], self.prefix_ids_.shape[0]
 
-        def past_for(rows: slice, base_rows: torch.Tensor):
+        def past_for(rows: slice):
             r = torch.arange(rows.start, rows.stop)
             group = self.sgroup_[r % n]
             selected = copy.deepcopy(past)
@@ -214,28 +214,37 @@ class LikelihoodBias(ReusesLayers, Measure):
 
         Architectures whose attention depends on raw sequence offsets (local attention windows
         shorter than a prompt) would see the padding between prefix and suffix; they fall back.
+        With layer reuse on, the shared side comes from the caches' own (shared, unrepaired)
+        pass, so the check costs one plain pass and checks the cached path too.
         """
         if not hasattr(self, "sids_"):
             self.sharing_ = False
             return
         base = [HeadMask.all_active(*self.layout_.shape)]
-        self.sharing_ = False
         plain = self._scores(masker, base, cache=None)
         self.sharing_ = True
-        shared = self._shared_scores(masker, base, cache=None)
+        shared = self._shared_scores(masker, base, self.layer_cache(masker))
         self.sharing_ = bool(np.nanmax(np.abs(shared - plain)) < 1e-3)
+        if not self.sharing_:
+            self.release()  # those caches hold prefix/suffix inputs; whole prompts need their own
 
     def _shared_scores(self, masker: HeadMasker, masks: Sequence[HeadMask], cache) -> np.ndarray:
-        n = self.sids_.shape[0]
-        rows = mask_rows(masks, n)
-        start = cache.start_layer(first_pruned_layer(rows)) if cache is not None else 0
+        """Scores from each template's prefix (run once per mask) continued by the prompts' suffixes."""
+        first = first_pruned_layer(torch.stack([m.tensor() for m in masks]))
+        start = cache.start_layer(first) if cache is not None else 0
         past_for = self._past_for(self._prefix_past(masker, masks, start))
-        flat = masked_forward(self.model_, masker, self.sids_.repeat(len(masks), 1), self.sattn_.repeat(len(masks), 1),
-                              rows, self.batch_size, self._log_odds,
+        return self._forward_scores(masker, masks, self.sids_, self.sattn_, self.sorder_, cache, past_for)
+
+    def _forward_scores(self, masker: HeadMasker, masks: Sequence[HeadMask], ids: torch.Tensor, attn: torch.Tensor,
+                        order: np.ndarray, cache, past_for=None) -> np.ndarray:
+        """``[n_masks, n_prompts]`` log-odds of the length-sorted rows ``ids``, put back in prompt order."""
+        n = ids.shape[0]
+        flat = masked_forward(self.model_, masker, ids.repeat(len(masks), 1), attn.repeat(len(masks), 1),
+                              mask_rows(masks, n), self.batch_size, self._log_odds,
                               logits_to_keep=1 if self.last_logits_only else 0, cache=cache,
                               trim_padding=self.trim_padding, past_for=past_for).numpy()
         scores = np.empty((len(masks), n), dtype=flat.dtype)
-        scores[:, self.sorder_] = flat.reshape(len(masks), n)
+        scores[:, order] = flat.reshape(len(masks), n)
         return scores
 
     def _log_odds(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -253,16 +262,7 @@ class LikelihoodBias(ReusesLayers, Measure):
 
     def _scores(self, masker: HeadMasker, masks: Sequence[HeadMask], cache) -> np.ndarray:
         """Scores from whole prompts (no prefix sharing)."""
-        n = self.ids_.shape[0]
-        ids = self.ids_.repeat(len(masks), 1)
-        attn = self.attn_.repeat(len(masks), 1)
-        flat = masked_forward(self.model_, masker, ids, attn, mask_rows(masks, n), self.batch_size, self._log_odds,
-                              logits_to_keep=1 if self.last_logits_only else 0, cache=cache,
-                              trim_padding=self.trim_padding).numpy()
-        sorted_scores = flat.reshape(len(masks), n)
-        scores = np.empty_like(sorted_scores)
-        scores[:, self.order_] = sorted_scores
-        return scores
+        return self._forward_scores(masker, masks, self.ids_, self.attn_, self.order_, cache)
 
     def summarize(self, scores: np.ndarray) -> dict:
         """Bias with bootstrap CI, noise floor and per-bucket means for one score vector."""
