@@ -14,38 +14,39 @@ from __future__ import annotations
 
 import time
 
-from attnprune import HeadMask, HeadMasker, load_model
-from attnprune.benchmarks import get_measure
+from attnprune import HeadMask, load_model
+from attnprune.backend import Backend
+from attnprune.measures import get_measure
 from common import write
 
 
-def timed(measure, masker, mask):
+def timed(measure, mask):
     t = time.perf_counter()
-    out = measure.score(masker, [mask])[0]
+    out = measure.score([mask])[0]
     return out, time.perf_counter() - t
 
 
 def main() -> None:
     lm = load_model("smollm2-135m")
     base = HeadMask.all_active(*lm.layout.shape)
-    masker = HeadMasker(lm.model, lm.layout).install()
+    backend = Backend(lm)
     res: dict = {"setup": {"model": "smollm2-135m", "split": "valid", "seed": 0, "dtype": "float32"}}
 
-    lik = get_measure("likelihood", prompts=160).prepare(lm)
-    ppl = get_measure("perplexity", max_tokens=1024).prepare(lm)
-    timed(lik, masker, base)  # warm-up
-    _, t_lik = timed(lik, masker, base)
-    _, t_ppl = timed(ppl, masker, base)
+    lik = get_measure("likelihood", prompts=160).prepare(backend)
+    ppl = get_measure("perplexity", max_tokens=1024).prepare(backend)
+    timed(lik, base)  # warm-up
+    _, t_lik = timed(lik, base)
+    _, t_ppl = timed(ppl, base)
     res["default_evaluation_s"] = {"likelihood_160_prompts": t_lik, "perplexity_1024_tokens": t_ppl,
                                    "total": t_lik + t_ppl, "likelihood_prompts": len(lik.prompts_),
-                                   "likelihood_tokens": lik.tokens_, "perplexity": ppl.describe()}
-    print(f"default evaluation: likelihood {t_lik:.2f} s ({len(lik.prompts_)} prompts, {lik.tokens_} tokens) + "
+                                   "likelihood_tokens": lik.rows_.tokens, "perplexity": ppl.describe()}
+    print(f"default evaluation: likelihood {t_lik:.2f} s ({len(lik.prompts_)} prompts, {lik.rows_.tokens} tokens) + "
           f"perplexity {t_ppl:.2f} s ({ppl.describe()['tokens_scored']} tokens) = {t_lik + t_ppl:.2f} s")
 
     rows = []
     for n in (40, 80, 160, 320, 640):
-        m = get_measure("likelihood", prompts=n).prepare(lm)
-        out, t = timed(m, masker, base)
+        m = get_measure("likelihood", prompts=n).prepare(backend)
+        out, t = timed(m, base)
         rows.append({"prompts": len(m.prompts_), "bias": out["bias"], "ci": out["ci"], "ci_width": out["ci"][1] - out["ci"][0],
                      "noise_floor": out["noise_floor"]["mean"], "seconds": t})
         print(f"likelihood, {len(m.prompts_):5d} prompts: bias {out['bias']:.3f} CI width {rows[-1]['ci_width']:.3f} "
@@ -54,8 +55,8 @@ def main() -> None:
 
     rows = []
     for n in (64, 128):
-        m = get_measure("toxicity", prompts=n, classifier="hatesonar").prepare(lm)
-        out, t = timed(m, masker, base)
+        m = get_measure("toxicity", prompts=n, classifier="hatesonar").prepare(backend)
+        out, t = timed(m, base)
         rows.append({"prompts": len(m.prompts_), "bias": out["bias"], "ci": out["ci"], "ci_width": out["ci"][1] - out["ci"][0],
                      "noise_floor": out["noise_floor"]["mean"], "mean_toxicity": out["mean_toxicity"], "seconds": t})
         print(f"toxicity (hatesonar), {len(m.prompts_):4d} prompts: bias {out['bias']:.4f} CI width "

@@ -18,6 +18,11 @@ Configurations (cumulative):
    (the default configuration of the repair);
 5. + 4 masks per forward batch (per-example masks).
 
+Then the toxicity measure (64 prompts, 40 sampled tokens each, profanity classifier) with
+and without the backend's reuse for generation (trimmed padding, LM head at the last
+position, the prompt pass started from cached layer inputs with the unrepaired keys and
+values of the skipped layers): same tokens, throughput ratio.
+
 Every configuration must give the same numbers (checked here). Also reported: the share of
 an evaluation spent in statistics (bootstrap CI, noise floor), and the arithmetic rate of
 the naive forward against the rate of a large matrix product on the same cores.
@@ -35,7 +40,9 @@ import torch
 from attnprune import HeadMask, load_model
 from attnprune.evaluation import Evaluator
 from attnprune.executors import LocalExecutor
-from attnprune.repair import random_masks
+from attnprune.measures import get_measure
+from attnprune.backend import Backend
+from attnprune.methods.ap import random_masks
 from common import write
 
 CONFIGS = {
@@ -49,9 +56,10 @@ CONFIGS = {
 
 def evaluator(lm, reuse_layers: bool, lean: bool, share_prefixes: bool) -> Evaluator:
     return Evaluator(lm, bias="likelihood", split="valid",
-                     bias_options={"prompts": 160, "seed": 0, "bootstrap_reps": 200, "reuse_layers": reuse_layers,
-                                   "last_logits_only": lean, "trim_padding": lean, "share_prefixes": share_prefixes},
-                     perplexity_options={"max_tokens": 1024, "source": "auto", "reuse_layers": reuse_layers})
+                     bias_options={"prompts": 160, "seed": 0, "bootstrap_reps": 200},
+                     perplexity_options={"max_tokens": 1024, "source": "auto"},
+                     backend_options={"reuse_layers": reuse_layers, "last_logits_only": lean, "trim_padding": lean,
+                                      "share_prefixes": share_prefixes})
 
 
 def run_set(ev: Evaluator, masks: list[HeadMask], batch: int) -> tuple[float, list]:
@@ -82,7 +90,7 @@ def forward_flops(lm, ev: Evaluator) -> float:
     width = cfg.num_attention_heads * lm.layout.head_dim
     head = 2 * cfg.hidden_size * cfg.vocab_size
     total = 0.0
-    for ids in (ev.bias_measure.ids_, ev.ppl_measure.windows_):
+    for ids in (ev.bias_measure.rows_.ids, ev.ppl_measure.rows_.ids):
         rows, pos = ids.shape
         total += rows * pos * (linear * lm.layout.n_layers + head)
         total += rows * lm.layout.n_layers * 4 * pos * pos * width  # QK^T and AV
@@ -116,13 +124,13 @@ def main() -> None:
                 reference[set_name] = vals
             row[set_name]["max_rel_diff_vs_naive"] = float(np.max(np.abs(vals / reference[set_name] - 1)))
         if name == "prefix_sharing":
-            lik = ev.bias_measure
-            row["likelihood_tokens"] = {"whole_prompts": lik.tokens_, "prefixes_plus_suffixes": lik.shared_tokens_,
-                                        "sharing_used": bool(lik.sharing_)}
+            rows = ev.bias_measure.rows_
+            row["likelihood_tokens"] = {"whole_prompts": rows.tokens, "prefixes_plus_suffixes": rows.shared_tokens,
+                                        "sharing_used": bool(rows.sharing)}
         if name == "layer_reuse":
-            row["cache_mb"] = {"likelihood": ev.bias_measure.cache_.nbytes() / 2**20,
-                               "perplexity": ev.ppl_measure.cache_.nbytes() / 2**20}
-            scores = ev.bias_measure.prompt_scores(ev.masker, [sets["random"][0]])[0]
+            row["cache_mb"] = {"likelihood": ev.bias_measure.rows_.layer_cache.nbytes() / 2**20,
+                               "perplexity": ev.ppl_measure.rows_.layer_cache.nbytes() / 2**20}
+            scores = ev.bias_measure.prompt_scores([sets["random"][0]])[0]
             res["statistics_s_per_evaluation"] = _timed(lambda: ev.bias_measure.summarize(scores))
         if name == "naive":
             res["naive_forward_gflop_per_evaluation"] = forward_flops(lm, ev) / 1e9
@@ -138,13 +146,36 @@ def main() -> None:
     per_eval = naive["random"]["seconds"] / len(sets["random"])
     rate = res["naive_forward_gflop_per_evaluation"] / per_eval
     res["arithmetic"] = {"gemm_2048_gflops": peak, "naive_evaluation_gflops": rate, "fraction_of_gemm_rate": rate / peak}
-    print(f"\nspeedup vs naive (same run): " + ", ".join(
+    print("\nspeedup vs naive (same run): " + ", ".join(
         f"{n}: knockouts {r['knockouts']['speedup_vs_naive']:.2f}x random {r['random']['speedup_vs_naive']:.2f}x"
         for n, r in res["configs"].items()))
     print(f"statistics (bootstrap CI + noise floor) per evaluation: {res['statistics_s_per_evaluation']:.2f} s")
     print(f"naive forward: {res['naive_forward_gflop_per_evaluation']:.0f} GFLOP per evaluation at {rate:.1f} GFLOP/s = "
           f"{100 * rate / peak:.0f}% of a 2048^2 GEMM's {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    res["toxicity"] = toxicity_reuse(lm, sets)
     write("evaluation_throughput", res)
+
+
+def toxicity_reuse(lm, sets: dict) -> dict:
+    """Sampled continuations per minute without and with the backend's reuse for generation."""
+    masks = sets["knockouts"][::2] + sets["random"][:4]
+    out, tokens = {}, {}
+    for name, opts in (("plain", dict(reuse_layers=False, trim_padding=False)), ("reuse", {})):
+        with Backend(lm, **opts) as backend:
+            tox = get_measure("toxicity", prompts=64, classifier="profanity").prepare(backend)
+            tox.generate(masks[:1])  # warm-up; builds the caches where on
+            t = time.perf_counter()
+            tokens[name] = tox.generate(masks)
+            seconds = time.perf_counter() - t
+            out[name] = {"seconds": seconds, "masks_per_minute": 60 * len(masks) / seconds,
+                         "prompts": len(tox.prompts_), "kv_reuse_used": bool(tox.rows_.kv_reuse)}
+    out["speedup"] = out["reuse"]["masks_per_minute"] / out["plain"]["masks_per_minute"]
+    out["same_continuations"] = tokens["plain"] == tokens["reuse"]
+    out["masks"] = [m.n_pruned for m in masks]
+    print(f"toxicity generation: plain {out['plain']['masks_per_minute']:.1f}/min, with reuse "
+          f"{out['reuse']['masks_per_minute']:.1f}/min = {out['speedup']:.2f}x; same continuations: "
+          f"{out['same_continuations']}")
+    return out
 
 
 if __name__ == "__main__":

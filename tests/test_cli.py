@@ -32,8 +32,10 @@ def test_evaluate_with_mask_writes_json(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "95% CI" in printed and "noise floor" in printed and "valid split" in printed
     data = json.loads(out.read_text())
-    assert [r["name"] for r in data["results"]] == ["unrepaired", "masked (2 heads pruned)"]
-    assert data["setup"]["perplexity_inputs"]["tokens_scored"] > 0
+    lik = data["results"]["likelihood"]
+    assert [r["name"] for r in lik["masks"]] == ["unrepaired", "masked (2 heads pruned)"]
+    assert lik["setup"]["perplexity_inputs"]["tokens_scored"] > 0
+    assert lik["masks"][0]["bias_ci"][0] < lik["masks"][0]["bias_ci"][1] and lik["card"]["name"] == "likelihood"
 
 
 @pytest.mark.parametrize("argv, phrase", [

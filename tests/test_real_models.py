@@ -53,16 +53,22 @@ def test_masking_real_model_is_exact_and_per_example(loaded, tmp_path):
 
 def test_speed_ups_give_the_plain_numbers_on_real_models(loaded):
     """Layer reuse + shared template prefixes + trimmed padding == plain forward (both presets)."""
-    from attnprune.benchmarks import get_measure
-    from attnprune.heads import HeadMasker
+    from attnprune.backend import Backend
+    from attnprune.measures import get_measure
 
     lay = loaded.layout
     masks = [HeadMask.from_pruned(*lay.shape, [(lay.n_layers // 2, 1)]), HeadMask.from_pruned(*lay.shape, [(2, 0), (9, 3)])]
-    fast = get_measure("likelihood", prompts=48).prepare(loaded)
-    plain = get_measure("likelihood", prompts=48, reuse_layers=False, share_prefixes=False, trim_padding=False,
-                        last_logits_only=False).prepare(loaded)
-    with HeadMasker(loaded.model, lay) as masker:
-        a = plain.prompt_scores(masker, masks)
-        b = fast.prompt_scores(masker, masks)
-    assert fast.sharing_ and fast.cache_ is not None and fast.shared_tokens_ < fast.tokens_
+    with Backend(loaded) as fast_backend:
+        fast = get_measure("likelihood", prompts=48).prepare(fast_backend)
+        b = fast.prompt_scores(masks)
+        assert fast.rows_.sharing and fast.rows_.layer_cache is not None and fast.rows_.shared_tokens < fast.rows_.tokens
+        tox = get_measure("toxicity", prompts=8, new_tokens=8, classifier="profanity").prepare(fast_backend)
+        t_fast = tox.generate(masks)
+        assert tox.rows_.kv_reuse
+    with Backend(loaded, reuse_layers=False, share_prefixes=False, trim_padding=False,
+                 last_logits_only=False) as plain_backend:
+        a = get_measure("likelihood", prompts=48).prepare(plain_backend).prompt_scores(masks)
+        t_plain = get_measure("toxicity", prompts=8, new_tokens=8, classifier="profanity").prepare(
+            plain_backend).generate(masks)
     assert abs(a - b).max() < 1e-3, abs(a - b).max()
+    assert t_fast == t_plain

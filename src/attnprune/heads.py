@@ -12,7 +12,6 @@ Masks are 1 = active, 0 = pruned, shaped ``(layers, heads)``; a batch of masks i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,14 +170,6 @@ class HeadMask:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MaskError(f"Mask file {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); fix or regenerate it.") from None
         return cls.from_dict(data, layout)
-
-
-def masks_digest(masks: Iterable[HeadMask]) -> str:
-    """Short digest of a sequence of masks (for provenance and caching)."""
-    h = hashlib.sha256()
-    for m in masks:
-        h.update(m.key.encode())
-    return h.hexdigest()[:16]
 
 
 def _as_gate_tensor(mask: HeadMask | torch.Tensor | np.ndarray, layout: HeadLayout) -> torch.Tensor:

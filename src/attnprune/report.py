@@ -1,4 +1,4 @@
-"""Reports of a repair: ``report.json``, ``report.md`` and plots (matplotlib, no display)."""
+"""Reports of a repair: a :class:`~attnprune.results.RepairReport` to ``report.json``, ``report.md`` and plots."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from attnprune.results import RepairReport, TestComparison
 
 
 def _pct(x: float) -> str:
@@ -23,34 +25,37 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def markdown(report: dict) -> str:
+def _change_line(t: TestComparison, digits: int = 3) -> str:
+    ch = t.bias_change
+    return (f"Bias change {_pct(ch.relative)} (absolute {ch.absolute:+.{digits}f}, paired 95% CI "
+            f"[{ch.ci[0]:+.{digits}f}, {ch.ci[1]:+.{digits}f}])")
+
+
+def markdown(report: RepairReport) -> str:
     """Human-readable summary of a repair report."""
-    t = report["test"]["search_measure"]
-    u, r = t["unrepaired"], t["repaired"]
-    setup = t["setup"]
-    bi, pi = setup["bias_inputs"], setup["perplexity_inputs"]
+    t = report.test.search_measure
+    u, r = t.unrepaired, t.repaired
+    bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
     lines = [
-        f"# attnprune repair of {report['model']}",
+        f"# attnprune repair of {report.model}",
         "",
-        f"{report['chosen_mask']['pruned'].__len__()} of {report['layout']['total_heads']} attention heads pruned. "
+        f"{len(report.chosen_mask['pruned'])} of {report.layout['total_heads']} attention heads pruned. "
         f"Numbers below are on the held-out **test** split; search and selection used validation only.",
         "",
-        f"## Test split ({setup['bias_measure']} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed {bi['prompt_seed']}; "
-        f"perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens)",
+        f"## Test split ({t.setup['bias_measure']} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed "
+        f"{bi['prompt_seed']}; perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens)",
         "",
         "| model | bias | 95% CI | noise floor | perplexity |",
         "|---|---|---|---|---|",
-        f"| unrepaired | {u['bias']:.3f} | [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}] | {u['noise_floor']['mean']:.3f} | {u['perplexity']:.2f} |",
-        f"| repaired | {r['bias']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['noise_floor']['mean']:.3f} | {r['perplexity']:.2f} |",
+        f"| unrepaired | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | {u.noise_floor['mean']:.3f} | {u.perplexity:.2f} |",
+        f"| repaired | {r.bias:.3f} | [{r.ci[0]:.3f}, {r.ci[1]:.3f}] | {r.noise_floor['mean']:.3f} | {r.perplexity:.2f} |",
         "",
-        f"Bias change {_pct(t['bias_change']['relative'])} (absolute {t['bias_change']['absolute']:+.3f}, paired 95% CI "
-        f"[{t['bias_change']['ci'][0]:+.3f}, {t['bias_change']['ci'][1]:+.3f}]); perplexity change "
-        f"{_pct(t['perplexity_change'])} (budget {_pct(report['config']['tau'])}).",
+        f"{_change_line(t)}; perplexity change {_pct(t.perplexity_change)} (budget {_pct(report.config['tau'])}).",
         "",
     ]
-    if "toxicity" in report["test"]:
-        x = report["test"]["toxicity"]
-        d = x["setup"]["bias_inputs"]
+    x = report.test.toxicity
+    if x is not None:
+        d = x.setup["bias_inputs"]
         lines += [
             f"## Second opinion: toxicity protocol ({d['classifier']}, {d['prompts']} test prompts x "
             f"{d['generations_per_prompt']} continuations, {d['sampling']}, scored text: {d['scored_text']})",
@@ -58,45 +63,45 @@ def markdown(report: dict) -> str:
             "| model | bias | 95% CI | noise floor | mean toxicity | share > 0.5 |",
             "|---|---|---|---|---|---|",
         ]
-        for name in ("unrepaired", "repaired"):
-            s = x[name]
-            lines.append(f"| {name} | {s['bias']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] | "
-                         f"{s['noise_floor']['mean']:.4f} | {s['mean_toxicity']:.4f} | {s['share_toxic']:.4f} |")
-        lines += ["", f"Bias change {_pct(x['bias_change']['relative'])}, paired 95% CI of the absolute change "
-                      f"[{x['bias_change']['ci'][0]:+.4f}, {x['bias_change']['ci'][1]:+.4f}].", ""]
-    for axis, x in report["test"].get("transfer", {}).items():
-        lines.append(f"- transfer to {axis}: bias {x['unrepaired']['bias']:.3f} -> {x['repaired']['bias']:.3f} "
-                     f"({_pct(x['bias_change']['relative'])}, paired CI [{x['bias_change']['ci'][0]:+.3f}, "
-                     f"{x['bias_change']['ci'][1]:+.3f}])")
-    v = report["validation"]
+        for name, s in (("unrepaired", x.unrepaired), ("repaired", x.repaired)):
+            lines.append(f"| {name} | {s.bias:.4f} | [{s.ci[0]:.4f}, {s.ci[1]:.4f}] | {s.noise_floor['mean']:.4f} | "
+                         f"{s.extra['mean_toxicity']:.4f} | {s.extra['share_toxic']:.4f} |")
+        lines += ["", _change_line(x, 4) + ".", ""]
+    for axis, x in report.test.transfer.items():
+        ch = x.bias_change
+        lines.append(f"- transfer to {axis}: bias {x.unrepaired.bias:.3f} -> {x.repaired.bias:.3f} "
+                     f"({_pct(ch.relative)}, paired CI [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}])")
+    v = report.validation
+    ev = report.llm_evaluations
     lines += [
         "",
         "## Search (validation split)",
         "",
-        f"- unrepaired: bias {v['unrepaired']['bias']:.3f}, perplexity {v['unrepaired']['perplexity']:.2f}; "
-        f"budget {v['budget']:.2f}",
-        f"- chosen: bias {v['chosen']['bias']:.3f}, perplexity {v['chosen']['perplexity']:.2f} (from {v['chosen']['source']})",
-        f"- LLM evaluations: {report['llm_evaluations']['validation']} on validation "
-        f"({report['llm_evaluations']['new_this_run']} new in this run)",
+        f"- unrepaired: bias {v.unrepaired['bias']:.3f}, perplexity {v.unrepaired['perplexity']:.2f}; "
+        f"budget {v.budget:.2f}",
+        f"- chosen: bias {v.chosen['bias']:.3f}, perplexity {v.chosen['perplexity']:.2f} (from {v.chosen['source']})",
+        f"- rule: {v.rule}",
+        f"- LLM evaluations: {ev['validation']} on validation ({ev['new_this_run']} new in this run)",
         "",
         "| round | surrogate | target | CV MSE | CV R^2 | CV Spearman | ridge Spearman |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in report["surrogates"]:
+    for s in report.search.surrogates:
         for target, m in s["cv"].items():
             k = m[s["kind"]]
             lines.append(f"| {s['round'] + 1} | {s['kind']} ({s['samples']} masks) | {target} | {k['mse']:.4f} | "
                          f"{k['r2']:.2f} | {k['spearman']:.2f} | {m['ridge']['spearman']:.2f} |")
-    lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |", "|---|---|---|---|---|---|"]
-    for c in report["candidates"]:
-        lines.append(f"| {c['round'] + 1} | {c['n_pruned']} | {c['predicted_bias']:.3f} | {c['bias']:.3f} | "
-                     f"{c['predicted_perplexity']:.2f} | {c['perplexity']:.2f} |")
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_s"].items()), "",
-              f"Pruned heads [layer, head]: {report['chosen_mask']['pruned']}", ""]
+    lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |",
+              "|---|---|---|---|---|---|"]
+    for c in report.search.candidates:
+        lines.append(f"| {c.round + 1} | {c.n_pruned} | {c.predicted_bias:.3f} | {c.bias:.3f} | "
+                     f"{c.predicted_perplexity:.2f} | {c.perplexity:.2f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()), "",
+              f"Pruned heads [layer, head]: {report.chosen_mask['pruned']}", ""]
     return "\n".join(lines)
 
 
-def plots(report: dict, out: Path) -> list[Path]:
+def plots(report: RepairReport, out: Path) -> list[Path]:
     """Bias vs perplexity with Pareto front, pruned-head map, per-bucket before/after, surrogate fit."""
     import matplotlib
 
@@ -104,22 +109,22 @@ def plots(report: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    v = report["validation"]
-    pts = v["points"]
+    v = report.validation
+    pts = v.points
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = np.array([p["perplexity"] for p in pts])
-    ys = np.array([p["bias"] for p in pts])
-    cand = np.array([p["source"].startswith("candidate") for p in pts])
+    xs = np.array([p.perplexity for p in pts])
+    ys = np.array([p.bias for p in pts])
+    cand = np.array([p.source.startswith("candidate") for p in pts])
     ax.scatter(xs[~cand], ys[~cand], s=12, alpha=0.6, label="random masks")
     ax.scatter(xs[cand], ys[cand], s=22, marker="s", label="search candidates")
     front = pareto_front(list(zip(xs.tolist(), ys.tolist())))
     ax.plot(xs[front], ys[front], "k--", lw=1, label="Pareto front")
-    ax.scatter([v["unrepaired"]["perplexity"]], [v["unrepaired"]["bias"]], c="red", marker="*", s=150, label="unrepaired")
-    ax.scatter([v["chosen"]["perplexity"]], [v["chosen"]["bias"]], c="green", marker="*", s=150, label="chosen")
-    ax.axvline(v["budget"], color="gray", lw=0.8, ls=":", label="perplexity budget")
+    ax.scatter([v.unrepaired["perplexity"]], [v.unrepaired["bias"]], c="red", marker="*", s=150, label="unrepaired")
+    ax.scatter([v.chosen["perplexity"]], [v.chosen["bias"]], c="green", marker="*", s=150, label="chosen")
+    ax.axvline(v.budget, color="gray", lw=0.8, ls=":", label="perplexity budget")
     ax.set_xscale("log")
     ax.set_xlabel("validation perplexity")
-    ax.set_ylabel(f"validation bias ({report['config']['bias']})")
+    ax.set_ylabel(f"validation bias ({report.config['bias']})")
     ax.legend(fontsize=7)
     ax.set_title("All evaluated masks (validation split)")
     files.append(out / "bias_vs_perplexity.png")
@@ -127,9 +132,9 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    lay = report["layout"]
+    lay = report.layout
     grid = np.zeros((lay["layers"], lay["heads_per_layer"]))
-    for layer, head in report["chosen_mask"]["pruned"]:
+    for layer, head in report.chosen_mask["pruned"]:
         grid[layer, head] = 1
     fig, ax = plt.subplots(figsize=(max(3, lay["heads_per_layer"] * 0.45), max(3, lay["layers"] * 0.2)))
     ax.imshow(grid, cmap="Reds", aspect="auto", vmin=0, vmax=1)
@@ -141,10 +146,10 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    t = report["test"]["search_measure"]
-    buckets = list(t["unrepaired"]["buckets"])
-    before = np.array([t["unrepaired"]["buckets"][b] for b in buckets])
-    after = np.array([t["repaired"]["buckets"][b] for b in buckets])
+    t = report.test.search_measure
+    buckets = list(t.unrepaired.buckets)
+    before = np.array([t.unrepaired.buckets[b] for b in buckets])
+    after = np.array([t.repaired.buckets[b] for b in buckets])
     fig, ax = plt.subplots(figsize=(7, 3.8))
     idx = np.arange(len(buckets))
     ax.bar(idx - 0.2, before - before.mean(), 0.4, label="unrepaired")
@@ -159,12 +164,12 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    cands = report["candidates"]
+    cands = report.search.candidates
     if cands:
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
         for ax, key, label in ((axes[0], "bias", "bias"), (axes[1], "perplexity", "perplexity")):
-            pred = [c[f"predicted_{key}"] for c in cands]
-            meas = [c[key] for c in cands]
+            pred = [getattr(c, f"predicted_{key}") for c in cands]
+            meas = [getattr(c, key) for c in cands]
             ax.scatter(pred, meas, s=18)
             lo, hi = min(pred + meas), max(pred + meas)
             ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
@@ -178,11 +183,11 @@ def plots(report: dict, out: Path) -> list[Path]:
     return files
 
 
-def write_report(report: dict, out: Path) -> dict[str, Path]:
+def write_report(report: RepairReport, out: Path) -> dict[str, Path]:
     """Write report.json, report.md and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=float) + "\n")
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1, default=float) + "\n")
     paths["markdown"].write_text(markdown(report))
     for p in plots(report, out):
         paths[p.stem] = p

@@ -110,25 +110,3 @@ def bias_from_means(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Bias from bucket means ``[..., buckets]`` and bucket weights ``[buckets]``."""
     axis_mean = (means * weights).sum(-1, keepdims=True)
     return np.abs(axis_mean - means).sum(-1)
-
-
-def bucket_means(values, buckets, shares=None, strata=None) -> dict[str, float]:
-    """Mean value per bucket (template-adjusted with ``strata``)."""
-    d = BucketDesign(buckets, shares, strata)
-    return dict(zip(d.names, d.means(values).tolist()))
-
-
-def bias_statistic(values, buckets, shares: dict[str, float] | None = None, strata=None) -> float:
-    """``sum_b |mean(axis) - mean(b)|`` with the axis mean weighted by ``shares`` (default: sample sizes)."""
-    return float(BucketDesign(buckets, shares, strata).bias(values))
-
-
-def bootstrap_bias(values, buckets, shares=None, reps: int = 1000, seed: int = 0, level: float = 0.95,
-                   strata=None) -> dict:
-    """Stratified (within-bucket) bootstrap of the bias statistic; see :meth:`BucketDesign.bootstrap`."""
-    return BucketDesign(buckets, shares, strata).bootstrap(values, reps, seed, level)
-
-
-def noise_floor(values, buckets, shares=None, reps: int = 200, seed: int = 0, strata=None) -> dict:
-    """The bias statistic with shuffled bucket labels; see :meth:`BucketDesign.noise_floor`."""
-    return BucketDesign(buckets, shares, strata).noise_floor(values, reps, seed)

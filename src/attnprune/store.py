@@ -92,9 +92,13 @@ class Store:
                 raise UserError(f"Store {self.path} holds no evaluations yet; run `attnprune sample` first.")
             shape = json.loads(row[0])
         self.shape = tuple(shape)
-        self._check_meta(config, compatible_keys)
+        self.check_config(config, compatible_keys)
 
-    def _check_meta(self, config: dict | None, keys: Iterable[str] | None) -> None:
+    def check_config(self, config: dict | None, keys: Iterable[str] | None = None) -> None:
+        """Refuse ``config`` when its values under ``keys`` (default: all) differ from the recorded ones.
+
+        A store without a recorded configuration records ``config``.
+        """
         row = self.db.execute("SELECT value FROM meta WHERE key='shape'").fetchone()
         if row and tuple(json.loads(row[0])) != self.shape:
             raise UserError(

@@ -3,8 +3,9 @@
 scikit-learn conventions: ``__init__`` stores parameters, ``fit`` returns self, learned
 state ends in ``_``, ``predict`` never refits. :class:`MLPSurrogate` is the paper's choice
 (a small MLP, N -> 256 -> 128 -> 1, ReLU, MSE, Adam with weight decay, standardised
-targets, early stopping on a held-out part, inputs = pruned-head indicators); :class:`RidgeSurrogate` is the linear reference. ``holdout_metrics``
-reports MSE, R^2 and Spearman on masks the model did not see.
+targets, early stopping on a held-out part, inputs = pruned-head indicators);
+:class:`RidgeSurrogate` is the linear reference. ``holdout_metrics`` reports MSE, R^2 and
+Spearman on masks the model did not see (scikit-learn's K-fold split).
 """
 
 from __future__ import annotations
@@ -90,21 +91,18 @@ class MLPSurrogate:
 
 
 class RidgeSurrogate:
-    """Linear ridge regression on mask bits (closed form), the reference surrogate."""
+    """Linear ridge regression on mask bits (scikit-learn's :class:`~sklearn.linear_model.Ridge`), the reference."""
 
     def __init__(self, alpha: float = 1.0):
         self.alpha = alpha
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "RidgeSurrogate":
         """Fit on ``X [n, N]`` and ``y [n]``."""
-        X = np.asarray(X, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        self.x_mean_, self.y_mean_ = X.mean(0), y.mean()
-        Xc = X - self.x_mean_
-        A = Xc.T @ Xc + self.alpha * np.eye(X.shape[1])
-        self.coef_ = np.linalg.solve(A, Xc.T @ (y - self.y_mean_))
-        self.w_ = torch.as_tensor(self.coef_, dtype=torch.float32)
-        self.b_ = float(self.y_mean_ - self.x_mean_ @ self.coef_)
+        from sklearn.linear_model import Ridge
+
+        self.model_ = Ridge(alpha=self.alpha).fit(np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        self.w_ = torch.as_tensor(self.model_.coef_, dtype=torch.float32)
+        self.b_ = float(self.model_.intercept_)
         return self
 
     def predict_torch(self, X: torch.Tensor) -> torch.Tensor:
@@ -113,7 +111,7 @@ class RidgeSurrogate:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predictions for ``X [n, N]``."""
-        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.b_
+        return self.model_.predict(np.asarray(X, dtype=np.float64))
 
 
 SURROGATES = {"mlp": MLPSurrogate, "ridge": RidgeSurrogate}
@@ -130,13 +128,11 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 def holdout_metrics(make, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict:
     """K-fold cross-validated metrics of surrogate factory ``make()`` (every mask held out once)."""
-    n = len(y)
-    folds = max(2, min(folds, n))
-    order = np.random.default_rng(seed).permutation(n)
-    pred = np.empty(n)
-    for f in range(folds):
-        test = order[f::folds]
-        train = np.setdiff1d(order, test)
+    from sklearn.model_selection import KFold
+
+    folds = max(2, min(folds, len(y)))
+    pred = np.empty(len(y))
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(X):
         pred[test] = make().fit(X[train], y[train]).predict(X[test])
     out = regression_metrics(y, pred)
     out["folds"] = folds
@@ -166,4 +162,4 @@ def fit_surrogates(X: np.ndarray, bias: np.ndarray, log_ppl: np.ndarray, kind: s
     for target, y in (("bias", bias), ("log_perplexity", log_ppl)):
         metrics[target] = {k: holdout_metrics(factory(k), X, y, folds, seed) for k in dict.fromkeys([kind, "ridge"])}
     return SurrogatePair(factory(kind)().fit(X, bias), factory(kind)().fit(X, log_ppl),
-                         {"kind": kind, "samples": len(bias), "cv": metrics})
+                         {"kind": kind, "samples": len(bias), "folds": metrics["bias"][kind]["folds"], "cv": metrics})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from attnprune.errors import ModelLoadError
@@ -90,10 +89,6 @@ class HeadLayout:
         for part in self.out_proj_path.split(".")[:-1]:
             module = getattr(module, part)
         return module
-
-    def out_proj_name(self, layer: int) -> str:
-        """Full dotted module name of the output projection of ``layer``."""
-        return f"{self.layers_path}.{layer}.{self.out_proj_path}"
 
     def describe(self) -> dict:
         """JSON-ready summary (no modules)."""
@@ -199,8 +194,3 @@ def head_layout(model: nn.Module) -> HeadLayout:
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """Floating dtype of the model's parameters."""
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -24,6 +24,7 @@ from attnprune.errors import ModelLoadError, UserError, missing_package
 from attnprune.models.layouts import HeadLayout, head_layout
 
 DEFAULT_MODEL = "smollm2-135m"
+log = logging.getLogger("attnprune")
 
 
 def default_cache_dir() -> Path:
@@ -156,7 +157,7 @@ def gguf_to_cache(gguf: Path, cache: Path) -> Path:
         raise missing_package("gguf", f"Loading {gguf.name}")
     if importlib.util.find_spec("accelerate") is None:
         raise missing_package("accelerate", f"Loading {gguf.name}")
-    print(f"Converting {gguf.name} to a float32 cache at {target} (once; takes ~20-60 s)...", flush=True)
+    log.info("converting %s to a float32 cache at %s (once; takes ~20-60 s) ...", gguf.name, target)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -178,8 +179,16 @@ def gguf_to_cache(gguf: Path, cache: Path) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+def offline_mode() -> bool:
+    """Whether the user asked for no network (``HF_HUB_OFFLINE``, read by huggingface_hub)."""
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False in offline mode, without trying)."""
+    if offline_mode():
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -270,7 +279,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, device: str):
         return _from_directory(repo_id, dtype, device, local_only=True)
     except (OSError, ValueError):
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelLoadError(
             f"'{repo_id}' is not a preset, file or directory and the Hugging Face hub is not reachable "
             f"from here; use a preset ({', '.join(PRESETS)}), a .gguf file or a local model directory."

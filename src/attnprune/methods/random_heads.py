@@ -1,0 +1,18 @@
+"""``random``: uniformly random heads at each ratio of FASP's grid (seeded)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnprune.methods.base import Method, MethodContext, Proposal, prune_lowest, register_method
+
+
+@register_method("random")
+class RandomHeads(Method):
+    """One uniformly random mask per pruned count of the grid."""
+
+    description = "uniformly random heads, one mask per ratio of FASP's grid"
+
+    def propose(self, ctx: MethodContext) -> Proposal:
+        rng = np.random.default_rng(ctx.seed)
+        return self.proposal(ctx, [prune_lowest(rng.random(ctx.shape), k) for k in ctx.counts()])

@@ -1,0 +1,222 @@
+"""Typed results of a repair and a comparison, with ``to_dict()`` / ``from_dict()`` for JSON.
+
+The report writers (:mod:`attnprune.report`, :mod:`attnprune.compare`) read these
+dataclasses, never nested dicts through string paths. Each number says what it was
+measured on through its ``setup`` (split, sizes, seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+def to_dict(obj) -> dict:
+    """JSON-ready dict of a results dataclass."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a results dataclass (nested ones included) from :func:`to_dict` output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {f.name: _convert(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
+    return cls(**kwargs)
+
+
+def _convert(tp, value):
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin is list and args:
+        return [_convert(args[0], v) for v in value]
+    if origin is dict and len(args) == 2:
+        return {k: _convert(args[1], v) for k, v in value.items()}
+    return value
+
+
+class Serialisable:
+    """Mixin: :meth:`to_dict` and :meth:`from_dict`."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """Inverse of :meth:`to_dict`."""
+        return from_dict(cls, data)
+
+
+@dataclass
+class Change(Serialisable):
+    """Repaired minus unrepaired bias on the same items: absolute, its paired 95% CI, relative."""
+
+    absolute: float
+    ci: list[float]
+    relative: float
+
+
+@dataclass
+class Summary(Serialisable):
+    """One mask on one test measure."""
+
+    bias: float
+    ci: list[float]
+    n_pruned: int
+    noise_floor: dict | None = None
+    buckets: dict | None = None
+    perplexity: float | None = None
+    perplexity_tokens: int | None = None
+    extra: dict = field(default_factory=dict)  # measure-specific (mean toxicity, share toxic, mean score)
+
+
+@dataclass
+class TestComparison(Serialisable):
+    """A mask against the unrepaired model on the TEST split, paired on the same items."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    setup: dict
+    card: dict
+    unrepaired: Summary
+    repaired: Summary
+    bias_change: Change
+    perplexity_change: float | None = None
+
+
+@dataclass
+class TestReport(Serialisable):
+    """Everything measured on the TEST split for one chosen mask."""
+
+    __test__ = False  # not a pytest test class
+
+    search_measure: TestComparison
+    toxicity: TestComparison | None = None
+    transfer: dict[str, TestComparison] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate(Serialisable):
+    """A search candidate: predicted by the surrogates, then measured on the real model (validation)."""
+
+    round: int
+    n_pruned: int
+    pruned: list[list[int]]
+    predicted_bias: float
+    predicted_perplexity: float
+    bias: float
+    perplexity: float
+
+
+@dataclass
+class AnnealingSummary(Serialisable):
+    """One annealing run on the surrogates."""
+
+    round: int
+    pruned_bounds: list[int]
+    t0: float
+    states_scored: int
+    seconds: float
+    states_per_second: float
+    best_cost: float
+    trace: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SearchDetails(Serialisable):
+    """What Attention Pruning's search did: surrogate accuracy, annealing runs, validated candidates."""
+
+    surrogates: list[dict] = field(default_factory=list)
+    annealing: list[AnnealingSummary] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass
+class ValidationPoint(Serialisable):
+    """One evaluated mask on the validation split."""
+
+    n_pruned: int
+    bias: float
+    perplexity: float
+    source: str
+    key: str
+
+
+@dataclass
+class ValidationSummary(Serialisable):
+    """The search's split: setup, unrepaired, chosen, budget, every evaluated mask."""
+
+    setup: dict
+    unrepaired: dict
+    chosen: dict
+    budget: float
+    rule: str
+    points: list[ValidationPoint] = field(default_factory=list)
+
+
+@dataclass
+class RepairReport(Serialisable):
+    """The report of one repair (``report.json``)."""
+
+    model: str
+    layout: dict
+    config: dict
+    validation: ValidationSummary
+    search: SearchDetails
+    chosen_mask: dict
+    test: TestReport
+    llm_evaluations: dict
+    timings_s: dict
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodOutcome(Serialisable):
+    """One method on one seed: its choice on validation and that choice on the TEST split."""
+
+    method: str
+    seed: int
+    llm_evaluations: int
+    evaluation_seconds: float
+    new_evaluations: int
+    seconds: float
+    candidates: int
+    notes: str = ""
+    valid: dict | None = None
+    mask: dict | None = None
+    test: TestComparison | None = None
+    meets_budget: bool | None = None
+    transfer: dict[str, TestComparison] = field(default_factory=dict)
+
+
+@dataclass
+class SeedComparison(Serialisable):
+    """All methods on one seed (its own split, sampling and search), one store, one budget."""
+
+    seed: int
+    validation: dict
+    outcomes: dict[str, MethodOutcome] = field(default_factory=dict)
+    knockouts: dict | None = None
+
+
+@dataclass
+class Comparison(Serialisable):
+    """Methods x seeds (``comparison.json``)."""
+
+    model: str
+    config: dict
+    methods: list[str]
+    seeds: list[int]
+    rule: str
+    per_seed: list[SeedComparison] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    seconds: float = 0.0

@@ -1,0 +1,263 @@
+"""An open run: its model, its store, the evaluators made for it, and where they run.
+
+:class:`Run` is what every method and pipeline works through: ``evaluate(masks, source)``
+puts validation evaluations into the run's store (each committed as it arrives, so an
+interrupted run loses nothing and a rerun skips what is there), ``rows``/``base`` read
+them back, and ``compare_on_test`` measures chosen masks against the unrepaired model on
+the TEST split. All evaluators come from one factory (:meth:`Run.spec`), so the validation
+and the test evaluators differ only in the split and the sizes. A run is a context
+manager: hooks, workers and the store are released on exit, also when a stage raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from attnprune.config import RepairConfig, split_list
+from attnprune.errors import UserError
+from attnprune.evaluation import Evaluator
+from attnprune.executors import EvaluatorSpec, Executor, make_executor
+from attnprune.heads import HeadMask
+from attnprune.results import Change, Summary, TestComparison, TestReport
+from attnprune.store import Store, StoredEvaluation
+
+Log = Callable[[str], None]
+logger = logging.getLogger("attnprune")
+
+# bootstrap replicates of the CI of each validation evaluation: recorded, never used for a
+# decision; the test split uses the measures' default of 1,000
+VALID_BOOTSTRAP_REPS = 200
+
+
+class Run:
+    """An open run (see module docstring); use as ``with Run.open(cfg) as run: ...``."""
+
+    def __init__(self, cfg: RepairConfig, loaded, store: Store, log: Log = logger.info):
+        self.cfg = cfg
+        self.loaded = loaded
+        self.store = store
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self.valid_setting: str | None = None
+        self._valid: Evaluator | None = None
+        self._executor: Executor | None = None
+        self._evaluators: dict[str, tuple[Evaluator, str]] = {}
+
+    @classmethod
+    def open(cls, cfg: RepairConfig, loaded=None, log: Log = logger.info) -> "Run":
+        """Load the model (unless given) and open or create the run's store."""
+        cfg.validate()
+        t = time.perf_counter()
+        if loaded is None:
+            log(f"loading {cfg.model} ...")
+            loaded = cfg.load()
+        store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, cfg.store_config(loaded.name))
+        run = cls(cfg, loaded, store, log)
+        run.timings["load"] = time.perf_counter() - t
+        return run
+
+    @classmethod
+    def from_store(cls, cfg: RepairConfig, log: Log = logger.info) -> "Run":
+        """Open an existing run's store without loading the model (fit and search need only the store)."""
+        store = Store(cfg.out_dir / "store.sqlite", None)
+        store.check_config(cfg.store_config(store.config.get("model", cfg.model)))
+        run = cls(cfg, None, store, log)
+        run.valid_setting = store.setting_of("sample")
+        if run.valid_setting is None:
+            store.close()
+            raise UserError(f"Store {store.path} holds no sampled masks yet; run `attnprune sample` first.")
+        return run
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- what the run is about ---------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(layers, heads)`` of the run's model."""
+        return tuple(self.store.shape)  # type: ignore[return-value]
+
+    @property
+    def n_total(self) -> int:
+        """Number of maskable heads."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """``[k_min, k_max]`` pruned heads for sampling and the search."""
+        return self.cfg.bounds(self.n_total)
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as the store records it."""
+        return self.loaded.name if self.loaded is not None else self.store.config.get("model", self.cfg.model)
+
+    @property
+    def layout(self):
+        """The loaded model's head layout."""
+        return self.loaded.layout
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the block's wall-clock seconds to ``timings[stage]``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+
+    # ---- the one evaluator factory -------------------------------------------------------
+    def spec(self, split: str = "valid", bias: str | None = None, axis: str | None = None, prompts: int | None = None,
+             ppl_tokens: int | None = None, bootstrap_reps: int | None = None, extra: dict | None = None) -> EvaluatorSpec:
+        """The recipe of an evaluator of this run (defaults: the search's measure, axis and sizes)."""
+        c = self.cfg
+        bias_options = {"axis": axis or c.axis, "prompts": prompts or c.prompts, "seed": c.seed,
+                        "holisticbias": c.holisticbias, **(extra or {})}
+        if bootstrap_reps is not None:
+            bias_options["bootstrap_reps"] = bootstrap_reps
+        return EvaluatorSpec(
+            model=c.model, bias=bias or c.bias, split=split, device=c.device, dtype=c.dtype, device_map=c.device_map,
+            cache_dir=c.cache_dir, bias_options=bias_options,
+            perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus},
+            backend_options=c.backend_options,
+        )
+
+    @property
+    def valid_spec(self) -> EvaluatorSpec:
+        """The recipe of the validation evaluator (what Ray workers build too)."""
+        return self.spec("valid", bootstrap_reps=VALID_BOOTSTRAP_REPS)
+
+    def evaluator(self, spec: EvaluatorSpec, with_perplexity: bool = True) -> tuple[Evaluator, str]:
+        """The evaluator of ``spec`` on the run's model (built once) and its setting key in the store."""
+        key = json.dumps([dataclasses.asdict(spec), with_perplexity], sort_keys=True, default=str)
+        if key not in self._evaluators:
+            ev = spec.build(self.loaded)
+            desc = ev.describe() if spec == self.valid_spec else {**ev.describe(), "with_perplexity": with_perplexity}
+            self._evaluators[key] = (ev, self.store.register_setting(desc))
+        return self._evaluators[key]
+
+    @property
+    def valid(self) -> Evaluator:
+        """The validation-split evaluator used by sampling and candidate validation."""
+        if self._valid is None:
+            self._valid, self.valid_setting = self.evaluator(self.valid_spec)
+        return self._valid
+
+    @property
+    def executor(self) -> Executor:
+        """Where validation evaluations run (``cfg.executor``), started on first use."""
+        if self._executor is None:
+            c = self.cfg
+            if c.executor == "ray":
+                self.log(f"starting {c.workers} Ray workers ({c.worker_cpus:g} CPUs, {c.worker_gpus:g} GPUs each"
+                         f"{', cluster ' + c.address if c.address else ', local'}) ...")
+            self._executor = make_executor(c.executor, self.valid_spec, self.valid, c.mask_batch, c.workers,
+                                           c.worker_cpus, c.worker_gpus, c.address)
+        return self._executor
+
+    # ---- validation evaluations in the store ---------------------------------------------
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]:
+        """Evaluate (validation split) the masks not yet stored, committing each as it arrives; return all."""
+        _ = self.valid
+        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, self.valid_setting) is None]
+        if todo:
+            with tqdm(total=len(todo), desc=desc, unit="mask", dynamic_ncols=True) as bar:
+                def commit(ev) -> None:
+                    self.store.add(self.valid_setting, "valid", source, ev)
+                    bar.update(1)
+
+                self.executor.evaluate(todo, commit)
+        return [self.store.get(m, self.valid_setting) for m in masks]
+
+    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
+        """The validation evaluations in the store (of ``sources`` when given), in insertion order."""
+        return self.store.evaluations(self.valid_setting, sources)
+
+    def base(self) -> StoredEvaluation:
+        """The unrepaired model's validation evaluation."""
+        mask = HeadMask.all_active(*self.shape)
+        if self.loaded is None:
+            return self.store.get(mask, self.valid_setting)
+        return self.evaluate([mask], "sample", "unrepaired (valid)")[0]
+
+    def gate_gradients(self) -> np.ndarray:
+        """``[L, H]`` |d NLL / d gate| on the validation perplexity text."""
+        return self.valid.gate_gradients()
+
+    # ---- the TEST split ------------------------------------------------------------------
+    def compare_on_test(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
+                        prompts: int | None = None, extra: dict | None = None,
+                        with_perplexity: bool = True) -> list[TestComparison]:
+        """Each of ``masks`` vs the unrepaired model on the TEST split, stored and paired on the same items."""
+        c = self.cfg
+        spec = self.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
+                         extra=extra)
+        ev, setting = self.evaluator(spec, with_perplexity)
+        base = HeadMask.all_active(*self.shape)
+        rows = {}
+        for m in dict.fromkeys([base, *masks]):
+            stored = self.store.get(m, setting)
+            if stored is None:
+                self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
+                self.store.add(setting, "test", f"test:{name}", ev.evaluate([m], with_perplexity=with_perplexity)[0])
+                stored = self.store.get(m, setting)
+            rows[m] = stored
+        out = []
+        for m in masks:
+            b, r = rows[base], rows[m]
+            paired = ev.bias_measure.paired_difference(b.detail["prompt_scores"], r.detail["prompt_scores"])
+            # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
+            change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
+                            relative=-paired["diff"] / b.bias if b.bias else float("nan"))
+            out.append(TestComparison(
+                name=name, setup=ev.describe(), card=ev.bias_measure.card.to_dict(),
+                unrepaired=_summary(b, with_perplexity), repaired=_summary(r, with_perplexity), bias_change=change,
+                perplexity_change=r.perplexity / b.perplexity - 1 if with_perplexity else None))
+        return out
+
+    def test_report(self, chosen: HeadMask) -> TestReport:
+        """Unrepaired vs ``chosen`` on the TEST split: search measure, toxicity second opinion, transfer axes."""
+        c = self.cfg
+        with self.timed("test"):
+            self.log("measuring on the TEST split ...")
+            report = TestReport(search_measure=self.compare_on_test(c.bias, [chosen])[0])
+            if c.second_opinion != "none":
+                report.toxicity = self.compare_on_test(
+                    f"toxicity/{c.second_opinion}", [chosen], bias="toxicity", prompts=c.toxicity_prompts,
+                    extra={"classifier": c.second_opinion}, with_perplexity=False)[0]
+            for axis in split_list(c.transfer_axes):
+                report.transfer[axis] = self.compare_on_test(f"{c.bias}/{axis}", [chosen], axis=axis,
+                                                             with_perplexity=False)[0]
+        return report
+
+    def close(self) -> None:
+        """Remove hooks, stop workers and close the store (safe to call twice)."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        for ev, _ in self._evaluators.values():
+            ev.close()
+        self._evaluators.clear()
+        self._valid = None
+        self.store.close()
+
+
+def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
+    detail = row.detail["bias"]
+    return Summary(
+        bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.get("noise_floor"),
+        buckets=detail.get("buckets"),
+        perplexity=row.perplexity if with_perplexity else None,
+        perplexity_tokens=row.detail["perplexity"].get("tokens") if with_perplexity else None,
+        extra={k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail})
