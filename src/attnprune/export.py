@@ -63,8 +63,9 @@ def export_repaired(
     out_dir: str | Path,
     model_name: str | None = None,
     provenance: dict | None = None,
+    card: str | None = None,
 ) -> Path:
-    """Write ``model`` with ``mask`` baked in to ``out_dir`` (safetensors, config, tokenizer).
+    """Write ``model`` with ``mask`` baked in to ``out_dir`` (safetensors, config, tokenizer, ``README.md`` card).
 
     The in-memory model is left unchanged. The directory is written to a temporary sibling
     and renamed, so an interrupted export never leaves a half-written checkpoint.
@@ -97,7 +98,100 @@ def export_repaired(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / MASK_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+TAGS = ["attnprune", "attention-head-pruning", "bias-mitigation", "fairness"]
+
+
+def _metric(kind: str, name: str, value: float) -> dict:
+    return {"type": kind, "name": name, "value": round(float(value), 4)}
+
+
+def model_index(name: str, report) -> list[dict]:
+    """``model-index`` results (Hugging Face card metadata) of a repair's TEST-split numbers."""
+    t = report.test.search_measure
+    bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+    results = [
+        {"task": {"type": "text-generation", "name": "social bias"},
+         "dataset": {"type": "holistic_bias", "name": f"HolisticBias v1.1, {bi['axis']}, test split, "
+                                                    f"{bi['prompts']} prompts, seed {bi['prompt_seed']}"},
+         "metrics": [_metric(f"{t.setup['bias_measure']}_bias", f"{t.setup['bias_measure']} bias (lower is fairer)",
+                             t.repaired.bias)]},
+        {"task": {"type": "text-generation", "name": "language modelling"},
+         "dataset": {"type": "wikitext", "name": f"{pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens"},
+         "metrics": [_metric("perplexity", "perplexity (256-token windows)", t.repaired.perplexity)]},
+    ]
+    for measure, c in report.test.checks.items():
+        inputs = c.setup["bias_inputs"]
+        results.append({
+            "task": {"type": "text-generation", "name": "social bias"},
+            "dataset": {"type": measure, "name": f"{measure}, {inputs.get('bias_type')}, test split, "
+                                                  f"{inputs.get('pairs', inputs.get('items'))} items"},
+            "metrics": [_metric(k, k, v["repaired"]) for k, v in c.statistics.items() if k != "bias"]})
+    return [{"name": name, "results": results}]
+
+
+def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, license: str = "other",
+               report=None, command: str | None = None) -> str:
+    """A Hugging Face model card (``README.md``) for a repaired model.
+
+    YAML front matter (base model, license, tags, ``model-index`` with the TEST-split
+    numbers of ``report``, a :class:`~attnprune.results.RepairReport`), then the pruned
+    heads, the before/after table with confidence intervals and what it was measured on,
+    the command that made it, and the limits.
+    """
+    import yaml
+
+    name = f"{model_name.split('/')[-1]}-attnprune"
+    meta = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": TAGS}
+    if base_model:
+        meta["base_model"] = base_model
+    if report is not None:
+        meta["model-index"] = model_index(name, report)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+             f"`{model_name}` with {mask.n_pruned} of {mask.shape[0] * mask.shape[1]} attention heads pruned by "
+             "[attnprune](https://pypi.org/project/attnprune/) to reduce social bias. A head is removed by zeroing its "
+             "slice of the attention output projection's input, so this is a standard checkpoint: it loads with plain "
+             "`transformers` (`AutoModelForCausalLM.from_pretrained`) and computes exactly what the masked model "
+             "computes. Its `config.json` records the mask and provenance under `attnprune`.", "",
+             f"Pruned heads [layer, head]: {[list(p) for p in mask.pruned]}", ""]
+    if report is not None:
+        t = report.test.search_measure
+        bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+        u, r, ch = t.unrepaired, t.repaired, t.bias_change
+        lines += [
+            "## Before and after (held-out TEST split; the search and the choice used the validation split only)", "",
+            f"{t.setup['bias_measure']} bias on HolisticBias v1.1 {bi['axis']} ({bi['prompts']} test prompts, seed "
+            f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']} ({pi['tokens_scored']} tokens).", "",
+            "| model | bias | 95% CI | perplexity |", "|---|---|---|---|",
+            f"| {model_name} | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | {u.perplexity:.2f} |",
+            f"| this model | {r.bias:.3f} | [{r.ci[0]:.3f}, {r.ci[1]:.3f}] | {r.perplexity:.2f} |", "",
+            f"Bias change {100 * ch.relative:+.1f}% (paired 95% CI of the absolute change [{ch.ci[0]:+.3f}, "
+            f"{ch.ci[1]:+.3f}]); perplexity change {100 * t.perplexity_change:+.1f}%.", ""]
+        from attnprune.report import check_lines
+
+        lines += check_lines(report.test.checks)
+    else:
+        lines += ["No measurements were attached to this export: measure it with `attnprune evaluate --mask "
+                  "attnprune_mask.json --split test --bias likelihood,crows_pairs,stereoset`.", ""]
+    if command:
+        lines += ["## How it was made", "", "```bash", command, "```", ""]
+    lines += [
+        "## Limits", "",
+        "- Bias numbers measure the behaviours named above on the data named above, nothing more; a lower value on "
+        "one axis can come with a higher one on another (see the report's transfer axes).",
+        "- The HolisticBias `likelihood` measure reads the next-token odds of two fixed word lists, a proxy for the "
+        "toxicity of generated text. CrowS-Pairs and StereoSet are small (about 200 test items per bias type) and "
+        "have known annotation problems.",
+        "- Perplexity was measured on non-overlapping 256-token windows (offline: WikiText sentences without "
+        "punctuation), so values are higher than sliding-window perplexity.", "",
+        "## Evaluate it with lm-evaluation-harness", "", "```bash",
+        "pip install lm-eval", "lm_eval --model hf --model_args pretrained=PATH_TO_THIS_DIRECTORY \\",
+        "    --tasks crows_pairs_english_gender,wikitext --batch_size 8", "```", ""]
+    return "\n".join(lines)

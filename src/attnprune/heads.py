@@ -232,18 +232,19 @@ class HeadMasker:
         return self
 
     def set_gates(self, gates: torch.Tensor) -> "HeadMasker":
-        """Use continuous per-head gates ``[L, H]`` (e.g. ones with ``requires_grad``) on every layer.
+        """Use continuous per-head gates ``[L, H]`` or per-row ``[B, L, H]`` (e.g. ones with ``requires_grad``).
 
-        Unlike :meth:`set`, values are not checked and no layer is skipped, so gradients of
-        the loss with respect to each head's gate flow back through the hooks.
+        Unlike :meth:`set`, values are not checked and no layer is skipped, so gradients with
+        respect to each head's gate flow back through the hooks.
         """
-        if tuple(gates.shape) != self.layout.shape:
-            raise MaskError(f"Gates must have shape {self.layout.shape}; got {tuple(gates.shape)}.")
+        if tuple(gates.shape[-2:]) != self.layout.shape or gates.dim() not in (2, 3):
+            raise MaskError(f"Gates must have shape {self.layout.shape} or (batch, *{self.layout.shape}); "
+                            f"got {tuple(gates.shape)}.")
         d = self.layout.head_dim
-        self._gates = [
-            gates[layer].repeat_interleave(d).to(device=proj.weight.device, dtype=proj.weight.dtype)
-            for layer, proj in enumerate(self.layout.out_projs)
-        ]
+        self._gates = []
+        for layer, proj in enumerate(self.layout.out_projs):
+            gate = gates[..., layer, :].repeat_interleave(d, dim=-1).to(device=proj.weight.device, dtype=proj.weight.dtype)
+            self._gates.append(gate if gate.dim() == 1 else gate.unsqueeze(1))
         return self
 
     def _hook(self, layer: int):

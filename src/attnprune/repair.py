@@ -13,14 +13,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnprune.config import RepairConfig
+from attnprune.config import RepairConfig, command_line
 from attnprune.heads import HeadMask
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import RepairReport, ValidationPoint, ValidationSummary
 from attnprune.run import Log, Run
-from attnprune.selection import SelectionPolicy
+from attnprune.selection import Selection, SelectionPolicy
 
 logger = logging.getLogger("attnprune")
+
+
+def confirmation_summary(run: Run, selection: Selection) -> dict | None:
+    """What the confirmation measured: its setup, the unrepaired model and every confirmed candidate."""
+    if selection.base_confirmed is None:
+        return None
+    ev, _ = run.evaluator(run.confirm_spec)
+    b = selection.base_confirmed
+    return {"setup": ev.describe(), "unrepaired": {"bias": b.bias, "ci": list(b.bias_ci), "perplexity": b.perplexity},
+            "candidates": selection.candidates, "evaluation_seconds": selection.confirmation_seconds}
 
 
 @dataclass
@@ -38,7 +48,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
     from attnprune.report import write_report
 
     t_start = time.perf_counter()
-    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    policy = SelectionPolicy.of(cfg)
     with Run.open(cfg, loaded, log) as run:
         lay = run.layout
         log(f"{run.model_name}: {lay.n_layers} layers x {lay.n_heads} heads = {lay.n_total}; output {cfg.out_dir}")
@@ -48,36 +58,46 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
             f"perplexity {base.perplexity:.2f}; budget {budget.limit:.2f}")
         proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
-        chosen = policy.choose(proposal.rows, base)
+        selection = policy.choose(proposal.rows, base, run.confirm, "confirm:ap")
+        chosen = selection.chosen
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
-            f"{chosen.perplexity:.2f} (from {chosen.source})")
+            f"{chosen.perplexity:.2f} (from {chosen.source})"
+            + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "
+               f"{selection.base_confirmed.bias:.3f}, perplexity {100 * selection.summary()['confirmed']['perplexity_change']:+.1f}%"
+               if selection.confirmed is not None else ""))
         test = run.test_report(chosen.mask)
         out = cfg.out_dir
         chosen.mask.save(out / "mask.json", model=run.model_name, source=chosen.source,
                          validation_bias=chosen.bias, validation_perplexity=chosen.perplexity)
-        model_dir = None
-        if cfg.export:
-            from attnprune.export import export_repaired
-
-            model_dir = export_repaired(run.loaded.model, run.loaded.tokenizer, lay, chosen.mask, out / "model",
-                                        model_name=run.model_name,
-                                        provenance={"method": "attention-pruning", "config": cfg.to_dict(),
-                                                    "test_split": test.search_measure.repaired.to_dict()})
         rows = run.rows()
         report = RepairReport(
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),
             validation=ValidationSummary(
                 setup=run.valid.describe(),
                 unrepaired={"bias": base.bias, "ci": list(base.bias_ci), "perplexity": base.perplexity},
-                chosen={"bias": chosen.bias, "ci": list(chosen.bias_ci), "perplexity": chosen.perplexity,
-                        "source": chosen.source},
+                chosen={"ci": list(chosen.bias_ci), **selection.summary()},
                 budget=budget.limit, rule=policy.rule(),
-                points=[ValidationPoint(r.mask.n_pruned, r.bias, r.perplexity, r.source, r.mask.key) for r in rows]),
+                points=[ValidationPoint(r.mask.n_pruned, r.bias, r.perplexity, r.source, r.mask.key) for r in rows],
+                confirmation=confirmation_summary(run, selection)),
             search=proposal.details, chosen_mask=chosen.mask.to_dict(run.model_name), test=test,
-            llm_evaluations={"validation": len(proposal.rows), "new_this_run": run.store.count() - evals_before,
-                             "in_store": run.store.count(), "evaluation_seconds": proposal.seconds},
-            timings_s={**run.timings, "total": time.perf_counter() - t_start},
-            outputs={"store": str(run.store.path), "mask": str(out / "mask.json"),
-                     "model": str(model_dir) if model_dir else None})
+            llm_evaluations={"validation": len(proposal.rows), "confirmation": len(selection.candidates) + (
+                                 1 if selection.base_confirmed is not None else 0),
+                             "new_this_run": run.store.count() - evals_before, "in_store": run.store.count(),
+                             "evaluation_seconds": proposal.seconds + selection.confirmation_seconds + (
+                                 selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)},
+            timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None})
+        model_dir = None
+        if cfg.export:
+            from attnprune.export import export_repaired, model_card
+
+            source = run.loaded.source
+            card = model_card(chosen.mask, run.model_name, source.get("base_model"), source.get("license", "other"),
+                              report, command_line("repair", cfg))
+            model_dir = export_repaired(run.loaded.model, run.loaded.tokenizer, lay, chosen.mask, out / "model",
+                                        model_name=run.model_name, card=card,
+                                        provenance={"method": "attention-pruning", "config": cfg.to_dict(),
+                                                    "test_split": test.search_measure.repaired.to_dict()})
+            report.outputs["model"] = str(model_dir)
+        report.timings_s = {**run.timings, "total": time.perf_counter() - t_start}
     write_report(report, out)
     return RepairResult(chosen.mask, report, out, model_dir)

@@ -25,6 +25,30 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def statistic_cells(stat: dict, digits: int = 1) -> str:
+    """``before -> after [CI of the change]`` of one measure statistic."""
+    return (f"{stat['unrepaired']:.{digits}f} -> {stat['repaired']:.{digits}f} "
+            f"[{stat['ci'][0]:+.{digits}f}, {stat['ci'][1]:+.{digits}f}]")
+
+
+def check_lines(checks: dict[str, TestComparison]) -> list[str]:
+    """The held-out benchmark table of a report."""
+    if not checks:
+        return []
+    lines = ["## Held-out bias benchmarks (test split; the search never saw them)", "",
+             "| benchmark | items | statistic | ideal | unrepaired | repaired | change | paired 95% CI of change |",
+             "|---|---|---|---|---|---|---|---|"]
+    ideal = {"pct_stereotype": "50", "likelihood_diff": "0", "ss": "50", "lms": "100", "icat": "100", "bias": "0"}
+    for name, t in checks.items():
+        inputs = t.setup["bias_inputs"]
+        items = f"{inputs.get('pairs', inputs.get('items'))} {inputs.get('bias_type', '')}"
+        for k, v in t.statistics.items():
+            lines.append(f"| {name} | {items} | {k} | {ideal.get(k, '')} | {v['unrepaired']:.2f} | {v['repaired']:.2f} | "
+                         f"{v['change']:+.2f} | [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}] |")
+    return lines + ["", "bias = distance of pct_stereotype (CrowS-Pairs) or SS (StereoSet) from 50, in points; LMS is "
+                        "the damage guard (a broken model loses it).", ""]
+
+
 def _change_line(t: TestComparison, digits: int = 3) -> str:
     ch = t.bias_change
     return (f"Bias change {_pct(ch.relative)} (absolute {ch.absolute:+.{digits}f}, paired 95% CI "
@@ -67,6 +91,7 @@ def markdown(report: RepairReport) -> str:
             lines.append(f"| {name} | {s.bias:.4f} | [{s.ci[0]:.4f}, {s.ci[1]:.4f}] | {s.noise_floor['mean']:.4f} | "
                          f"{s.extra['mean_toxicity']:.4f} | {s.extra['share_toxic']:.4f} |")
         lines += ["", _change_line(x, 4) + ".", ""]
+    lines += check_lines(report.test.checks)
     for axis, x in report.test.transfer.items():
         ch = x.bias_change
         lines.append(f"- transfer to {axis}: bias {x.unrepaired.bias:.3f} -> {x.repaired.bias:.3f} "

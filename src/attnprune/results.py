@@ -91,6 +91,8 @@ class TestComparison(Serialisable):
     repaired: Summary
     bias_change: Change
     perplexity_change: float | None = None
+    # measure-specific statistics (pct_stereotype, SS, LMS, ICAT, ...): name -> {unrepaired, repaired, change, ci}
+    statistics: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TestReport(Serialisable):
     search_measure: TestComparison
     toxicity: TestComparison | None = None
     transfer: dict[str, TestComparison] = field(default_factory=dict)
+    checks: dict[str, TestComparison] = field(default_factory=dict)  # held-out benchmarks (CrowS-Pairs, StereoSet)
 
 
 @dataclass
@@ -129,6 +132,7 @@ class AnnealingSummary(Serialisable):
     states_per_second: float
     best_cost: float
     trace: list[float] = field(default_factory=list)
+    budget: float | None = None  # the perplexity budget (tau) this run annealed under
 
 
 @dataclass
@@ -161,6 +165,7 @@ class ValidationSummary(Serialisable):
     budget: float
     rule: str
     points: list[ValidationPoint] = field(default_factory=list)
+    confirmation: dict | None = None  # setup, unrepaired and the confirmed candidates, when the rule confirms
 
 
 @dataclass
@@ -196,6 +201,8 @@ class MethodOutcome(Serialisable):
     test: TestComparison | None = None
     meets_budget: bool | None = None
     transfer: dict[str, TestComparison] = field(default_factory=dict)
+    checks: dict[str, TestComparison] = field(default_factory=dict)
+    confirmation: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -135,8 +135,20 @@ class Run:
 
     @property
     def valid_spec(self) -> EvaluatorSpec:
-        """The recipe of the validation evaluator (what Ray workers build too)."""
-        return self.spec("valid", bootstrap_reps=VALID_BOOTSTRAP_REPS)
+        """The recipe of the search's validation evaluator (what Ray workers build too).
+
+        With confirmation on, its prompts come from the validation split's search half, so
+        the confirmation half stays unseen by the search.
+        """
+        extra = {"part": "search"} if self.cfg.confirm > 0 else None
+        return self.spec("valid", bootstrap_reps=VALID_BOOTSTRAP_REPS, extra=extra)
+
+    @property
+    def confirm_spec(self) -> EvaluatorSpec:
+        """The recipe of the confirmation evaluator: the validation split's other half, more validation text."""
+        c = self.cfg
+        return self.spec("valid", prompts=c.confirm_prompts, ppl_tokens=c.confirm_ppl_tokens,
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS, extra={"part": "confirm"})
 
     def evaluator(self, spec: EvaluatorSpec, with_perplexity: bool = True) -> tuple[Evaluator, str]:
         """The evaluator of ``spec`` on the run's model (built once) and its setting key in the store."""
@@ -180,6 +192,17 @@ class Run:
                 self.executor.evaluate(todo, commit)
         return [self.store.get(m, self.valid_setting) for m in masks]
 
+    def confirm(self, masks: Sequence[HeadMask], source: str) -> tuple[list[StoredEvaluation], StoredEvaluation]:
+        """``masks`` and the unrepaired model on the confirmation data (stored; evaluated once each)."""
+        ev, setting = self.evaluator(self.confirm_spec)
+        base = HeadMask.all_active(*self.shape)
+        todo = [m for m in dict.fromkeys([base, *masks]) if self.store.get(m, setting) is None]
+        with self.timed("confirm"):
+            for m in tqdm(todo, desc="confirming (fresh validation data)", unit="mask", dynamic_ncols=True,
+                          disable=not todo):
+                self.store.add(setting, "confirm", source if m != base else "confirm:unrepaired", ev.evaluate([m])[0])
+        return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
+
     def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
         """The validation evaluations in the store (of ``sources`` when given), in insertion order."""
         return self.store.evaluations(self.valid_setting, sources)
@@ -220,10 +243,22 @@ class Run:
             # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
             change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
                             relative=-paired["diff"] / b.bias if b.bias else float("nan"))
+            stats = {k: {"unrepaired": v["b"], "repaired": v["a"], "change": -v["diff"],
+                         "ci": [-v["diff_ci"][1], -v["diff_ci"][0]]} for k, v in paired.get("statistics", {}).items()}
             out.append(TestComparison(
                 name=name, setup=ev.describe(), card=ev.bias_measure.card.to_dict(),
                 unrepaired=_summary(b, with_perplexity), repaired=_summary(r, with_perplexity), bias_change=change,
-                perplexity_change=r.perplexity / b.perplexity - 1 if with_perplexity else None))
+                perplexity_change=r.perplexity / b.perplexity - 1 if with_perplexity else None, statistics=stats))
+        return out
+
+    def checks(self, name: str, mask: HeadMask) -> dict[str, TestComparison]:
+        """``mask`` vs the unrepaired model on each held-out benchmark of ``cfg.checks`` (TEST split)."""
+        c = self.cfg
+        out = {}
+        for measure in split_list(c.checks):
+            if measure not in (c.bias, "none"):
+                out[measure] = self.compare_on_test(f"{name}/{measure}", [mask], bias=measure,
+                                                    with_perplexity=False)[0]
         return out
 
     def test_report(self, chosen: HeadMask) -> TestReport:
@@ -239,6 +274,7 @@ class Run:
             for axis in split_list(c.transfer_axes):
                 report.transfer[axis] = self.compare_on_test(f"{c.bias}/{axis}", [chosen], axis=axis,
                                                              with_perplexity=False)[0]
+            report.checks = self.checks("check", chosen)
         return report
 
     def close(self) -> None:
@@ -255,9 +291,10 @@ class Run:
 
 def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
     detail = row.detail["bias"]
+    extra = {k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail}
+    extra.update({k: v["value"] for k, v in detail.get("statistics", {}).items()})
     return Summary(
         bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.get("noise_floor"),
         buckets=detail.get("buckets"),
         perplexity=row.perplexity if with_perplexity else None,
-        perplexity_tokens=row.detail["perplexity"].get("tokens") if with_perplexity else None,
-        extra={k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail})
+        perplexity_tokens=row.detail["perplexity"].get("tokens") if with_perplexity else None, extra=extra)

@@ -5,8 +5,9 @@
   model (``direct_sa``): bias + a penalty for log-perplexity above the budget.
 - :func:`trust_region`: the largest pruned count worth searching, from where evaluated
   masks met the budget.
-- :meth:`SelectionPolicy.choose`: the lowest validation bias among a method's evaluated
-  candidates that prune something, meet the budget and beat the unrepaired model.
+- :meth:`SelectionPolicy.select`: the choice among a method's evaluated candidates, by
+  default confirmed on validation data the search never saw (the winner's curse: the
+  lowest of many noisy values is partly luck).
 
 One policy for AP and every baseline, so that a comparison compares the methods'
 candidates, not their selection rules.
@@ -15,12 +16,14 @@ candidates, not their selection rules.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from attnprune.errors import UserError
+from attnprune.heads import HeadMask
 from attnprune.search.annealing import Cost
 from attnprune.store import StoredEvaluation
 
@@ -68,12 +71,73 @@ def trust_region(rows: Sequence[StoredEvaluation], budget: Budget, k_min: int, k
     return k_min, k_max
 
 
+def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confidence: float) -> tuple[float, float]:
+    """(change, upper confidence bound) of ``row``'s perplexity relative to ``base`` on the same windows.
+
+    Both evaluations hold per-window NLL sums of the same equal-length windows; the change in
+    log-perplexity is the mean per-window difference, and its standard error comes from the
+    spread of those differences across windows (a paired comparison). One-sided bound at
+    ``confidence``.
+    """
+    from scipy.stats import norm
+
+    a = np.asarray(row.detail["perplexity"]["per_window"], dtype=float)
+    b = np.asarray(base.detail["perplexity"]["per_window"], dtype=float)
+    per_token = row.detail["perplexity"]["tokens"] / len(a)
+    d = (a - b) / per_token
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return math.expm1(d.mean()), math.expm1(d.mean() + norm.ppf(confidence) * se)
+
+
+@dataclass
+class Selection:
+    """A method's choice: the screened candidates, their confirmation, and the chosen one."""
+
+    chosen: StoredEvaluation | None
+    confirmed: StoredEvaluation | None
+    base_confirmed: StoredEvaluation | None
+    candidates: list[dict] = field(default_factory=list)
+    confirmation_seconds: float = 0.0
+
+    def summary(self) -> dict | None:
+        """Validation numbers of the choice (screening and, when confirmed, confirmation)."""
+        if self.chosen is None:
+            return None
+        out = {"bias": self.chosen.bias, "perplexity": self.chosen.perplexity, "n_pruned": self.chosen.mask.n_pruned,
+               "source": self.chosen.source}
+        if self.confirmed is not None:
+            out["confirmed"] = {"bias": self.confirmed.bias, "perplexity": self.confirmed.perplexity,
+                                "perplexity_change": self.confirmed.perplexity / self.base_confirmed.perplexity - 1}
+        return out
+
+
+# (masks, source) -> their evaluations on the confirmation data, and the unrepaired model's
+Confirm = Callable[[list[HeadMask], str], tuple[list[StoredEvaluation], StoredEvaluation]]
+
+
 @dataclass(frozen=True)
 class SelectionPolicy:
-    """Budget, cost and choice with the run's ``tau`` and ``penalty``."""
+    """Budget, cost and choice with the run's ``tau`` and ``penalty``.
+
+    With ``confirm > 0`` the choice survives the winner's curse: the ``confirm`` candidates
+    with the lowest validation bias (pruning something, below the unrepaired bias, within
+    ``tau + screen_slack`` on validation perplexity) are measured again on confirmation data
+    the search never saw (fresh validation prompts, more validation text); the choice is the
+    lowest confirmed bias among those whose confirmed perplexity change is within ``tau`` at
+    one-sided ``confidence``. With ``confirm = 0`` it is the lowest validation bias within
+    the budget.
+    """
 
     tau: float
     penalty: float
+    confirm: int = 0
+    screen_slack: float = 0.02
+    confidence: float = 0.9
+
+    @classmethod
+    def of(cls, cfg) -> "SelectionPolicy":
+        """The policy a run's configuration asks for."""
+        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence)
 
     def budget(self, base: StoredEvaluation) -> Budget:
         """The budget relative to the unrepaired model's evaluation ``base``."""
@@ -84,9 +148,13 @@ class SelectionPolicy:
         """Log-perplexity excess that costs ``penalty`` bias standard deviations."""
         return math.log(1 + max(self.tau, 1e-3))
 
-    def cost(self, predict: Predict, base_log_perplexity: float, bias_scale: float) -> Cost:
-        """The annealing cost: ``predict``'s bias plus the budget penalty (relative to ``base_log_perplexity``)."""
-        return budget_cost(predict, base_log_perplexity + math.log(1 + self.tau), self.penalty * bias_scale, self.unit)
+    def cost(self, predict: Predict, base_log_perplexity: float, bias_scale: float, tau: float | None = None) -> Cost:
+        """The annealing cost: ``predict``'s bias plus the budget penalty (relative to ``base_log_perplexity``).
+
+        ``tau`` (default the policy's) sets where the penalty starts.
+        """
+        tau = self.tau if tau is None else tau
+        return budget_cost(predict, base_log_perplexity + math.log(1 + tau), self.penalty * bias_scale, self.unit)
 
     def best_within_budget(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation) -> StoredEvaluation | None:
         """Lowest validation bias among ``rows`` that prune something, meet the budget and beat ``base``."""
@@ -94,18 +162,55 @@ class SelectionPolicy:
         ok = [r for r in rows if r.mask.n_pruned > 0 and budget.holds(r.perplexity) and r.bias < base.bias]
         return min(ok, key=lambda r: r.bias) if ok else None
 
-    def choose(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation) -> StoredEvaluation:
-        """:meth:`best_within_budget`, or one sentence saying what to change."""
-        best = self.best_within_budget(rows, base)
-        if best is None:
+    def screen(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation) -> list[StoredEvaluation]:
+        """The ``confirm`` distinct candidates worth confirming, lowest validation bias first."""
+        loose = Budget(base.perplexity, self.tau + self.screen_slack)
+        ok = {r.mask: r for r in rows if r.mask.n_pruned > 0 and loose.holds(r.perplexity) and r.bias < base.bias}
+        return sorted(ok.values(), key=lambda r: r.bias)[: self.confirm]
+
+    def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
+               source: str) -> Selection:
+        """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data."""
+        if self.confirm <= 0 or confirm is None:
+            best = self.best_within_budget(rows, base)
+            return Selection(best, None, None)
+        shortlist = self.screen(rows, base)
+        if not shortlist:
+            return Selection(None, None, None)
+        confirmed, base_c = confirm([r.mask for r in shortlist], source)
+        candidates, best, best_c = [], None, None
+        for screened, conf in zip(shortlist, confirmed):
+            change, bound = perplexity_change_bound(conf, base_c, self.confidence)
+            ok = bound <= self.tau and conf.bias < base_c.bias
+            candidates.append({"pruned": [list(p) for p in screened.mask.pruned], "source": screened.source,
+                               "valid_bias": screened.bias, "valid_perplexity": screened.perplexity,
+                               "confirmed_bias": conf.bias, "confirmed_perplexity_change": change,
+                               "confirmed_perplexity_change_bound": bound, "admissible": ok})
+            if ok and (best_c is None or conf.bias < best_c.bias):
+                best, best_c = screened, conf
+        return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed))
+
+    def choose(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None = None,
+               source: str = "confirm") -> Selection:
+        """:meth:`select`, or one sentence saying what to change when nothing qualifies."""
+        selection = self.select(rows, base, confirm, source)
+        if selection.chosen is None:
             raise UserError(
                 f"No evaluated mask lowers validation bias below {base.bias:.3f} while keeping perplexity within "
-                f"{1 + self.tau:.2f} x {base.perplexity:.2f}; raise --tau, --samples or --rounds (the store keeps "
-                "every evaluation, so a rerun continues)."
+                f"{1 + self.tau:.2f} x {base.perplexity:.2f}"
+                + (" on the confirmation data" if self.confirm > 0 else "")
+                + "; raise --tau, --samples or --rounds (the store keeps every evaluation, so a rerun continues)."
             )
-        return best
+        return selection
 
     def rule(self) -> str:
         """The choice rule in words (for reports)."""
-        return (f"lowest validation bias among the method's evaluated masks that prune at least one head, keep "
-                f"validation perplexity within {1 + self.tau:.2f} x the unrepaired model's and lower bias below it")
+        if self.confirm <= 0:
+            return (f"lowest validation bias among the method's evaluated masks that prune at least one head, keep "
+                    f"validation perplexity within {1 + self.tau:.2f} x the unrepaired model's and lower bias below it")
+        return (f"the {self.confirm} masks with the lowest validation bias (pruning at least one head, bias below the "
+                f"unrepaired model's, validation perplexity within {1 + self.tau + self.screen_slack:.2f} x) are "
+                f"re-measured on confirmation data the search never saw (fresh validation prompts, all validation "
+                f"text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
+                f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
+                f"windows) and whose confirmed bias is below the unrepaired model's")

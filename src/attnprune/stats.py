@@ -63,10 +63,7 @@ class BucketDesign:
     def bootstrap(self, values, reps: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
         """Within-bucket bootstrap of the bias; ``values`` ``[n]`` or ``[k, n]`` (paired rows)."""
         v = np.atleast_2d(np.asarray(values, dtype=float))
-        rng = np.random.default_rng(seed)
-        groups = [np.nonzero(self.buckets == b)[0] for b in self.names]
-        resamples = np.stack([np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups])
-                              for _ in range(reps)])  # [reps, n]; bucket order is kept, so labels are fixed
+        resamples = stratified_resamples(self.buckets, reps, seed)  # bucket order is kept, so labels are fixed
         labels = self.buckets[resamples[0]]
         boot = np.empty((v.shape[0], reps))
         for start in range(0, reps, 100):
@@ -110,3 +107,21 @@ def bias_from_means(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Bias from bucket means ``[..., buckets]`` and bucket weights ``[buckets]``."""
     axis_mean = (means * weights).sum(-1, keepdims=True)
     return np.abs(axis_mean - means).sum(-1)
+
+
+def stratified_resamples(strata, reps: int, seed: int) -> np.ndarray:
+    """``[reps, n]`` bootstrap index rows, each resampling within every stratum (strata in name order).
+
+    Row ``r`` lists, stratum after stratum, indices drawn with replacement from that
+    stratum's items, so position ``j`` always belongs to the same stratum.
+    """
+    strata = np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    groups = [np.nonzero(strata == s)[0] for s in sorted(set(strata.tolist()))]
+    return np.stack([np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups]) for _ in range(reps)])
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of bootstrap ``samples``."""
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return np.percentile(samples, [lo, hi]).tolist()

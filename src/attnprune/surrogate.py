@@ -163,3 +163,125 @@ def fit_surrogates(X: np.ndarray, bias: np.ndarray, log_ppl: np.ndarray, kind: s
         metrics[target] = {k: holdout_metrics(factory(k), X, y, folds, seed) for k in dict.fromkeys([kind, "ridge"])}
     return SurrogatePair(factory(kind)().fit(X, bias), factory(kind)().fit(X, log_ppl),
                          {"kind": kind, "samples": len(bias), "folds": metrics["bias"][kind]["folds"], "cv": metrics})
+
+
+class AdditiveSurrogate:
+    """Head effects that add up: in the bias measure's summary (bucket means) and in log-perplexity.
+
+    The bias of a HolisticBias axis is a fixed function of the bucket means (the spread
+    around their weighted mean), and single-head knockouts measure each head's shift of
+    every bucket mean directly. The model:
+
+        means(m)  = means(0) + sum_{h pruned in m} D[h]            ([B] per mask)
+        bias(m)   = statistic(means(m))
+        S(m)      = sum_{h pruned in m} E[h];  log_ppl(m) = log_ppl(0) + S(m) + c * S(m)^2
+
+    ``fit`` takes the evaluated masks (pruned indicators), their summaries and
+    log-perplexities; rows that prune one head (knockouts) give ``D``/``E`` directly, and
+    multi-head rows refine them by ridge regression toward the knockout values (``ridge``
+    is the penalty in units of one mask's squared error). ``c >= 0`` lets removals compound
+    in perplexity. With ``shrink``, each knockout effect is shrunk toward zero by its own
+    noise (empirical Bayes, from ``summary_var``, the sampling variance of each knockout's
+    summary shift): the search then cannot chase effects that are mostly prompt noise.
+    """
+
+    def __init__(self, ridge: float = 10.0, shrink: bool = True):
+        self.ridge, self.shrink = ridge, shrink
+
+    def fit(self, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
+            summary_var: np.ndarray | None = None) -> "AdditiveSurrogate":
+        """Fit on ``pruned [M, N]`` (1 = pruned), ``summaries [M, B]``, ``log_ppl [M]``; row 0..M-1 any order.
+
+        ``statistic(means [..., B] tensor) -> bias [...]`` maps summaries to the bias; the
+        unrepaired model (a row with nothing pruned) must be among the rows.
+        ``summary_var [M, B]`` (optional) is each row's sampling variance of its summary
+        shift from the unrepaired model (used by ``shrink``).
+        """
+        P = np.asarray(pruned, dtype=np.float64)
+        Y = np.asarray(summaries, dtype=np.float64).reshape(len(P), -1)
+        lp = np.asarray(log_ppl, dtype=np.float64)
+        counts = P.sum(1)
+        base = np.nonzero(counts == 0)[0]
+        if not len(base):
+            raise ValueError("the unrepaired model (nothing pruned) must be among the fitted masks")
+        self.base_summary_, self.base_log_ppl_ = Y[base[0]], lp[base[0]]
+        N = P.shape[1]
+        D0, E0 = np.zeros((N, Y.shape[1])), np.zeros(N)
+        self.knocked_ = np.zeros(N, dtype=bool)
+        singles = np.nonzero(counts == 1)[0]
+        for i in singles:
+            h = int(np.argmax(P[i]))
+            D0[h], E0[h], self.knocked_[h] = Y[i] - self.base_summary_, lp[i] - self.base_log_ppl_, True
+        if self.shrink and summary_var is not None and len(singles) > 2:
+            V = np.zeros_like(D0)
+            for i in singles:
+                V[int(np.argmax(P[i]))] = summary_var[i]
+            k = self.knocked_
+            signal = np.maximum(D0[k].var(axis=0) - V[k].mean(axis=0), 0.0)  # [B] spread of true effects
+            D0[k] = D0[k] * signal / (signal + V[k] + 1e-12)
+        multi = counts > 1
+        self.D_, self.E_ = D0.copy(), E0.copy()
+        if multi.any():
+            Pm = P[multi]
+            A = Pm.T @ Pm + self.ridge * np.eye(N)
+            self.D_ += np.linalg.solve(A, Pm.T @ (Y[multi] - self.base_summary_ - Pm @ D0))
+            self.E_ += np.linalg.solve(A, Pm.T @ (lp[multi] - self.base_log_ppl_ - Pm @ E0))
+            S = Pm @ self.E_
+            resid = lp[multi] - self.base_log_ppl_ - S
+            self.c_ = float(max(0.0, (S * S) @ resid / max((S ** 2) @ (S ** 2), 1e-12)))
+        else:
+            self.c_ = 0.0
+        self.statistic_ = statistic
+        self.Dt_ = torch.as_tensor(self.D_, dtype=torch.float32)
+        self.Et_ = torch.as_tensor(self.E_, dtype=torch.float32)
+        self.y0t_ = torch.as_tensor(self.base_summary_, dtype=torch.float32)
+        return self
+
+    def predict_torch(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bias, log-perplexity) for mask bits ``X [n, N]`` (1 = active)."""
+        pruned = 1.0 - X
+        S = pruned @ self.Et_
+        return self.statistic_(self.y0t_ + pruned @ self.Dt_), self.base_log_ppl_ + S + self.c_ * S * S
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bias, log-perplexity) for ``X [n, N]``."""
+        b, lp = self.predict_torch(torch.as_tensor(np.asarray(X, dtype=np.float32)))
+        return b.numpy().astype(np.float64), lp.numpy().astype(np.float64)
+
+
+def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
+                     summary_var: np.ndarray | None, bias: np.ndarray, inside: np.ndarray, folds: int = 5,
+                     seed: int = 0) -> dict:
+    """Held-out accuracy of an additive surrogate on the masks that prune several heads.
+
+    K-fold over the multi-head masks; the unrepaired model and the knockouts always stay in
+    the training part (they are the model's main effects). ``cv`` scores every multi-head
+    mask, ``cv_inside_budget`` only those whose measured perplexity met the budget (where
+    the choice is made), and ``knockouts_only`` the prediction from the knockouts alone.
+    """
+    from sklearn.model_selection import KFold
+
+    multi = np.nonzero(pruned.sum(1) > 1)[0]
+    if len(multi) < max(folds, 3):
+        return {"folds": 0, "cv": {}, "multi_head_masks": int(len(multi))}
+    pred_b, pred_lp = np.empty(len(multi)), np.empty(len(multi))
+    for _, test in KFold(folds, shuffle=True, random_state=seed).split(multi):
+        keep = np.ones(len(pruned), dtype=bool)
+        keep[multi[test]] = False
+        m = make().fit(pruned[keep], summaries[keep], log_ppl[keep], statistic,
+                       None if summary_var is None else summary_var[keep])
+        pred_b[test], pred_lp[test] = m.predict(1 - pruned[multi[test]])
+    single = pruned.sum(1) <= 1
+    first = make().fit(pruned[single], summaries[single], log_ppl[single], statistic,
+                       None if summary_var is None else summary_var[single])
+    fb, flp = first.predict(1 - pruned[multi])
+    ins = inside[multi]
+    out = {"folds": folds, "multi_head_masks": int(len(multi)),
+           "cv": {"bias": {"additive": regression_metrics(bias[multi], pred_b)},
+                  "log_perplexity": {"additive": regression_metrics(log_ppl[multi], pred_lp)}},
+           "knockouts_only": {"bias": regression_metrics(bias[multi], fb),
+                              "log_perplexity": regression_metrics(log_ppl[multi], flp)}}
+    if ins.sum() > 2:
+        out["cv_inside_budget"] = {"bias": regression_metrics(bias[multi][ins], pred_b[ins]),
+                                   "log_perplexity": regression_metrics(log_ppl[multi][ins], pred_lp[ins])}
+    return out

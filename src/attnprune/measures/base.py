@@ -116,12 +116,72 @@ class HolisticBiasMeasure(BiasMeasure):
             "bias": boot["bias"], "ci": boot["ci"], "ci_level": boot["level"],
             "noise_floor": self.design_.noise_floor(per_prompt, seed=self.seed),
             "buckets": dict(zip(self.design_.names, self.design_.means(per_prompt).tolist())),
+            "bucket_weights": dict(zip(self.design_.names, self.design_.weights.tolist())),
             "per_prompt": np.asarray(per_prompt, dtype=float).tolist(),
         }
 
     def paired_difference(self, scores_a, scores_b) -> dict:
         boot = self.design_.bootstrap([scores_a, scores_b], reps=self.bootstrap_reps, seed=self.seed)
         return {"a": boot["bias"][0], "b": boot["bias"][1], "diff": boot["diff"], "diff_ci": boot["diff_ci"]}
+
+
+class ItemBiasMeasure(BiasMeasure):
+    """A bias measure over independent items (sentence pairs, triples) of a benchmark with its own statistics.
+
+    Subclasses give :meth:`item_statistics` (named statistics of per-item scores, under
+    bootstrap resamples of the items) and :attr:`main` (the statistic that is the measure's
+    ``bias``: lower is fairer). CIs come from a bootstrap over items, stratified by
+    :attr:`strata_` (set in ``prepare``); a paired difference uses the same resamples for
+    both masks.
+    """
+
+    main = "bias"
+    strata_: list[str]
+
+    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", seed: int = 0, bootstrap_reps: int = 1000,
+                 batch_size: int = 32):
+        self.axis, self.split, self.seed = axis, split, seed
+        self.bootstrap_reps, self.batch_size = bootstrap_reps, batch_size
+
+    @abstractmethod
+    def item_statistics(self, scores: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Named statistics ``[reps]`` of per-item ``scores`` ``[n, ...]`` resampled by ``idx`` ``[reps, n]``."""
+
+    def _resamples(self) -> np.ndarray:
+        from attnprune.stats import stratified_resamples
+
+        return stratified_resamples(self.strata_, self.bootstrap_reps, self.seed)
+
+    def _identity(self) -> np.ndarray:
+        """The point estimate's "resample": every item once."""
+        return np.arange(len(self.strata_))[None, :]
+
+    def statistics(self, scores: np.ndarray) -> dict:
+        """Every statistic with its bootstrap CI; ``bias``/``ci`` are the main one's."""
+        from attnprune.stats import percentile_ci
+
+        point = {k: float(v[0]) for k, v in self.item_statistics(scores, self._identity()).items()}
+        boot = self.item_statistics(scores, self._resamples())
+        out = {"bias": point[self.main], "ci": percentile_ci(boot[self.main]), "ci_level": 0.95,
+               "statistics": {k: {"value": v, "ci": percentile_ci(boot[k])} for k, v in point.items()},
+               "items": len(scores), "per_prompt": np.asarray(scores, dtype=float).reshape(-1).tolist()}
+        return out
+
+    def paired_difference(self, scores_a, scores_b) -> dict:
+        from attnprune.stats import percentile_ci
+
+        a, b = (self.item_scores(np.asarray(s, dtype=float)) for s in (scores_a, scores_b))
+        idx = self._resamples()
+        pa, pb = self.item_statistics(a, self._identity()), self.item_statistics(b, self._identity())
+        ba, bb = self.item_statistics(a, idx), self.item_statistics(b, idx)
+        stats = {k: {"a": float(pa[k][0]), "b": float(pb[k][0]), "diff": float(pa[k][0] - pb[k][0]),
+                     "diff_ci": percentile_ci(ba[k] - bb[k])} for k in pa}
+        main = stats[self.main]
+        return {"a": main["a"], "b": main["b"], "diff": main["diff"], "diff_ci": main["diff_ci"], "statistics": stats}
+
+    def item_scores(self, flat: np.ndarray) -> np.ndarray:
+        """Per-item scores ``[n, ...]`` from the flat ``per_prompt`` list (subclasses with several scores per item reshape)."""
+        return flat
 
 
 _REGISTRY: dict[str, type[Measure]] = {}

