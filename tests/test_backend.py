@@ -171,3 +171,25 @@ def test_closing_an_evaluator_drops_its_caches_and_reopening_rebuilds_them():
     ev.backend.install()
     again = ev.evaluate(MASKS[1])[0]
     assert again.bias == pytest.approx(first.bias, rel=1e-6) and again.perplexity == pytest.approx(first.perplexity)
+
+
+def test_removal_estimates_are_the_gate_gradient():
+    """A small step of one head's gate changes each value by the estimate times the step (finite difference)."""
+    loaded = tiny_loaded("llama")
+    with Backend(loaded) as backend:
+        lik = get_measure("likelihood", prompts=24, batch_size=8).prepare(backend)
+        est = backend.removal_estimates(lik.rows_, lik._log_odds, batch_size=5)  # [n, L, H]
+        assert est.shape == (len(lik.prompts_), 3, 4) and np.abs(est).max() > 0
+        eps, (layer, head) = 1e-3, (1, 2)
+        values = []
+        for g in (1.0, 1.0 - eps):
+            gates = torch.ones(3, 4)
+            gates[layer, head] = g
+            backend.masker.set_gates(gates)
+            with torch.no_grad():
+                out = loaded.model(**loaded.tokenizer([p.text for p in lik.prompts_], return_tensors="pt",
+                                                       padding=True, padding_side="left"))
+            values.append(lik._log_odds(out.logits[:, -1].float()).numpy())
+        backend.masker.set(None)
+    finite = (values[1] - values[0]) / eps  # moving the gate toward 0 by eps
+    assert np.allclose(finite, est[:, layer, head], atol=2e-3, rtol=2e-2), np.abs(finite - est[:, layer, head]).max()

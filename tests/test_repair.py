@@ -129,7 +129,15 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     assert r.validation.chosen["bias"] < r.validation.unrepaired["bias"]
     assert r.validation.chosen["perplexity"] <= r.validation.budget
     assert r.test.search_measure.setup["split"] == "test"
-    assert r.llm_evaluations["validation"] == 25 + len(r.search.candidates)
+    assert r.llm_evaluations["validation"] == 1 + 12 + 24 + len(r.search.candidates)  # base, knockouts, samples
+    assert r.validation.confirmation and r.llm_evaluations["confirmation"] >= 2
+    assert set(r.test.checks) == {"crows_pairs", "stereoset"} and "icat" in r.test.checks["stereoset"].statistics
+    for check in r.test.checks.values():
+        for stat in check.statistics.values():
+            assert stat["change"] == pytest.approx(stat["repaired"] - stat["unrepaired"])
+        assert check.statistics["bias"]["unrepaired"] == pytest.approx(check.unrepaired.bias)
+    card = (result.out_dir / "model" / "README.md").read_text()
+    assert "model-index" in card and "crows_pairs" in card and "attnprune repair" in card
     assert r.test.toxicity is not None and set(r.test.transfer) == {"religion"}
     for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
                  "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):

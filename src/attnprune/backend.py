@@ -660,6 +660,38 @@ class Backend:
         return [(torch.cat([k for k, _ in p]), torch.cat([v for _, v in p])) for p in parts]
 
     # ---- gradients -----------------------------------------------------------------------
+    def removal_estimates(self, rows: TokenRows, reduce: LastReduce | None = None, batch_size: int = 16) -> np.ndarray:
+        """``[n, L, H]`` first-order estimate of removing each head, per sequence (caller order).
+
+        The value of a sequence is ``reduce`` of its last-position logits, or (``reduce=None``)
+        the sum of its token NLL after the first token. Removing head ``h`` moves the gate
+        from 1 to 0, so the estimate is minus the value's gradient with respect to that
+        gate at 1 (attribution patching): one forward and backward pass for every head at once.
+        """
+        L, H = self.layout.shape
+        out = torch.zeros(rows.n, L, H)
+        device = next(self.model.parameters()).device
+        try:
+            for r in row_batches(rows.n, batch_size):
+                ids, attn = trim_left_padding(rows.ids[r], rows.attn[r])
+                gates = torch.ones(ids.shape[0], L, H, requires_grad=True)
+                self.masker.set_gates(gates)
+                if reduce is not None:
+                    res, _ = forward_rows(self.model, ids, attn, trim=False, logits_to_keep=1)
+                    value = reduce(res.logits[:, -1].float())
+                else:
+                    res, _ = forward_rows(self.model, ids, attn, trim=False)
+                    logits, target = res.logits[:, :-1].float(), ids[:, 1:].to(device)
+                    nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+                    value = (nll * (attn[:, 1:] * attn[:, :-1]).to(nll)).sum(-1)
+                (grad,) = torch.autograd.grad(value.sum(), gates)
+                out[r] = -grad
+        finally:
+            self.masker.set(None)
+        caller = torch.empty_like(out)
+        caller[torch.as_tensor(rows.order)] = out
+        return caller.numpy()
+
     def gate_gradients(self, rows: TokenRows) -> np.ndarray:
         """``[L, H]`` sum over sequences of ``|d mean NLL / d gate|``, all gates at 1 (one sequence at a time)."""
         gates = torch.ones(self.layout.shape, requires_grad=True)

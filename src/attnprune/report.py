@@ -108,14 +108,34 @@ def markdown(report: RepairReport) -> str:
         f"- rule: {v.rule}",
         f"- LLM evaluations: {ev['validation']} on validation ({ev['new_this_run']} new in this run)",
         "",
-        "| round | surrogate | target | CV MSE | CV R^2 | CV Spearman | ridge Spearman |",
-        "|---|---|---|---|---|---|---|",
+        "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "
+        "knockouts in training and is scored on the multi-head masks):",
+        "",
+        "| round | masks | model | target | scored on | R^2 | Spearman | n |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in report.search.surrogates:
-        for target, m in s["cv"].items():
-            k = m[s["kind"]]
-            lines.append(f"| {s['round'] + 1} | {s['kind']} ({s['samples']} masks) | {target} | {k['mse']:.4f} | "
-                         f"{k['r2']:.2f} | {k['spearman']:.2f} | {m['ridge']['spearman']:.2f} |")
+        scored = [(kind, target, "held-out masks", m) for target, by_kind in s.get("cv", {}).items()
+                  for kind, m in by_kind.items()]
+        scored += [(s["kind"], target, "held-out, within budget", m)
+                   for target, m in s.get("cv_inside_budget", {}).items()]
+        scored += [("knockouts alone", target, "multi-head masks", m) for target, m in s.get("knockouts_only", {}).items()]
+        for kind, target, where, m in scored:
+            lines.append(f"| {s['round'] + 1} | {s['samples']} | {kind} | {target} | {where} | {m['r2']:.2f} | "
+                         f"{m['spearman']:.2f} | {m['n']} |")
+    conf = v.confirmation
+    if conf:
+        cb = conf["unrepaired"]
+        ci = conf["setup"]["bias_inputs"]
+        lines += ["", f"Confirmation on validation data the search never saw ({ci['prompts']} prompts of the other "
+                      f"half of the validation split, {conf['setup']['perplexity_inputs']['tokens_scored']} perplexity "
+                      f"tokens): unrepaired bias {cb['bias']:.3f}, perplexity {cb['perplexity']:.2f}.", "",
+                  "| heads | from | search bias | confirmed bias | confirmed ppl change | upper bound | admissible |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in conf["candidates"]:
+            lines.append(f"| {len(c['pruned'])} | {c['source']} | {c['valid_bias']:.3f} | {c['confirmed_bias']:.3f} | "
+                         f"{_pct(c['confirmed_perplexity_change'])} | {_pct(c['confirmed_perplexity_change_bound'])} | "
+                         f"{'yes' if c['admissible'] else 'no'} |")
     lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |",
               "|---|---|---|---|---|---|"]
     for c in report.search.candidates:

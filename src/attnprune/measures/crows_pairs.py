@@ -25,14 +25,6 @@ from attnprune.heads import HeadMask
 from attnprune.measures.base import Card, ItemBiasMeasure, register
 
 
-def context_token(tokenizer) -> int:
-    """The token a sentence is scored after: BOS, else EOS (lm-evaluation-harness's empty context)."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return tid
-    return 0
-
-
 @register("crows_pairs")
 class CrowsPairs(ItemBiasMeasure):
     """CrowS-Pairs pct_stereotype and likelihood difference (see module docstring)."""
@@ -56,11 +48,8 @@ class CrowsPairs(ItemBiasMeasure):
     def prepare(self, backend) -> "CrowsPairs":
         self.pairs_ = cp.pairs(self.axis, self.split, self.seed)
         self.strata_ = [p.bias_type for p in self.pairs_]
-        start = context_token(backend.tokenizer)
-        enc = [backend.tokenizer(t, add_special_tokens=False).input_ids for p in self.pairs_
-               for t in (p.sent_more, p.sent_less)]
-        self.backend_ = backend
-        self.rows_ = backend.rows([[start, *e] for e in enc])
+        # after BOS: lm-evaluation-harness's empty context
+        self.rows_ = self.sentence_rows(backend, [t for p in self.pairs_ for t in (p.sent_more, p.sent_less)])
         return self
 
     def describe(self) -> dict:

@@ -25,7 +25,6 @@ import numpy as np
 from attnprune.data import stereoset as st
 from attnprune.heads import HeadMask
 from attnprune.measures.base import Card, ItemBiasMeasure, register
-from attnprune.measures.crows_pairs import context_token
 
 
 @register("stereoset")
@@ -50,14 +49,11 @@ class StereoSet(ItemBiasMeasure):
     def prepare(self, backend) -> "StereoSet":
         self.items_ = st.items(self.axis, self.split, self.seed)
         self.strata_ = [it.target for it in self.items_]
-        start = context_token(backend.tokenizer)
-        enc = [backend.tokenizer(s, add_special_tokens=False).input_ids for it in self.items_ for s in it.sentences]
-        self.lengths_ = np.array([len(e) for e in enc], dtype=float).reshape(-1, 3)
         terms = sorted(set(self.strata_))
         self.term_index_ = np.array([terms.index(t) for t in self.strata_])
         self.n_terms_ = len(terms)
-        self.backend_ = backend
-        self.rows_ = backend.rows([[start, *e] for e in enc])
+        self.rows_ = self.sentence_rows(backend, [s for it in self.items_ for s in it.sentences])
+        self.lengths_ = (self.rows_.lengths.astype(float) - 1).reshape(-1, 3)  # scored tokens: all after the start
         return self
 
     def describe(self) -> dict:
