@@ -165,6 +165,9 @@ def main() -> None:
               f"{r['within_budget_on_valid_but_over_on_test']}/{r['within_budget_on_valid']}; UCB90 rule "
               f"{r['ucb90_within_budget_but_over_on_test']}/{r['ucb90_within_budget']}, covers {r['ucb90_covers_test']:.2f}")
 
+    # ---- 0. single-head knockout effects: how reliable, and how well a first-order estimate finds them
+    res["knockouts"] = knockout_reliability(meta, base, knock, attribution, shares, tok_v)
+
     # ---- 3. surrogates inside the regime
     fresh = index_of(v2, sorted({r[0] for r in v2} - {r[0] for r in v1}))
     d_fresh = design_for([v2[i] for i in fresh], shares)
@@ -239,6 +242,50 @@ def main() -> None:
     res["surrogates"] = surr
     res["cost_s_per_evaluation"] = cost()
     write("signal_quality", res)
+
+
+def knockout_reliability(meta, base, knock, attribution, shares, tok_v) -> dict:
+    """Split-half reliability of the knockouts' bucket-mean shifts and log-perplexity effects; first-order agreement."""
+    v1 = meta["v1000"]
+    out = {}
+    a, b = halves(v1)
+    shifts = []
+    for half in (a, b):
+        d = design_for([v1[i] for i in half], shares)
+        shifts.append(d.means(knock["v1000"][:, half]) - d.means(base["v1000"][0][half]))
+    out["bucket_shift_split_half_pearson"] = float(np.corrcoef(shifts[0].reshape(-1), shifts[1].reshape(-1))[0, 1])
+    d = design_for(v1, shares)
+    mu0 = d.means(base["v1000"][0])
+    delta = d.means(knock["v1000"]) - mu0
+    bias0 = float(bias_from_means(mu0, d.weights))
+    change = bias_from_means(mu0 + delta, d.weights) - bias0
+    halves_change = [bias_from_means(d2.means(base["v1000"][0][h]) + s, d2.weights) - bias_from_means(
+        d2.means(base["v1000"][0][h]), d2.weights) for s, h, d2 in
+        ((shifts[0], a, design_for([v1[i] for i in a], shares)), (shifts[1], b, design_for([v1[i] for i in b], shares)))]
+    out["knockout_bias_change_split_half_spearman"] = rho(*halves_change)
+    lp = [knock["ppl_valid"][:, w].sum(1) / (len(w) * tok_v) - base["ppl_valid"][0][w].sum() / (len(w) * tok_v)
+          for w in (np.arange(0, 11), np.arange(11, 22))]
+    out["log_ppl_effect_split_half_spearman"] = rho(*lp)
+    out["heads_lowering_bias_alone"] = int((change < 0).sum())
+    out["knockout_bias_change_quantiles"] = np.percentile(change / bias0, [5, 25, 50, 75, 95]).tolist()
+    dlp = knock["ppl_valid"].sum(1) / (22 * tok_v) - base["ppl_valid"][0].sum() / (22 * tok_v)
+    out["knockout_ppl_change_quantiles"] = np.expm1(np.percentile(dlp, [5, 25, 50, 75, 95])).tolist()
+    if attribution is not None:
+        g = attribution["bias_grad"].reshape(len(v1), -1)
+        D = -(d.projection @ g).T
+        E = -attribution["ppl_grad"].reshape(attribution["ppl_grad"].shape[0], -1).sum(0) / (22 * tok_v)
+        first_change = bias_from_means(mu0 + D, d.weights) - bias0
+        out["first_order"] = {
+            "bucket_shift_pearson": float(np.corrcoef(D.reshape(-1), delta.reshape(-1))[0, 1]),
+            "bias_change_spearman": rho(first_change, change), "log_ppl_spearman": rho(E, dlp),
+        }
+        # as a screen: of the heads whose knockout lowers bias most per unit of perplexity, how many does
+        # the first-order estimate keep when it keeps half of the heads?
+        useful = np.argsort(change / np.maximum(dlp, 1e-4) * (change < 0))[:30]
+        kept = np.argsort(first_change / np.maximum(E, 1e-4) * (first_change < 0))[: len(change) // 2]
+        out["first_order"]["recall_of_30_best_when_keeping_half"] = len(set(useful) & set(kept)) / 30
+    print("knockouts:", json.dumps(out, indent=None)[:600])
+    return out
 
 
 def cost() -> dict:

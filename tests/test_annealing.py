@@ -55,3 +55,12 @@ def test_seeded_runs_are_reproducible_in_this_and_another_process():
 def test_temperature_schedules_decrease():
     for s in ("log", "geometric", "exponential"):
         assert temperature(s, 1.0, 0, 100) > temperature(s, 1.0, 99, 100) > 0
+
+
+def test_only_free_heads_are_pruned():
+    free = np.zeros(N, dtype=bool)
+    free[[3, 7, 19, 20, 21]] = True  # three of the optimum's six heads are free
+    res = anneal(hamming, N, k_min=1, k_max=10, chains=16, steps=800, seed=0, free=free)
+    pruned = ~res.states
+    assert not pruned[:, ~free].any(), "a head outside `free` was pruned"
+    assert set(np.nonzero(pruned[0])[0]) == {3, 7, 19}

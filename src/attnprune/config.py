@@ -197,6 +197,9 @@ class RepairConfig(SpeedOptions, ModelOptions):
     sampler: str = opt("boundary", "first data of the search: 'boundary' = every single-head knockout, then random "
                        "masks whose knockout-predicted perplexity lies near the budget; 'paper' = random masks with "
                        "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=["boundary", "paper"])
+    knockouts: float = opt(0.34, "share of the heads knocked out one at a time (boundary sampler): those whose "
+                           "first-order estimate (one gradient pass) lowers bias most, alone or per unit of perplexity; "
+                           "the search prunes only them (1 = every head)")
     samples: int = opt(16, "random masks evaluated on the real model besides the knockouts (paper sampler: all of "
                        "them; the paper used about 120)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
@@ -259,6 +262,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
             raise UserError("Need 0 <= --r-min <= --r-max <= 1.")
         if self.sampler == "paper" and self.samples < 10:
             raise UserError("--samples must be at least 10 to fit surrogates on the paper's samples alone.")
+        if not 0 < self.knockouts <= 1:
+            raise UserError("--knockouts must be a share of the heads in (0, 1].")
         if self.samples < 0 or self.confirm < 0:
             raise UserError("--samples and --confirm must be >= 0.")
         if not 0.5 <= self.confidence < 1:

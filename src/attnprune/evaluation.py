@@ -86,6 +86,22 @@ class Evaluator:
             for m, b, p in zip(masks, bias, ppl)
         ]
 
+    def removal_estimates(self) -> dict:
+        """First-order estimates of removing each head (one forward and backward pass for all heads).
+
+        ``{"summary": [L*H, B], "log_perplexity": [L*H]}``: the shift of the bias measure's
+        bucket means and of the log-perplexity. Needs a forward-only HolisticBias measure.
+        """
+        from attnprune.errors import UserError
+
+        estimate = getattr(self.bias_measure, "removal_estimates", None)
+        if estimate is None or not hasattr(self.bias_measure, "design_"):
+            raise UserError(f"First-order screening needs the likelihood bias measure, not "
+                            f"{self.bias_measure.card.name}; use --knockouts 1 (every head).")
+        per_prompt = estimate()  # [n, N]
+        return {"summary": self.bias_measure.design_.means(per_prompt.T),
+                "log_perplexity": self.ppl_measure.removal_estimates()}
+
     def gate_gradients(self):
         """``[L, H]`` |d NLL / d gate| of every head on this evaluator's perplexity text (the gradient baseline)."""
         return self.ppl_measure.gate_gradients()

@@ -129,6 +129,16 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key='config'").fetchone()
         return json.loads(row[0]) if row else {}
 
+    def meta_value(self, key: str):
+        """A JSON value recorded under ``key`` (None when absent)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta_value(self, key: str, value) -> None:
+        """Record a JSON value under ``key`` (committed at once)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, default=float)))
+
     def register_setting(self, description: dict) -> str:
         """Record an evaluator setting; returns its fingerprint (the ``setting`` key)."""
         key = fingerprint(description)

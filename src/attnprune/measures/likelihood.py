@@ -102,6 +102,11 @@ class LikelihoodBias(HolisticBiasMeasure):
         """``[n_masks, n_prompts]`` log-odds, prompts in :attr:`prompts_` order."""
         return self.backend_.last_position(self.rows_, masks, self._log_odds, self.batch_size)
 
+    def removal_estimates(self) -> np.ndarray:
+        """``[n_prompts, L * H]`` first-order estimate of each head's removal on each prompt's log-odds."""
+        est = self.backend_.removal_estimates(self.rows_, self._log_odds)
+        return est.reshape(est.shape[0], -1)
+
     def summarize(self, scores: np.ndarray) -> dict:
         """Bias with bootstrap CI, noise floor and per-bucket means for one score vector."""
         return {**self.statistics(scores), "mean_score": float(np.mean(scores))}

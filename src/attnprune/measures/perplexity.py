@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
+
 from attnprune.data.corpora import CITATION, LICENSE, check_split, corpus_lines
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
@@ -65,6 +67,11 @@ class PerplexityBenchmark(Measure):
     def gate_gradients(self):
         """``[L, H]`` sum over windows of ``|d NLL / d gate|`` of every head (all gates at 1)."""
         return self.backend_.gate_gradients(self.rows_)
+
+    def removal_estimates(self) -> np.ndarray:
+        """``[L * H]`` first-order estimate of each head's removal on the log-perplexity (mean token NLL)."""
+        est = self.backend_.removal_estimates(self.rows_, None, batch_size=4)
+        return est.reshape(est.shape[0], -1).sum(0) / (len(self.windows_) * (len(self.windows_[0]) - 1))
 
     def score(self, masks: Sequence[HeadMask]) -> list[dict]:
         sums = self.backend_.sequence_nll(self.rows_, masks, self.batch_size)

@@ -23,6 +23,7 @@ design reruns from the store alone (``attnprune fit``/``search``).
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -65,21 +66,22 @@ def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, see
 
 
 def boundary_masks(n: int, shape: tuple[int, int], log_ppl_effect: np.ndarray, tau: float, bounds: tuple[int, int],
-                   seed: int, target: float = 0.8, draws: int = 20_000) -> list[HeadMask]:
+                   seed: int, free: np.ndarray | None = None, target: float = 0.8, draws: int = 20_000) -> list[HeadMask]:
     """``n`` distinct random masks whose additive perplexity change lies closest to ``target x tau``.
 
     Heads are drawn with probability decreasing in their knockout cost (cheap heads are what
     a mask within the budget is made of), the pruned count uniformly in ``bounds`` (at most
     24 heads); of ``draws`` such masks, those whose summed knockout log-perplexity effects
-    predict a change nearest the target are kept.
+    predict a change nearest the target are kept. Only ``free`` heads (default all) are drawn.
     """
     rng = np.random.default_rng(seed)
-    effect = np.asarray(log_ppl_effect, dtype=float).reshape(-1)
-    scale = float(np.median(np.abs(effect))) or 1e-3
-    p = np.exp(-np.clip(effect, 0, None) / scale)
+    effect = np.nan_to_num(np.asarray(log_ppl_effect, dtype=float).reshape(-1), nan=0.0)
+    free = np.ones(effect.size, dtype=bool) if free is None else np.asarray(free, dtype=bool)
+    scale = float(np.median(np.abs(effect[free]))) or 1e-3
+    p = np.exp(-np.clip(effect, 0, None) / scale) * free
     p /= p.sum()
     k_lo = max(2, bounds[0])
-    k_hi = max(k_lo, min(bounds[1], 24, effect.size))
+    k_hi = max(k_lo, min(bounds[1], 24, int(free.sum())))
     pool: dict[str, tuple[float, HeadMask]] = {}
     for _ in range(draws):
         k = int(rng.integers(k_lo, k_hi + 1))
@@ -121,10 +123,59 @@ class AttentionPruning(Method):
                 if done > 1:
                     run.log(f"store {run.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
                 return run.evaluate(masks, "sample", "sampling (valid)")
-            knock = run.evaluate(knockout_masks(run.shape), "knockout", "single-head knockouts (valid)")
-            effect = np.log([r.perplexity for r in knock]) - math.log(base.perplexity)
-            masks = boundary_masks(c.samples, run.shape, effect, c.tau, run.bounds, c.seed)
+            free = self.screen(run, base)
+            masks = [m for m in knockout_masks(run.shape) if free[m.pruned[0][0] * run.shape[1] + m.pruned[0][1]]]
+            knock = run.evaluate(masks, "knockout", "single-head knockouts (valid)")
+            effect = np.zeros(run.n_total)
+            for r in knock:
+                layer, head = r.mask.pruned[0]
+                effect[layer * run.shape[1] + head] = math.log(r.perplexity) - math.log(base.perplexity)
+            masks = boundary_masks(c.samples, run.shape, effect, c.tau, run.bounds, c.seed, free=free)
             return [base, *knock, *run.evaluate(masks, "sample", "samples near the budget (valid)")]
+
+    def screen(self, run: Run, base: StoredEvaluation) -> np.ndarray:
+        """The heads to knock out (bool ``[L*H]``): all, or the most promising share by first-order estimates.
+
+        Half of them lower the bias most per unit of (estimated) perplexity, the rest lower it
+        most in absolute terms. The estimates (one gradient pass) are kept in the store.
+        """
+        c = run.cfg
+        n = run.n_total
+        k = n if c.knockouts >= 1 else max(1, int(math.ceil(c.knockouts * n)))
+        if k >= n:
+            return np.ones(n, dtype=bool)
+        est = self.first_order(run)
+        summary, log_ppl = np.asarray(est["summary"]), np.asarray(est["log_perplexity"])
+        _, _, statistic = summaries_of(run, [base])
+        b0 = np.array([base.detail["bias"]["buckets"][b] for b in sorted(base.detail["bias"]["buckets"])])
+        with torch.no_grad():
+            change = (statistic(torch.as_tensor(b0 + summary, dtype=torch.float32))
+                      - statistic(torch.as_tensor(b0, dtype=torch.float32)[None])).numpy()
+        ratio = np.where(change < 0, change / np.maximum(log_ppl, 1e-4), 0.0)
+        keep: list[int] = []
+        for order in (np.argsort(ratio, kind="stable")[: k // 2], np.argsort(change, kind="stable")):
+            for h in order:
+                if len(keep) >= k:
+                    break
+                if int(h) not in keep:
+                    keep.append(int(h))
+        free = np.zeros(n, dtype=bool)
+        free[keep] = True
+        return free
+
+    def first_order(self, run: Run) -> dict:
+        """First-order removal estimates of every head on validation (computed once per store and setting)."""
+        key = f"first_order:{run.valid_setting}"
+        stored = run.store.meta_value(key)
+        if stored is None:
+            run.log("first-order estimates of every head's removal (one gradient pass, validation) ...")
+            with run.timed("first_order"):
+                t = time.perf_counter()
+                est = run.valid.removal_estimates()
+                stored = {"summary": est["summary"].tolist(), "log_perplexity": est["log_perplexity"].tolist(),
+                          "seconds": time.perf_counter() - t}
+            run.store.set_meta_value(key, stored)
+        return stored
 
     def training_data(self, run: Run, before_round: int | None = None) -> list[StoredEvaluation]:
         """The design's evaluations and the candidates of rounds before ``before_round`` (all when None).
@@ -168,12 +219,13 @@ class AttentionPruning(Method):
             base_bias, base_lp = surrogates.predict_torch(torch.ones(1, run.n_total))
             bias = np.array([r.bias for r in rows])
             scale = max(float(np.std(bias)), 0.1 * abs(float(base_bias[0])), 1e-6)
+            free = searchable_heads(run.cfg, rows, run.n_total)
             results = []
             for j, fraction in enumerate(budgets):
                 cost = policy.cost(surrogates.predict_torch, float(base_lp[0]), scale, tau=fraction * c.tau)
                 results.append(anneal(cost, run.n_total, *bounds, chains=c.chains, steps=c.steps,
                                       seed=c.seed + 1000 * (round_ or 0) + 100 * j, t0=c.t0, cooling=c.cooling,
-                                      top=max(50, 4 * c.top_k)))
+                                      top=max(50, 4 * c.top_k), free=free))
         return results, bounds
 
     # ---- stage 4 ------------------------------------------------------------------------
@@ -221,10 +273,25 @@ class AttentionPruning(Method):
                     f"{bounds[1]} heads pruned at budgets " + ", ".join(f"+{100 * f * c.tau:.1f}%" for f in BUDGET_LADDER))
             details.candidates.extend(self.validate(run, results, surrogates, r))
         rows = self.training_data(run)
-        notes = (f"{len(rows)} validation evaluations: "
-                 + ("270 single-head knockouts + " if c.sampler == "boundary" else "")
-                 + f"{c.samples} samples + {c.rounds} rounds x {c.top_k} candidates")
-        return Proposal(rows, len(rows), float(sum(r.seconds for r in rows)), notes, details)
+        knocked = sum(r.source == "knockout" for r in rows)
+        first = run.store.meta_value(f"first_order:{run.valid_setting}") if knocked < run.n_total else None
+        notes = (f"{len(rows)} validation evaluations"
+                 + (f" ({knocked} single-head knockouts{' chosen by one first-order gradient pass' if first else ''}, "
+                    if c.sampler == "boundary" else " (")
+                 + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates)")
+        seconds = float(sum(r.seconds for r in rows)) + (first["seconds"] if first else 0.0)
+        return Proposal(rows, len(rows), seconds, notes, details)
+
+
+def searchable_heads(cfg, rows: list[StoredEvaluation], n_total: int) -> np.ndarray | None:
+    """Heads the search may prune: those knocked out (boundary sampler), or every head (paper sampler)."""
+    if cfg.sampler != "boundary":
+        return None
+    free = np.zeros(n_total, dtype=bool)
+    for r in rows:
+        if r.source == "knockout":
+            free[~r.mask.bits.astype(bool)] = True
+    return free if free.any() else None
 
 
 def describe_metrics(metrics: dict) -> str:

@@ -44,10 +44,20 @@ class AnnealingResult:
         return self.states_scored / max(self.seconds, 1e-9)
 
 
-def _random_states(chains: int, n: int, k_min: int, k_max: int, gen: torch.Generator) -> torch.Tensor:
+def _random_states(chains: int, n: int, k_min: int, k_max: int, gen: torch.Generator,
+                   free: torch.Tensor | None = None) -> torch.Tensor:
     k = torch.randint(k_min, k_max + 1, (chains,), generator=gen)
-    ranks = torch.rand(chains, n, generator=gen).argsort(dim=1).argsort(dim=1)
+    values = torch.rand(chains, n, generator=gen)
+    if free is not None:
+        values = values + (~free).float() * 2  # heads that may not be pruned rank last
+    ranks = values.argsort(dim=1).argsort(dim=1)
     return (ranks >= k.unsqueeze(1)).float()  # the k lowest-ranked heads pruned
+
+
+def _draw_heads(chains: int, n: int, gen: torch.Generator, free_idx: torch.Tensor | None) -> torch.Tensor:
+    if free_idx is None:
+        return torch.randint(0, n, (chains,), generator=gen)
+    return free_idx[torch.randint(0, len(free_idx), (chains,), generator=gen)]
 
 
 def _flip(states: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -58,10 +68,10 @@ def _flip(states: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_t0(cost: Cost, n: int, k_min: int, k_max: int, gen: torch.Generator, accept_ratio: float = 0.75,
-                samples: int = 256) -> float:
+                samples: int = 256, free: torch.Tensor | None = None) -> float:
     """Temperature at which random uphill moves are accepted with probability ``accept_ratio``."""
-    states = _random_states(samples, n, k_min, k_max, gen)
-    heads = torch.randint(0, n, (samples,), generator=gen)
+    states = _random_states(samples, n, k_min, k_max, gen, free)
+    heads = _draw_heads(samples, n, gen, None if free is None else torch.nonzero(free).flatten())
     proposal = _flip(states, heads)
     k_new = n - proposal.sum(1)
     ok = (k_new >= k_min) & (k_new <= k_max)
@@ -86,8 +96,18 @@ def temperature(schedule: str, t0: float, step: int, steps: int, final_fraction:
 @torch.no_grad()
 def anneal(cost: Cost, n: int, k_min: int, k_max: int, chains: int = 256, steps: int = 2000, seed: int = 0,
            t0: float | None = None, accept_ratio: float = 0.75, cooling: str = "geometric", top: int = 20,
-           initial: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> AnnealingResult:
-    """Minimise ``cost`` over masks of ``n`` heads with ``k_min..k_max`` pruned (see module docstring)."""
+           initial: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+           free: torch.Tensor | np.ndarray | None = None) -> AnnealingResult:
+    """Minimise ``cost`` over masks of ``n`` heads with ``k_min..k_max`` pruned (see module docstring).
+
+    ``free`` (bool ``[n]``) restricts the search to those heads; the others stay active.
+    """
+    free_idx = None
+    if free is not None:
+        free = torch.as_tensor(np.asarray(free, dtype=bool))
+        free_idx = torch.nonzero(free).flatten()
+        k_max = min(k_max, len(free_idx))
+        k_min = min(k_min, k_max)
     if not 0 <= k_min <= k_max <= n:
         raise ValueError(f"need 0 <= k_min <= k_max <= n, got {k_min}, {k_max}, {n}")
     if cooling not in COOLING:
@@ -96,9 +116,9 @@ def anneal(cost: Cost, n: int, k_min: int, k_max: int, chains: int = 256, steps:
     start = time.perf_counter()
     scored = 0
     if t0 is None:
-        t0 = estimate_t0(cost, n, k_min, k_max, gen, accept_ratio)
+        t0 = estimate_t0(cost, n, k_min, k_max, gen, accept_ratio, free=free)
         scored += 512
-    states = initial.clone().float() if initial is not None else _random_states(chains, n, k_min, k_max, gen)
+    states = initial.clone().float() if initial is not None else _random_states(chains, n, k_min, k_max, gen, free)
     chains = states.shape[0]
     costs = cost(states)
     scored += chains
@@ -108,7 +128,7 @@ def anneal(cost: Cost, n: int, k_min: int, k_max: int, chains: int = 256, steps:
     trace = []
     for step in range(steps):
         temp = temperature(cooling, t0, step, steps)
-        heads = torch.randint(0, n, (chains,), generator=gen)
+        heads = _draw_heads(chains, n, gen, free_idx)
         proposal = _flip(states, heads)
         k_new = n - proposal.sum(1)
         valid = (k_new >= k_min) & (k_new <= k_max)
