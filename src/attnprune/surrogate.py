@@ -180,22 +180,25 @@ class AdditiveSurrogate:
     log-perplexities; rows that prune one head (knockouts) give ``D``/``E`` directly, and
     multi-head rows refine them by ridge regression toward the knockout values (``ridge``
     is the penalty in units of one mask's squared error). ``c >= 0`` lets removals compound
-    in perplexity. With ``shrink``, each knockout effect is shrunk toward zero by its own
-    noise (empirical Bayes, from ``summary_var``, the sampling variance of each knockout's
-    summary shift): the search then cannot chase effects that are mostly prompt noise.
+    in perplexity. With ``shrink``, each knockout effect is shrunk by its own noise toward
+    ``prior`` (empirical Bayes, from ``summary_var``, the sampling variance of each
+    knockout's summary shift; ``prior`` defaults to zero, first-order estimates are better):
+    the search then cannot chase effects that are mostly prompt noise.
     """
 
     def __init__(self, ridge: float = 10.0, shrink: bool = True):
         self.ridge, self.shrink = ridge, shrink
 
     def fit(self, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
-            summary_var: np.ndarray | None = None) -> "AdditiveSurrogate":
+            summary_var: np.ndarray | None = None, prior: np.ndarray | None = None) -> "AdditiveSurrogate":
         """Fit on ``pruned [M, N]`` (1 = pruned), ``summaries [M, B]``, ``log_ppl [M]``; row 0..M-1 any order.
 
         ``statistic(means [..., B] tensor) -> bias [...]`` maps summaries to the bias; the
         unrepaired model (a row with nothing pruned) must be among the rows.
         ``summary_var [M, B]`` (optional) is each row's sampling variance of its summary
-        shift from the unrepaired model (used by ``shrink``).
+        shift from the unrepaired model (used by ``shrink``); ``prior [N, B]`` (optional) an
+        independent estimate of every head's summary shift, the target of the shrinkage and
+        the effect of heads without a knockout.
         """
         P = np.asarray(pruned, dtype=np.float64)
         Y = np.asarray(summaries, dtype=np.float64).reshape(len(P), -1)
@@ -206,7 +209,9 @@ class AdditiveSurrogate:
             raise ValueError("the unrepaired model (nothing pruned) must be among the fitted masks")
         self.base_summary_, self.base_log_ppl_ = Y[base[0]], lp[base[0]]
         N = P.shape[1]
-        D0, E0 = np.zeros((N, Y.shape[1])), np.zeros(N)
+        D0 = np.zeros((N, Y.shape[1])) if prior is None else np.asarray(prior, dtype=np.float64).reshape(N, -1).copy()
+        target = D0.copy()
+        E0 = np.zeros(N)
         self.knocked_ = np.zeros(N, dtype=bool)
         singles = np.nonzero(counts == 1)[0]
         for i in singles:
@@ -217,8 +222,9 @@ class AdditiveSurrogate:
             for i in singles:
                 V[int(np.argmax(P[i]))] = summary_var[i]
             k = self.knocked_
-            signal = np.maximum(D0[k].var(axis=0) - V[k].mean(axis=0), 0.0)  # [B] spread of true effects
-            D0[k] = D0[k] * signal / (signal + V[k] + 1e-12)
+            resid = D0[k] - target[k]
+            signal = np.maximum(resid.var(axis=0) - V[k].mean(axis=0), 0.0)  # [B] spread of true deviations
+            D0[k] = target[k] + resid * signal / (signal + V[k] + 1e-12)
         multi = counts > 1
         self.D_, self.E_ = D0.copy(), E0.copy()
         if multi.any():
@@ -251,7 +257,7 @@ class AdditiveSurrogate:
 
 def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
                      summary_var: np.ndarray | None, bias: np.ndarray, inside: np.ndarray, folds: int = 5,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, prior: np.ndarray | None = None) -> dict:
     """Held-out accuracy of an additive surrogate on the masks that prune several heads.
 
     K-fold over the multi-head masks; the unrepaired model and the knockouts always stay in
@@ -269,11 +275,11 @@ def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: n
         keep = np.ones(len(pruned), dtype=bool)
         keep[multi[test]] = False
         m = make().fit(pruned[keep], summaries[keep], log_ppl[keep], statistic,
-                       None if summary_var is None else summary_var[keep])
+                       None if summary_var is None else summary_var[keep], prior)
         pred_b[test], pred_lp[test] = m.predict(1 - pruned[multi[test]])
     single = pruned.sum(1) <= 1
     first = make().fit(pruned[single], summaries[single], log_ppl[single], statistic,
-                       None if summary_var is None else summary_var[single])
+                       None if summary_var is None else summary_var[single], prior)
     fb, flp = first.predict(1 - pruned[multi])
     ins = inside[multi]
     out = {"folds": folds, "multi_head_masks": int(len(multi)),

@@ -199,10 +199,12 @@ class AttentionPruning(Method):
             summaries, var, statistic = summaries_of(run, rows)
             budget = math.log(1 + c.tau)
             base_lp = log_ppl[int(np.argmax(bits.sum(1)))]  # the unrepaired model: nothing pruned
-            model = AdditiveSurrogate(shrink=c.shrink).fit(1 - bits, summaries, log_ppl, statistic, var)
+            first = run.store.meta_value(f"first_order:{run.valid_setting}")
+            prior = np.asarray(first["summary"]) if first is not None and summaries.shape[1] > 1 else None
+            model = AdditiveSurrogate(shrink=c.shrink).fit(1 - bits, summaries, log_ppl, statistic, var, prior)
             metrics = additive_metrics(lambda: AdditiveSurrogate(shrink=c.shrink), 1 - bits, summaries, log_ppl,
                                        statistic, var, np.array([r.bias for r in rows]),
-                                       inside=log_ppl - base_lp <= budget, seed=c.seed)
+                                       inside=log_ppl - base_lp <= budget, seed=c.seed, prior=prior)
             return Surrogates(model.predict_torch, {"kind": "additive", "samples": len(rows), **metrics,
                                                     "compounding": model.c_})
 
