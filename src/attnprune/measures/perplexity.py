@@ -8,6 +8,12 @@ tokens (the last, shorter one is dropped). Every token of a window but its first
 scored, so a scored token sees between 1 and ``window - 1`` tokens of context.
 Perplexity = exp(mean negative log-likelihood over all scored tokens). The per-window NLL
 sums come with every result, for paired comparisons of two masks on the same text.
+
+``part`` splits the text in two disjoint halves, for a search that must not be confirmed on
+the text it chose on: ``search`` takes the even windows of the whole split, ``confirm`` the
+odd ones (interleaved, so both halves cover every article). With a part, ``max_tokens``
+keeps evenly spaced windows of that half rather than the first ones: a search on a small
+budget still sees text from the whole split, not one article it could overfit.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from attnprune.data.corpora import CITATION, LICENSE, check_split, corpus_lines
+from attnprune.data.holisticbias import PARTS
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 from attnprune.measures.base import Card, Measure, register
@@ -41,20 +48,30 @@ class PerplexityBenchmark(Measure):
     )
 
     def __init__(self, split: str = "valid", source: str = "auto", max_tokens: int = 2048, window: int = 256,
-                 batch_size: int = 8):
+                 batch_size: int = 8, part: str = "all"):
         check_split(split)
         if max_tokens < 2 or window < 2:
             raise UserError("--ppl-tokens and the window must be at least 2 tokens.")
+        if part not in PARTS:
+            raise UserError(f"Unknown text part '{part}'; use one of {', '.join(PARTS)}.")
         self.split, self.source, self.max_tokens, self.window, self.batch_size = split, source, max_tokens, window, batch_size
+        self.part = part
 
     def prepare(self, backend) -> "PerplexityBenchmark":
         lines, self.resolved_source_ = corpus_lines(self.source, self.split)
-        ids = backend.tokenizer("\n".join(lines), add_special_tokens=False).input_ids[: self.max_tokens]
+        ids = backend.tokenizer("\n".join(lines), add_special_tokens=False).input_ids
+        if self.part == "all":
+            ids = ids[: self.max_tokens]
         window = min(self.window, len(ids))
-        n = len(ids) // window
-        if n == 0:
+        windows = [ids[i * window:(i + 1) * window] for i in range(len(ids) // window)]
+        if self.part != "all":
+            windows = windows[PARTS.index(self.part) - 1::2]
+            keep = max(1, self.max_tokens // window)
+            if len(windows) > keep:
+                windows = [windows[int(i)] for i in np.linspace(0, len(windows) - 1, keep).round()]
+        if not windows:
             raise UserError(f"The {self.split} corpus is empty; give a corpus with text in both halves.")
-        self.windows_ = [ids[i * window:(i + 1) * window] for i in range(n)]
+        self.windows_ = windows
         self.backend_ = backend
         self.rows_ = backend.rows(self.windows_)
         return self
@@ -62,7 +79,7 @@ class PerplexityBenchmark(Measure):
     def describe(self) -> dict:
         n, w = len(self.windows_), len(self.windows_[0])
         return {"corpus": self.resolved_source_, "split": self.split, "windows": n, "window": w,
-                "tokens_scored": n * (w - 1)}
+                "tokens_scored": n * (w - 1), **({"part": self.part} if self.part != "all" else {})}
 
     def gate_gradients(self):
         """``[L, H]`` sum over windows of ``|d NLL / d gate|`` of every head (all gates at 1)."""

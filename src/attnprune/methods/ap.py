@@ -38,6 +38,10 @@ from attnprune.selection import SelectionPolicy, trust_region
 from attnprune.store import StoredEvaluation
 from attnprune.surrogate import AdditiveSurrogate, additive_metrics, fit_surrogates
 
+# the screen keeps at least this many heads: knockouts of small models are cheap, and a search
+# among a handful of heads has nothing left to find
+MIN_KNOCKOUTS = 24
+
 # the search's perplexity budgets, as fractions of tau: candidates spread along the boundary
 BUDGET_LADDER = (0.5, 0.75, 1.0)
 
@@ -111,6 +115,9 @@ class AttentionPruning(Method):
 
     description = "Attention Pruning: real-model samples, surrogate models, simulated annealing on the surrogates"
 
+    def __init__(self):
+        self._screens: dict[tuple, np.ndarray] = {}
+
     # ---- stage 1 ------------------------------------------------------------------------
     def design(self, run: Run) -> list[StoredEvaluation]:
         """Stage 1: the unrepaired model, then the sampler's masks (see module docstring)."""
@@ -124,7 +131,7 @@ class AttentionPruning(Method):
                     run.log(f"store {run.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
                 return run.evaluate(masks, "sample", "sampling (valid)")
             free = self.screen(run, base)
-            masks = [m for m in knockout_masks(run.shape) if free[m.pruned[0][0] * run.shape[1] + m.pruned[0][1]]]
+            masks = [m for m in knockout_masks(run.shape) if free[head_index(m, run.shape)]]
             knock = run.evaluate(masks, "knockout", "single-head knockouts (valid)")
             effect = np.zeros(run.n_total)
             for r in knock:
@@ -137,11 +144,18 @@ class AttentionPruning(Method):
         """The heads to knock out (bool ``[L*H]``): all, or the most promising share by first-order estimates.
 
         Half of them lower the bias most per unit of (estimated) perplexity, the rest lower it
-        most in absolute terms. The estimates (one gradient pass) are kept in the store.
+        most in absolute terms. The estimates (one gradient pass) are kept in the store, so a
+        rerun screens the same heads.
         """
+        key = (str(run.store.path), run.valid_setting, run.cfg.knockouts)
+        if key not in self._screens:
+            self._screens[key] = self._screen(run, base)
+        return self._screens[key]
+
+    def _screen(self, run: Run, base: StoredEvaluation) -> np.ndarray:
         c = run.cfg
         n = run.n_total
-        k = n if c.knockouts >= 1 else max(1, int(math.ceil(c.knockouts * n)))
+        k = n if c.knockouts >= 1 else max(MIN_KNOCKOUTS, int(math.ceil(c.knockouts * n)))
         if k >= n:
             return np.ones(n, dtype=bool)
         est = self.first_order(run)
@@ -183,7 +197,12 @@ class AttentionPruning(Method):
         With ``before_round=r`` a rerun's round ``r`` sees the same data as the first run's.
         """
         rounds = run.cfg.rounds if before_round is None else before_round
-        return run.rows(round_sources(run.cfg, rounds))
+        rows = run.rows(round_sources(run.cfg, rounds))
+        if run.cfg.sampler != "boundary" or run.cfg.knockouts >= 1:
+            return rows
+        # only this design's knockouts: the store may hold others (a comparison's FASP knocks out every head)
+        free = self.screen(run, run.base())
+        return [r for r in rows if r.source != "knockout" or free[head_index(r.mask, run.shape)]]
 
     # ---- stage 2 ------------------------------------------------------------------------
     def fit(self, run: Run, round_: int | None = None) -> Surrogates:
@@ -283,6 +302,12 @@ class AttentionPruning(Method):
                  + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates)")
         seconds = float(sum(r.seconds for r in rows)) + (first["seconds"] if first else 0.0)
         return Proposal(rows, len(rows), seconds, notes, details)
+
+
+def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:
+    """The flat index of a single-head knockout's pruned head."""
+    layer, head = mask.pruned[0]
+    return layer * shape[1] + head
 
 
 def searchable_heads(cfg, rows: list[StoredEvaluation], n_total: int) -> np.ndarray | None:

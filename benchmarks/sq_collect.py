@@ -1,0 +1,140 @@
+"""Collect per-prompt and per-window data for the signal-quality analysis (slow, resumable).
+
+Writes runs/signal_quality/seed<S>/<group>.npz: for every mask of a group, the per-prompt
+likelihood scores on the prompt sets and the per-window NLL sums on the perplexity texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnprune import HeadMask, load_model
+from attnprune.backend import Backend
+from attnprune.measures import get_measure
+from attnprune.search.annealing import anneal
+from attnprune.stats import bias_from_means
+
+ROOT = Path(__file__).resolve().parent.parent / "runs" / "signal_quality"
+
+
+def save(path: Path, masks: list[HeadMask], data: dict[str, list]) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, keys=np.array([m.key for m in masks]), **{k: np.array(v) for k, v in data.items()})
+    tmp.replace(path)
+
+
+def load(path: Path):
+    if not path.is_file():
+        return [], {}
+    z = np.load(path)
+    return list(z["keys"]), {k: list(z[k]) for k in z.files if k != "keys"}
+
+
+def run_group(path: Path, masks: list[HeadMask], measures: dict, every: int = 5) -> None:
+    keys, data = load(path)
+    done = set(keys)
+    todo = [m for m in masks if m.key not in done]
+    print(f"{path.name}: {len(done)} done, {len(todo)} to do", flush=True)
+    stored = [HeadMask.from_key(k, *masks[0].shape) for k in keys]
+    t0 = time.time()
+    for i, m in enumerate(todo):
+        for name, (kind, meas) in measures.items():
+            if kind == "bias":
+                row = meas.prompt_scores([m])[0]
+            else:
+                row = np.array(meas.score([m])[0]["per_window"])
+            data.setdefault(name, []).append(row)
+        stored.append(m)
+        if (i + 1) % every == 0 or i + 1 == len(todo):
+            save(path, stored, data)
+            el = time.time() - t0
+            print(f"  {i + 1}/{len(todo)}  {el / (i + 1):.1f} s/mask", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--regime", type=int, default=20, help="masks per regime group")
+    args = ap.parse_args()
+    out = ROOT / f"seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model("smollm2-135m")
+    L, H = lm.layout.shape
+    backend = Backend(lm)
+    s = args.seed
+    v1 = get_measure("likelihood", prompts=1000, seed=s, bootstrap_reps=10).prepare(backend)
+    v2 = get_measure("likelihood", prompts=2000, seed=s, bootstrap_reps=10).prepare(backend)
+    te = get_measure("likelihood", split="test", prompts=1000, seed=s, bootstrap_reps=10).prepare(backend)
+    pv = get_measure("perplexity", max_tokens=10**6).prepare(backend)
+    pt = get_measure("perplexity", split="test", max_tokens=10**6).prepare(backend)
+    meta = {
+        "v1000": [(p.text, p.bucket, p.template) for p in v1.prompts_],
+        "v2000": [(p.text, p.bucket, p.template) for p in v2.prompts_],
+        "test1000": [(p.text, p.bucket, p.template) for p in te.prompts_],
+        "shares_valid": v1.shares_, "shares_test": te.shares_,
+        "ppl_valid": pv.describe(), "ppl_test": pt.describe(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+    base = HeadMask.all_active(L, H)
+    full = {"v2000": ("bias", v2), "ppl_valid": ("ppl", pv), "test1000": ("bias", te), "ppl_test": ("ppl", pt)}
+    run_group(out / "base.npz", [base], {"v1000": ("bias", v1), **full})
+    knock = [HeadMask.from_pruned(L, H, [(l, h)]) for l in range(L) for h in range(H)]
+    run_group(out / "knockouts.npz", knock, {"v1000": ("bias", v1), "ppl_valid": ("ppl", pv)})
+
+    # regime masks
+    rng = np.random.default_rng(100 + s)
+    _, kd = load(out / "knockouts.npz")
+    _, bd = load(out / "base.npz")
+    lp_k = np.array(kd["ppl_valid"]).sum(1) / pv.describe()["tokens_scored"]
+    lp_0 = np.array(bd["ppl_valid"]).sum(1)[0] / pv.describe()["tokens_scored"]
+    dlp = lp_k - lp_0
+    low = np.nonzero(dlp <= np.median(dlp))[0]
+    uni = []
+    while len(uni) < args.regime:
+        k = int(rng.integers(2, 13))
+        uni.append(HeadMask.from_pruned(L, H, [divmod(int(i), H) for i in rng.choice(L * H, k, replace=False)]))
+    lowm = []
+    while len(lowm) < args.regime:
+        k = int(rng.integers(4, 17))
+        lowm.append(HeadMask.from_pruned(L, H, [divmod(int(i), H) for i in rng.choice(low, k, replace=False)]))
+    # search candidates: anneal on the additive bucket-mean model of the v1000 knockouts
+    d = v1.design_
+    mu0 = d.means(np.array(bd["v1000"])[0])
+    D = torch.tensor(d.means(np.array(kd["v1000"])) - mu0, dtype=torch.float32)  # [N, B]
+    w = torch.tensor(d.weights, dtype=torch.float32)
+    mu0t = torch.tensor(mu0, dtype=torch.float32)
+    dlpt = torch.tensor(dlp, dtype=torch.float32)
+    search = []
+    for j, tau in enumerate((0.02, 0.035, 0.05, 0.07)):
+        def cost(states, tau=tau):
+            pr = 1 - states
+            mu = mu0t + pr @ D
+            b = (mu @ w).unsqueeze(-1) - mu
+            lp = pr @ dlpt
+            return b.abs().sum(-1) + 5.0 * torch.clamp(lp - np.log(1 + tau), min=0) / 0.05
+        res = anneal(cost, L * H, 2, 20, chains=256, steps=2000, seed=j, top=200)
+        n = 0
+        for st in res.states:
+            m = HeadMask(st.reshape(L, H))
+            if m not in search:
+                search.append(m)
+                n += 1
+            if n == args.regime // 4:
+                break
+    sources = {}
+    for name, group in (("uniform", uni), ("low_ppl", lowm), ("search", search)):
+        for m in group:
+            sources.setdefault(m.key, name)
+    regime = list(dict.fromkeys(uni + lowm + search))
+    (out / "regime_sources.json").write_text(json.dumps(sources))
+    run_group(out / "regime.npz", regime, full)
+
+
+if __name__ == "__main__":
+    main()
