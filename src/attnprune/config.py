@@ -218,13 +218,15 @@ class RepairConfig(SpeedOptions, ModelOptions):
     t0: float | None = opt(None, "initial temperature (default: estimated from a 0.75 acceptance ratio)")
     top_k: int = opt(8, "candidates per round validated on the real model")
     rounds: int = opt(3, "search rounds; each refits the surrogates with the validated candidates")
+    calibrate: int = opt(2, "extra rounds when no confirmed candidate holds the budget: the search budget is lowered "
+                         "by how much the search's perplexity under-stated the confirmed change (0: none)")
     # the choice
     confirm: int = opt(6, "candidates re-measured on confirmation data before choosing (0: choose on the search's "
                        "validation numbers)")
     confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
     confirm_ppl_tokens: int = opt(100000, "confirmation perplexity tokens, from the half of the validation text the "
                                   "search never sees (default: all of that half)")
-    confidence: float = opt(0.9, "one-sided confidence that a confirmed perplexity change is within the budget")
+    confidence: float = opt(0.8, "one-sided confidence that a confirmed perplexity change is within the budget")
     # reporting on the test split
     test_prompts: int = opt(1000, "test prompts for the final bias numbers")
     test_ppl_tokens: int = opt(100000, "test perplexity tokens for the final numbers (default: all test text)")
@@ -278,6 +280,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.rounds < 1:
             raise UserError("--rounds must be at least 1.")
+        if self.calibrate < 0:
+            raise UserError("--calibrate must be 0 or more rounds.")
         if self.workers < 1 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():

@@ -107,6 +107,10 @@ def markdown(report: RepairReport) -> str:
         f"- chosen: bias {v.chosen['bias']:.3f}, perplexity {v.chosen['perplexity']:.2f} (from {v.chosen['source']})",
         f"- rule: {v.rule}",
         f"- LLM evaluations: {ev['validation']} on validation ({ev['new_this_run']} new in this run)",
+        *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c['gap']:.1f}% "
+          f"and the rule's margin is {100 * c['margin']:.1f}% (means over {c['confirmed']} confirmed candidates): "
+          + (f"searched again at {100 * c['search_budget']:+.2f}% on the search text" if c["search_budget"] is not None
+             else "no room left within the budget") for i, c in enumerate(report.search.calibration)],
         "",
         "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "
         "knockouts in training and is scored on the multi-head masks):",

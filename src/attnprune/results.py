@@ -142,6 +142,7 @@ class SearchDetails(Serialisable):
     surrogates: list[dict] = field(default_factory=list)
     annealing: list[AnnealingSummary] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
+    calibration: list[dict] = field(default_factory=list)  # search budgets lowered after failed confirmations
 
 
 @dataclass

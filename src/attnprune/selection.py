@@ -115,16 +115,20 @@ class Selection:
 Confirm = Callable[[list[HeadMask], str], tuple[list[StoredEvaluation], StoredEvaluation]]
 
 
+# validation perplexity changes (x tau) at which the confirmation shortlist takes its lowest bias
+SHORTLIST_LEVELS = (0.2, 0.4, 0.6)
+
+
 @dataclass(frozen=True)
 class SelectionPolicy:
     """Budget, cost and choice with the run's ``tau`` and ``penalty``.
 
-    With ``confirm > 0`` the choice survives the winner's curse: the ``confirm`` candidates
-    with the lowest validation bias (pruning something, below the unrepaired bias, within
-    ``tau + screen_slack`` on validation perplexity) are measured again on confirmation data
-    the search never saw (fresh validation prompts, more validation text); the choice is the
-    lowest confirmed bias among those whose confirmed perplexity change is within ``tau`` at
-    one-sided ``confidence``. With ``confirm = 0`` it is the lowest validation bias within
+    With ``confirm > 0`` the choice survives the winner's curse: ``confirm`` candidates
+    (pruning something, below the unrepaired bias, within ``tau + screen_slack`` on
+    validation perplexity; see :meth:`screen`) are measured again on confirmation data
+    the search never saw (fresh validation prompts, the other half of the validation
+    text); the choice is the lowest confirmed bias among those whose confirmed perplexity
+    change is within ``tau`` at one-sided ``confidence``. With ``confirm = 0`` it is the lowest validation bias within
     the budget.
     """
 
@@ -132,7 +136,7 @@ class SelectionPolicy:
     penalty: float
     confirm: int = 0
     screen_slack: float = 0.02
-    confidence: float = 0.9
+    confidence: float = 0.8
 
     @classmethod
     def of(cls, cfg) -> "SelectionPolicy":
@@ -163,10 +167,28 @@ class SelectionPolicy:
         return min(ok, key=lambda r: r.bias) if ok else None
 
     def screen(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation) -> list[StoredEvaluation]:
-        """The ``confirm`` distinct candidates worth confirming, lowest validation bias first."""
+        """The ``confirm`` distinct candidates worth confirming, lowest validation bias first.
+
+        The first picks hedge against the perplexity side of the winner's curse: the lowest
+        validation bias within each of :data:`SHORTLIST_LEVELS` x ``tau`` of validation
+        perplexity change (a search that chose near the budget on validation text is
+        usually over it on fresh text); the rest are the lowest validation biases.
+        """
         loose = Budget(base.perplexity, self.tau + self.screen_slack)
         ok = {r.mask: r for r in rows if r.mask.n_pruned > 0 and loose.holds(r.perplexity) and r.bias < base.bias}
-        return sorted(ok.values(), key=lambda r: r.bias)[: self.confirm]
+        by_bias = sorted(ok.values(), key=lambda r: r.bias)
+        picked: list[StoredEvaluation] = []
+        keys: set[str] = set()
+        for level in SHORTLIST_LEVELS:
+            if len(picked) >= self.confirm // 2:
+                break
+            within = Budget(base.perplexity, level * self.tau)
+            pick = next((r for r in by_bias if within.holds(r.perplexity) and r.mask.key not in keys), None)
+            if pick is not None:
+                picked.append(pick)
+                keys.add(pick.mask.key)
+        picked += [r for r in by_bias if r.mask.key not in keys][: self.confirm - len(picked)]
+        return sorted(picked, key=lambda r: r.bias)
 
     def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
                source: str) -> Selection:
@@ -208,9 +230,11 @@ class SelectionPolicy:
         if self.confirm <= 0:
             return (f"lowest validation bias among the method's evaluated masks that prune at least one head, keep "
                     f"validation perplexity within {1 + self.tau:.2f} x the unrepaired model's and lower bias below it")
-        return (f"the {self.confirm} masks with the lowest validation bias (pruning at least one head, bias below the "
-                f"unrepaired model's, validation perplexity within {1 + self.tau + self.screen_slack:.2f} x) are "
-                f"re-measured on confirmation data the search never saw (fresh validation prompts, all validation "
-                f"text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
+        levels = ", ".join(f"+{100 * f * self.tau:g}%" for f in SHORTLIST_LEVELS)
+        return (f"{self.confirm} masks (pruning at least one head, bias below the unrepaired model's, validation "
+                f"perplexity within {1 + self.tau + self.screen_slack:.2f} x: the lowest validation bias within "
+                f"{levels} of validation perplexity change, then the lowest validation biases) are "
+                f"re-measured on confirmation data the search never saw (fresh validation prompts, the other half of the "
+                f"validation text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
                 f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
                 f"windows) and whose confirmed bias is below the unrepaired model's")

@@ -196,7 +196,7 @@ class AttentionPruning(Method):
 
         With ``before_round=r`` a rerun's round ``r`` sees the same data as the first run's.
         """
-        rounds = run.cfg.rounds if before_round is None else before_round
+        rounds = run.cfg.rounds + run.cfg.calibrate if before_round is None else before_round
         rows = run.rows(round_sources(run.cfg, rounds))
         if run.cfg.sampler != "boundary" or run.cfg.knockouts >= 1:
             return rows
@@ -274,25 +274,70 @@ class AttentionPruning(Method):
                           perplexity=r.perplexity)
                 for m, r, b, lp in zip(picked, rows, pb, plp)]
 
+    # ---- calibration ---------------------------------------------------------------------
+    def calibrated_budget(self, run: Run, policy: SelectionPolicy) -> dict | None:
+        """When no shortlisted candidate holds the budget on confirmation data: a lower search budget, or None.
+
+        The confirmation measures how much the search's perplexity under-states the change on
+        fresh text (the search picks heads whose removal happens to be cheap on the text it
+        measures) and the margin the choice rule adds; the search budget is ``tau`` less both
+        (in log-perplexity, averaged over the confirmed candidates). None when a candidate
+        already holds, nothing was confirmed, or the calibrated budget leaves no room.
+        """
+        if policy.confirm <= 0:
+            return None
+        base = run.base()
+        selection = policy.select(self.training_data(run), base, run.confirm, "confirm:ap")
+        if selection.chosen is not None or not selection.candidates:
+            return None
+        gap = float(np.mean([math.log1p(x["confirmed_perplexity_change"]) - math.log(x["valid_perplexity"] / base.perplexity)
+                             for x in selection.candidates]))
+        margin = float(np.mean([math.log1p(x["confirmed_perplexity_change_bound"])
+                                - math.log1p(x["confirmed_perplexity_change"]) for x in selection.candidates]))
+        log_budget = math.log1p(policy.tau) - gap - margin
+        out = {"gap": math.expm1(gap), "margin": math.expm1(margin), "search_budget": math.expm1(log_budget),
+               "confirmed": len(selection.candidates)}
+        return out if log_budget > 0 else {**out, "search_budget": None}
+
     # ---- the method ---------------------------------------------------------------------
+    def round(self, run: Run, policy: SelectionPolicy, r: int, details: SearchDetails,
+              ladder: tuple[float, ...] = BUDGET_LADDER) -> None:
+        """One round: fit, anneal at the ``ladder`` of budgets (fractions of tau), validate."""
+        c = run.cfg
+        surrogates = self.fit(run, r)
+        details.surrogates.append({"round": r, **surrogates.metrics})
+        run.log(f"round {r + 1}: surrogates on {surrogates.metrics['samples']} masks; " + describe_metrics(
+            surrogates.metrics))
+        results, bounds = self.search(run, surrogates, policy, r, ladder)
+        for fraction, res in zip(ladder, results):
+            details.annealing.append(AnnealingSummary(
+                round=r, pruned_bounds=list(bounds), t0=res.t0, states_scored=res.states_scored,
+                seconds=res.seconds, states_per_second=res.states_per_second, best_cost=float(res.costs[0]),
+                trace=res.trace, budget=fraction * c.tau))
+        run.log(f"round {r + 1}: annealed {sum(x.states_scored for x in results):,} states with {bounds[0]}-"
+                f"{bounds[1]} heads pruned at budgets " + ", ".join(f"{100 * f * c.tau:+.1f}%" for f in ladder))
+        details.candidates.extend(self.validate(run, results, surrogates, r))
+
     def propose(self, ctx: MethodContext) -> Proposal:
         run, c = ctx.run, ctx.run.cfg
         self.design(run)
         details = SearchDetails()
         for r in range(c.rounds):
-            surrogates = self.fit(run, r)
-            details.surrogates.append({"round": r, **surrogates.metrics})
-            run.log(f"round {r + 1}: surrogates on {surrogates.metrics['samples']} masks; " + describe_metrics(
-                surrogates.metrics))
-            results, bounds = self.search(run, surrogates, ctx.policy, r)
-            for fraction, res in zip(BUDGET_LADDER, results):
-                details.annealing.append(AnnealingSummary(
-                    round=r, pruned_bounds=list(bounds), t0=res.t0, states_scored=res.states_scored,
-                    seconds=res.seconds, states_per_second=res.states_per_second, best_cost=float(res.costs[0]),
-                    trace=res.trace, budget=fraction * c.tau))
-            run.log(f"round {r + 1}: annealed {sum(x.states_scored for x in results):,} states with {bounds[0]}-"
-                    f"{bounds[1]} heads pruned at budgets " + ", ".join(f"+{100 * f * c.tau:.1f}%" for f in BUDGET_LADDER))
-            details.candidates.extend(self.validate(run, results, surrogates, r))
+            self.round(run, ctx.policy, r, details)
+        for j in range(c.calibrate):
+            cal = self.calibrated_budget(run, ctx.policy)
+            if cal is None:
+                break
+            details.calibration.append(cal)
+            if cal["search_budget"] is None:
+                run.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal['gap']:.1f}% "
+                        f"and the choice rule adds {100 * cal['margin']:.1f}%: no room left within the budget")
+                break
+            run.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal['gap']:.1f}% and "
+                    f"the choice rule adds {100 * cal['margin']:.1f}%; searching again at "
+                    f"{100 * cal['search_budget']:+.2f}% on the search text")
+            scale = cal["search_budget"] / c.tau
+            self.round(run, ctx.policy, c.rounds + j, details, tuple(f * scale for f in BUDGET_LADDER))
         rows = self.training_data(run)
         knocked = sum(r.source == "knockout" for r in rows)
         first = run.store.meta_value(f"first_order:{run.valid_setting}") if knocked < run.n_total else None

@@ -1,0 +1,64 @@
+"""The shared selection policy on hand-made evaluations (no model)."""
+
+import pytest
+
+from attnprune.heads import HeadMask
+from attnprune.selection import SHORTLIST_LEVELS, SelectionPolicy
+from attnprune.store import StoredEvaluation
+
+
+def row(pruned, bias, perplexity):
+    return StoredEvaluation(HeadMask.from_pruned(2, 4, pruned), "valid", "candidate", bias, (bias, bias), perplexity,
+                            {}, 1.0, "now")
+
+
+def test_shortlist_hedges_along_perplexity_then_takes_the_lowest_biases():
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=4)
+    base = row([], 1.0, 100.0)
+    near_budget = [row([(0, h)], 0.1 + 0.01 * h, 104.9) for h in range(4)]  # lowest biases, all near the budget
+    safe = row([(1, 0)], 0.5, 100.9)   # within 0.2 x tau
+    middle = row([(1, 1)], 0.3, 101.9)  # within 0.4 x tau
+    over = row([(1, 2)], 0.01, 108.0)   # over tau + slack: never shortlisted
+    worse = row([(1, 3)], 1.2, 100.0)   # no better than the unrepaired model
+    shortlist = policy.screen([base, *near_budget, safe, middle, over, worse], base)
+    keys = [r.mask.key for r in shortlist]
+    assert SHORTLIST_LEVELS[:2] == (0.2, 0.4)
+    # confirm // 2 = 2 hedged picks (the lowest bias within +1% and within +2%), then the two lowest biases
+    assert set(keys) == {safe.mask.key, middle.mask.key, near_budget[0].mask.key, near_budget[1].mask.key}
+    assert [r.bias for r in shortlist] == sorted(r.bias for r in shortlist)
+    # without hedged candidates available the shortlist is the lowest biases
+    assert [r.mask.key for r in policy.screen([base, *near_budget], base)] == [r.mask.key for r in near_budget]
+
+
+def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkeypatch):
+    import math
+
+    from attnprune.methods.ap import AttentionPruning
+    from attnprune.selection import Selection
+
+    base = row([], 1.0, 100.0)
+    # search said +1% and +2%; confirmation said +4% and +5% (bounds +5% and +6%): a 3% gap, a 1% margin
+    candidates = [{"valid_perplexity": 101.0, "confirmed_perplexity_change": 0.04, "confirmed_perplexity_change_bound": 0.05},
+                  {"valid_perplexity": 102.0, "confirmed_perplexity_change": 0.05, "confirmed_perplexity_change_bound": 0.06}]
+
+    class FakeRun:
+        def base(self):
+            return base
+
+        confirm = None
+
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2)
+    ap = AttentionPruning()
+    monkeypatch.setattr(ap, "training_data", lambda run: [base])
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
+    cal = ap.calibrated_budget(FakeRun(), policy)
+    gap = (math.log(1.04 / 1.01) + math.log(1.05 / 1.02)) / 2
+    margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
+    assert cal["gap"] == pytest.approx(math.expm1(gap)) and cal["margin"] == pytest.approx(math.expm1(margin))
+    assert cal["search_budget"] == pytest.approx(math.expm1(math.log(1.05) - gap - margin))
+    # a gap larger than tau leaves no room; a chosen candidate needs no calibration
+    for c in candidates:
+        c["confirmed_perplexity_change"], c["confirmed_perplexity_change_bound"] = 0.2, 0.21
+    assert ap.calibrated_budget(FakeRun(), policy)["search_budget"] is None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
+    assert ap.calibrated_budget(FakeRun(), policy) is None
