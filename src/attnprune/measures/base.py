@@ -139,9 +139,21 @@ class ItemBiasMeasure(BiasMeasure):
     strata_: list[str]
 
     def __init__(self, axis: str = "gender_and_sex", split: str = "valid", seed: int = 0, bootstrap_reps: int = 1000,
-                 batch_size: int = 32):
-        self.axis, self.split, self.seed = axis, split, seed
+                 batch_size: int = 32, part: str = "all"):
+        if part not in hb.PARTS:
+            raise UserError(f"Unknown item part '{part}'; use one of {', '.join(hb.PARTS)}.")
+        self.axis, self.split, self.seed, self.part = axis, split, seed, part
         self.bootstrap_reps, self.batch_size = bootstrap_reps, batch_size
+
+    def take_part(self, items: Sequence, key: Callable) -> list:
+        """The items of :attr:`part`: all, or one of two seeded disjoint halves (``search``, ``confirm``)."""
+        from attnprune.data.packaged import rank
+
+        if self.part == "all":
+            return list(items)
+        ordered = sorted(items, key=lambda it: rank(key(it), f"part{self.seed}"))
+        half = len(ordered) // 2
+        return ordered[:half] if self.part == "search" else ordered[half:]
 
     @abstractmethod
     def item_statistics(self, scores: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:

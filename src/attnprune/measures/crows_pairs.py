@@ -46,7 +46,7 @@ class CrowsPairs(ItemBiasMeasure):
     )
 
     def prepare(self, backend) -> "CrowsPairs":
-        self.pairs_ = cp.pairs(self.axis, self.split, self.seed)
+        self.pairs_ = self.take_part(cp.pairs(self.axis, self.split, self.seed), key=lambda p: p.sent_more)
         self.strata_ = [p.bias_type for p in self.pairs_]
         # after BOS: lm-evaluation-harness's empty context
         self.rows_ = self.sentence_rows(backend, [t for p in self.pairs_ for t in (p.sent_more, p.sent_less)])
@@ -54,7 +54,8 @@ class CrowsPairs(ItemBiasMeasure):
 
     def describe(self) -> dict:
         return {"bias_type": cp.bias_type(self.axis), "split": self.split, "seed": self.seed,
-                "pairs": len(self.pairs_), "scoring": "sum log p(sentence | BOS) (lm-evaluation-harness)"}
+                "pairs": len(self.pairs_), "scoring": "sum log p(sentence | BOS) (lm-evaluation-harness)",
+                **({"part": self.part} if self.part != "all" else {})}
 
     def pair_differences(self, masks: Sequence[HeadMask]) -> np.ndarray:
         """``[n_masks, n_pairs]``: ``ll(sent_more) - ll(sent_less)`` per pair."""

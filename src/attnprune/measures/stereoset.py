@@ -47,7 +47,7 @@ class StereoSet(ItemBiasMeasure):
     )
 
     def prepare(self, backend) -> "StereoSet":
-        self.items_ = st.items(self.axis, self.split, self.seed)
+        self.items_ = self.take_part(st.items(self.axis, self.split, self.seed), key=lambda it: it.id)
         self.strata_ = [it.target for it in self.items_]
         terms = sorted(set(self.strata_))
         self.term_index_ = np.array([terms.index(t) for t in self.strata_])
@@ -59,7 +59,8 @@ class StereoSet(ItemBiasMeasure):
     def describe(self) -> dict:
         return {"bias_type": st.bias_type(self.axis), "split": self.split, "seed": self.seed,
                 "items": len(self.items_), "terms": self.n_terms_,
-                "scoring": "mean log p per token after BOS (Nadeem et al., generative)"}
+                "scoring": "mean log p per token after BOS (Nadeem et al., generative)",
+                **({"part": self.part} if self.part != "all" else {})}
 
     def sentence_scores(self, masks: Sequence[HeadMask]) -> np.ndarray:
         """``[n_masks, n_items, 3]`` mean token log-probabilities (stereotype, anti-stereotype, unrelated)."""

@@ -281,20 +281,22 @@ class AttentionPruning(Method):
         The confirmation measures how much the search's perplexity under-states the change on
         fresh text (the search picks heads whose removal happens to be cheap on the text it
         measures) and the margin the choice rule adds; the search budget is ``tau`` less both
-        (in log-perplexity, averaged over the confirmed candidates). None when a candidate
-        already holds, nothing was confirmed, or the calibrated budget leaves no room.
+        (in log-perplexity, averaged over the confirmed candidates; never above ``tau``). None
+        when a candidate already holds, nothing was confirmed or the candidates failed on
+        bias only; ``search_budget`` None when the calibrated budget leaves no room.
         """
         if policy.confirm <= 0:
             return None
         base = run.base()
         selection = policy.select(self.training_data(run), base, run.confirm, "confirm:ap")
-        if selection.chosen is not None or not selection.candidates:
-            return None
+        if selection.chosen is not None or not any(x["confirmed_perplexity_change_bound"] > policy.tau
+                                                   for x in selection.candidates):
+            return None  # chosen, nothing confirmed, or the candidates failed on bias: a lower budget will not help
         gap = float(np.mean([math.log1p(x["confirmed_perplexity_change"]) - math.log(x["valid_perplexity"] / base.perplexity)
                              for x in selection.candidates]))
         margin = float(np.mean([math.log1p(x["confirmed_perplexity_change_bound"])
                                 - math.log1p(x["confirmed_perplexity_change"]) for x in selection.candidates]))
-        log_budget = math.log1p(policy.tau) - gap - margin
+        log_budget = min(math.log1p(policy.tau), math.log1p(policy.tau) - gap - margin)
         out = {"gap": math.expm1(gap), "margin": math.expm1(margin), "search_budget": math.expm1(log_budget),
                "confirmed": len(selection.candidates)}
         return out if log_budget > 0 else {**out, "search_budget": None}
