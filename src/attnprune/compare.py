@@ -69,10 +69,12 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     proposal = get_method(name).propose(ctx)
     selection = policy.select(proposal.rows, base, run.confirm, f"confirm:{name}")
     chosen = selection.chosen
-    confirmations = len(selection.candidates)
+    # every confirmation the method caused, those of AP's calibration included
+    confirmations, confirm_seconds = (run.confirmation_cost(f"confirm:{name}", selection.shortlist)
+                                      if selection.base_confirmed is not None else (0, 0.0))
     outcome = MethodOutcome(
         method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
-        evaluation_seconds=proposal.seconds + selection.confirmation_seconds,
+        evaluation_seconds=proposal.seconds + confirm_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
         notes=proposal.notes + (f"; {confirmations} confirmed" if confirmations else ""),
         valid=selection.summary(), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),

@@ -60,6 +60,8 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
         selection = policy.choose(proposal.rows, base, run.confirm, "confirm:ap")
         chosen = selection.chosen
+        n_confirmed, confirm_seconds = (run.confirmation_cost("confirm:ap", selection.shortlist)
+                                        if selection.base_confirmed is not None else (0, 0.0))
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
             f"{chosen.perplexity:.2f} (from {chosen.source})"
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "
@@ -80,10 +82,10 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
                 points=[ValidationPoint(r.mask.n_pruned, r.bias, r.perplexity, r.source, r.mask.key) for r in rows],
                 confirmation=confirmation_summary(run, selection)),
             search=proposal.details, chosen_mask=chosen.mask.to_dict(run.model_name), test=test,
-            llm_evaluations={"validation": len(proposal.rows), "confirmation": len(selection.candidates) + (
+            llm_evaluations={"validation": len(proposal.rows), "confirmation": n_confirmed + (
                                  1 if selection.base_confirmed is not None else 0),
                              "new_this_run": run.store.count() - evals_before, "in_store": run.store.count(),
-                             "evaluation_seconds": proposal.seconds + selection.confirmation_seconds + (
+                             "evaluation_seconds": proposal.seconds + confirm_seconds + (
                                  selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)},
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None})
         model_dir = None

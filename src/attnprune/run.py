@@ -207,6 +207,18 @@ class Run:
                 self.store.add(setting, "confirm", source if m != base else "confirm:unrepaired", ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
+    def confirmation_cost(self, source: str, masks: Sequence[HeadMask] = ()) -> tuple[int, float]:
+        """(count, seconds) of the confirmations stored under ``source`` and of ``masks`` (each mask once).
+
+        A method's confirmations include those made while it searched (AP's calibration).
+        """
+        _, setting = self.evaluator(self.confirm_spec)
+        rows = {r.mask.key: r for r in self.store.evaluations(setting, [source])}
+        for m in masks:
+            if m.key not in rows and (r := self.store.get(m, setting)) is not None:
+                rows[m.key] = r
+        return len(rows), float(sum(r.seconds for r in rows.values()))
+
     def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
         """The validation evaluations in the store (of ``sources`` when given), in insertion order."""
         return self.store.evaluations(self.valid_setting, sources)

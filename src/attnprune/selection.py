@@ -98,6 +98,7 @@ class Selection:
     base_confirmed: StoredEvaluation | None
     candidates: list[dict] = field(default_factory=list)
     confirmation_seconds: float = 0.0
+    shortlist: list[HeadMask] = field(default_factory=list)  # the confirmed masks, in the order of ``candidates``
 
     def summary(self) -> dict | None:
         """Validation numbers of the choice (screening and, when confirmed, confirmation)."""
@@ -210,7 +211,7 @@ class SelectionPolicy:
                                "confirmed_perplexity_change_bound": bound, "admissible": ok})
             if ok and (best_c is None or conf.bias < best_c.bias):
                 best, best_c = screened, conf
-        return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed))
+        return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed), [r.mask for r in shortlist])
 
     def choose(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None = None,
                source: str = "confirm") -> Selection:

@@ -326,11 +326,15 @@ class AttentionPruning(Method):
         details = SearchDetails()
         for r in range(c.rounds):
             self.round(run, ctx.policy, r, details)
+        key = f"calibration:{run.valid_setting}"  # kept: a rerun repeats the same rounds (from the store)
+        stored = list(run.store.meta_value(key) or [])
         for j in range(c.calibrate):
-            cal = self.calibrated_budget(run, ctx.policy)
+            cal = stored[j] if j < len(stored) else self.calibrated_budget(run, ctx.policy)
             if cal is None:
                 break
             details.calibration.append(cal)
+            if j >= len(stored):
+                run.store.set_meta_value(key, details.calibration)
             if cal["search_budget"] is None:
                 run.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal['gap']:.1f}% "
                         f"and the choice rule adds {100 * cal['margin']:.1f}%: no room left within the budget")
@@ -346,7 +350,8 @@ class AttentionPruning(Method):
         notes = (f"{len(rows)} validation evaluations"
                  + (f" ({knocked} single-head knockouts{' chosen by one first-order gradient pass' if first else ''}, "
                     if c.sampler == "boundary" else " (")
-                 + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates)")
+                 + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates"
+                 + (f", {len(details.calibration)} calibration(s)" if details.calibration else "") + ")")
         seconds = float(sum(r.seconds for r in rows)) + (first["seconds"] if first else 0.0)
         return Proposal(rows, len(rows), seconds, notes, details)
 
