@@ -76,7 +76,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
         evaluation_seconds=proposal.seconds + confirm_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
-        notes=proposal.notes + (f"; {confirmations} confirmed" if confirmations else ""),
+        notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
         valid=selection.summary(), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
         confirmation=selection.candidates)
     log(f"{name}: " + ("no candidate within the budget" if chosen is None else
