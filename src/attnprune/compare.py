@@ -70,8 +70,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     selection = policy.select(proposal.rows, base, run.confirm, f"confirm:{name}")
     chosen = selection.chosen
     # every confirmation the method caused, those of AP's calibration included
-    confirmations, confirm_seconds = (run.confirmation_cost(f"confirm:{name}", selection.shortlist)
-                                      if selection.base_confirmed is not None else (0, 0.0))
+    confirmations, confirm_seconds = run.confirmation_cost(f"confirm:{name}", selection)
     outcome = MethodOutcome(
         method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
         evaluation_seconds=proposal.seconds + confirm_seconds,

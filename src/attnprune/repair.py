@@ -60,8 +60,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
         selection = policy.choose(proposal.rows, base, run.confirm, "confirm:ap")
         chosen = selection.chosen
-        n_confirmed, confirm_seconds = (run.confirmation_cost("confirm:ap", selection.shortlist)
-                                        if selection.base_confirmed is not None else (0, 0.0))
+        n_confirmed, confirm_seconds = run.confirmation_cost("confirm:ap", selection)
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
             f"{chosen.perplexity:.2f} (from {chosen.source})"
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "

@@ -27,6 +27,7 @@ from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
 from attnprune.results import Change, Summary, TestComparison, TestReport
+from attnprune.selection import Selection
 from attnprune.store import Store, StoredEvaluation
 
 Log = Callable[[str], None]
@@ -207,14 +208,17 @@ class Run:
                 self.store.add(setting, "confirm", source if m != base else "confirm:unrepaired", ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
-    def confirmation_cost(self, source: str, masks: Sequence[HeadMask] = ()) -> tuple[int, float]:
-        """(count, seconds) of the confirmations stored under ``source`` and of ``masks`` (each mask once).
+    def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
+        """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).
 
-        A method's confirmations include those made while it searched (AP's calibration).
+        A method's confirmations include those made while it searched (AP's calibration);
+        (0, 0.0) when the selection confirmed nothing.
         """
+        if selection.base_confirmed is None:
+            return 0, 0.0
         _, setting = self.evaluator(self.confirm_spec)
         rows = {r.mask.key: r for r in self.store.evaluations(setting, [source])}
-        for m in masks:
+        for m in selection.shortlist:
             if m.key not in rows and (r := self.store.get(m, setting)) is not None:
                 rows[m.key] = r
         return len(rows), float(sum(r.seconds for r in rows.values()))

@@ -129,8 +129,8 @@ class SelectionPolicy:
     validation perplexity; see :meth:`screen`) are measured again on confirmation data
     the search never saw (fresh validation prompts, the other half of the validation
     text); the choice is the lowest confirmed bias among those whose confirmed perplexity
-    change is within ``tau`` at one-sided ``confidence``. With ``confirm = 0`` it is the lowest validation bias within
-    the budget.
+    change is within ``tau`` at one-sided ``confidence``. With ``confirm = 0`` it is the
+    lowest validation bias within the budget.
     """
 
     tau: float

@@ -135,8 +135,7 @@ class AttentionPruning(Method):
             knock = run.evaluate(masks, "knockout", "single-head knockouts (valid)")
             effect = np.zeros(run.n_total)
             for r in knock:
-                layer, head = r.mask.pruned[0]
-                effect[layer * run.shape[1] + head] = math.log(r.perplexity) - math.log(base.perplexity)
+                effect[head_index(r.mask, run.shape)] = math.log(r.perplexity) - math.log(base.perplexity)
             masks = boundary_masks(c.samples, run.shape, effect, c.tau, run.bounds, c.seed, free=free)
             return [base, *knock, *run.evaluate(masks, "sample", "samples near the budget (valid)")]
 
@@ -160,8 +159,8 @@ class AttentionPruning(Method):
             return np.ones(n, dtype=bool)
         est = self.first_order(run)
         summary, log_ppl = np.asarray(est["summary"]), np.asarray(est["log_perplexity"])
-        _, _, statistic = summaries_of(run, [base])
-        b0 = np.array([base.detail["bias"]["buckets"][b] for b in sorted(base.detail["bias"]["buckets"])])
+        base_summary, _, statistic = summaries_of(run, [base])
+        b0 = base_summary[0]
         with torch.no_grad():
             change = (statistic(torch.as_tensor(b0 + summary, dtype=torch.float32))
                       - statistic(torch.as_tensor(b0, dtype=torch.float32)[None])).numpy()
