@@ -92,6 +92,21 @@ def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
         assert run.store.count() == before and [r.mask for r in again.rows] == [r.mask for r in first.rows]
 
 
+def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, monkeypatch):
+    """CrowS-Pairs has no first-order estimates: the screen falls back to every head, with a note, not an error."""
+    import attnprune.methods.ap as ap
+
+    monkeypatch.setattr(ap, "MIN_KNOCKOUTS", 1)
+    notes: list[str] = []
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 0.34, "bias": "crows_pairs",
+                          "prompts": 8})
+    with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=notes.append) as run:
+        assert not run.valid.estimates_removals
+        free = ap.AttentionPruning().screen(run, run.base())
+    assert free.all() and free.shape == (12,)
+    assert any("knocking out every head (12 evaluations" in n for n in notes)
+
+
 @pytest.mark.slow
 def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     lm = tiny_loaded("llama", seed=3)

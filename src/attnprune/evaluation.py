@@ -86,6 +86,12 @@ class Evaluator:
             for m, b, p in zip(masks, bias, ppl)
         ]
 
+    @property
+    def estimates_removals(self) -> bool:
+        """Whether :meth:`removal_estimates` works here (a forward-only HolisticBias measure)."""
+        return getattr(self.bias_measure, "removal_estimates", None) is not None and hasattr(self.bias_measure,
+                                                                                                "design_")
+
     def removal_estimates(self) -> dict:
         """First-order estimates of removing each head (one forward and backward pass for all heads).
 
@@ -94,11 +100,10 @@ class Evaluator:
         """
         from attnprune.errors import UserError
 
-        estimate = getattr(self.bias_measure, "removal_estimates", None)
-        if estimate is None or not hasattr(self.bias_measure, "design_"):
+        if not self.estimates_removals:
             raise UserError(f"First-order screening needs the likelihood bias measure, not "
                             f"{self.bias_measure.card.name}; use --knockouts 1 (every head).")
-        per_prompt = estimate()  # [n, N]
+        per_prompt = self.bias_measure.removal_estimates()  # [n, N]
         return {"summary": self.bias_measure.design_.means(per_prompt.T),
                 "log_perplexity": self.ppl_measure.removal_estimates()}
 

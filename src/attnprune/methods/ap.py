@@ -157,6 +157,10 @@ class AttentionPruning(Method):
         k = n if c.knockouts >= 1 else max(MIN_KNOCKOUTS, int(math.ceil(c.knockouts * n)))
         if k >= n:
             return np.ones(n, dtype=bool)
+        if not run.valid.estimates_removals:
+            run.log(f"{run.valid.bias_measure.card.name} has no first-order removal estimates to screen with: "
+                    f"knocking out every head ({n} evaluations; --knockouts 1 asks for that directly)")
+            return np.ones(n, dtype=bool)
         est = self.first_order(run)
         summary, log_ppl = np.asarray(est["summary"]), np.asarray(est["log_perplexity"])
         base_summary, _, statistic = summaries_of(run, [base])
