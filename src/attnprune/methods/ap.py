@@ -157,11 +157,11 @@ class AttentionPruning(Method):
         k = n if c.knockouts >= 1 else max(MIN_KNOCKOUTS, int(math.ceil(c.knockouts * n)))
         if k >= n:
             return np.ones(n, dtype=bool)
-        if not run.valid.estimates_removals:
+        est = self.first_order(run)
+        if est is None:
             run.log(f"{run.valid.bias_measure.card.name} has no first-order removal estimates to screen with: "
                     f"knocking out every head ({n} evaluations; --knockouts 1 asks for that directly)")
             return np.ones(n, dtype=bool)
-        est = self.first_order(run)
         summary, log_ppl = np.asarray(est["summary"]), np.asarray(est["log_perplexity"])
         base_summary, _, statistic = summaries_of(run, [base])
         b0 = base_summary[0]
@@ -180,11 +180,16 @@ class AttentionPruning(Method):
         free[keep] = True
         return free
 
-    def first_order(self, run: Run) -> dict:
-        """First-order removal estimates of every head on validation (computed once per store and setting)."""
+    def first_order(self, run: Run) -> dict | None:
+        """First-order removal estimates of every head on validation (computed once per store and setting).
+
+        None when the bias measure has none (only the likelihood measure is differentiable here).
+        """
         key = f"first_order:{run.valid_setting}"
         stored = run.store.meta_value(key)
         if stored is None:
+            if not run.valid.estimates_removals:
+                return None
             run.log("first-order estimates of every head's removal (one gradient pass, validation) ...")
             with run.timed("first_order"):
                 t = time.perf_counter()
@@ -243,7 +248,7 @@ class AttentionPruning(Method):
             base_bias, base_lp = surrogates.predict_torch(torch.ones(1, run.n_total))
             bias = np.array([r.bias for r in rows])
             scale = max(float(np.std(bias)), 0.1 * abs(float(base_bias[0])), 1e-6)
-            free = searchable_heads(run.cfg, rows, run.n_total)
+            free = self.screen(run, run.base()) if c.sampler == "boundary" else None
             results = []
             for j, fraction in enumerate(budgets):
                 cost = policy.cost(surrogates.predict_torch, float(base_lp[0]), scale, tau=fraction * c.tau)
@@ -363,17 +368,6 @@ def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:
     """The flat index of a single-head knockout's pruned head."""
     layer, head = mask.pruned[0]
     return layer * shape[1] + head
-
-
-def searchable_heads(cfg, rows: list[StoredEvaluation], n_total: int) -> np.ndarray | None:
-    """Heads the search may prune: those knocked out (boundary sampler), or every head (paper sampler)."""
-    if cfg.sampler != "boundary":
-        return None
-    free = np.zeros(n_total, dtype=bool)
-    for r in rows:
-        if r.source == "knockout":
-            free[~r.mask.bits.astype(bool)] = True
-    return free if free.any() else None
 
 
 def describe_metrics(metrics: dict) -> str:
