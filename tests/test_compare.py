@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from attnprune.compare import compare
+from attnprune.compare import compare, over_seeds
 from attnprune.config import CompareConfig, RepairConfig
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
@@ -105,6 +105,27 @@ def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, 
         free = ap.AttentionPruning().screen(run, run.base())
     assert free.all() and free.shape == (12,)
     assert any("knocking out every head (12 evaluations" in n for n in notes)
+
+
+def test_over_seeds_table_says_where_a_method_chose_nothing():
+    def spread(values):
+        a = np.asarray(values, dtype=float)
+        return {"values": values, "mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else float("nan")}
+
+    summary = {"methods": {
+        "ap": {"seeds": [0, 1, 2], "found": [True] * 3, "bias_change": spread([-0.5, -0.4, -0.3]),
+               "perplexity_change": spread([0.01, 0.02, 0.03]), "budget_kept_on_test": True,
+               "llm_evaluations": spread([140, 140, 140]), "evaluation_seconds": spread([1000, 1100, 1200])},
+        "random": {"seeds": [0, 1, 2], "found": [True, False, False], "bias_change": spread([-0.4]),
+                   "perplexity_change": spread([0.04]), "budget_kept_on_test": True,
+                   "llm_evaluations": spread([10, 10, 10]), "evaluation_seconds": spread([100, 100, 100])}},
+        "ap_minus": {"random": {"relative_bias_change": spread([-0.1, -0.4, -0.3]),
+                                "evaluation_seconds_ratio": spread([10.0, 11.0, 12.0])}}}
+    md = "\n".join(over_seeds(summary))
+    assert "| ap | -50.0%, -40.0%, -30.0% | -40.0% | 10.0% | +1.0%, +2.0%, +3.0% | yes | 140 | 1100 |" in md
+    assert "| random | -40.0%, none, none | -40.0% (1 of 3 seeds) | - | +4.0%, none, none | " \
+           "yes; no choice on seeds 1, 2 |" in md
+    assert "| random | -10.0%, -40.0%, -30.0% | -26.7% | 15.3% | 11.00 |" in md
 
 
 @pytest.mark.slow
