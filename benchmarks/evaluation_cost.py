@@ -36,12 +36,13 @@ def timed(measure, mask):
 
 def repair_evaluations(lm) -> dict:
     """Seconds per mask of the repair's search, confirmation and test evaluators at their default sizes."""
-    cfg = RepairConfig(out=tempfile.mkdtemp(prefix="evaluation_cost-"))
     shape = lm.layout.shape
     masks = {f"knockout_layer_{shape[0] // 2}": HeadMask.from_pruned(*shape, [(shape[0] // 2, 0)]),
              "3_heads_from_layer_4": HeadMask.from_pruned(*shape, [(4, 1), (10, 2), (19, 1)])}
     out = {}
-    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+    with tempfile.TemporaryDirectory(prefix="evaluation_cost-") as tmp, \
+            Run.open(RepairConfig(out=tmp), loaded=lm, log=lambda s: None) as run:
+        cfg = run.cfg
         specs = {"search": run.valid_spec, "confirmation": run.confirm_spec,
                  "test": run.spec("test", prompts=cfg.test_prompts, ppl_tokens=cfg.test_ppl_tokens)}
         for name, spec in specs.items():
