@@ -76,9 +76,10 @@ def test_every_method_keeps_the_contract(name, tmp_path):
 
 def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
     """A comparison's FASP knocks out every head; AP's screened design must not change when it finds them."""
+    import attnprune.config as config_module
     import attnprune.methods.ap as ap
 
-    monkeypatch.setattr(ap, "MIN_KNOCKOUTS", 1)
+    monkeypatch.setattr(config_module, "MIN_KNOCKOUTS", 1)
     lm = tiny_loaded("llama", seed=3)
     cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 0.34, "samples": 8})
     policy = SelectionPolicy(cfg.tau, cfg.penalty)
@@ -94,9 +95,10 @@ def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
 
 def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, monkeypatch):
     """CrowS-Pairs has no first-order estimates: the screen falls back to every head, with a note, not an error."""
+    import attnprune.config as config_module
     import attnprune.methods.ap as ap
 
-    monkeypatch.setattr(ap, "MIN_KNOCKOUTS", 1)
+    monkeypatch.setattr(config_module, "MIN_KNOCKOUTS", 1)
     notes: list[str] = []
     cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 0.34, "bias": "crows_pairs",
                           "prompts": 8})
@@ -158,3 +160,64 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     # a rerun evaluates nothing new
     again = compare(cfg, loaded=lm, log=lambda s: None)
     assert sum(o.new_evaluations for s in again.per_seed for o in s.outcomes.values()) == 0
+
+
+def _outcome(method, seed, relative, ppl, evals, seconds, found=True):
+    from attnprune.results import Change, MethodOutcome, Summary, TestComparison
+
+    test = None
+    if found:
+        s = Summary(bias=1.0, ci=[0.9, 1.1], n_pruned=3)
+        test = TestComparison(name=method, setup={}, card={}, unrepaired=s, repaired=s,
+                              bias_change=Change(absolute=relative, ci=[relative - 0.1, relative + 0.1],
+                                                 relative=relative), perplexity_change=ppl)
+    return MethodOutcome(method=method, seed=seed, llm_evaluations=evals, evaluation_seconds=seconds,
+                         new_evaluations=evals, seconds=seconds, candidates=1, test=test,
+                         meets_budget=None if test is None else ppl <= 0.05)
+
+
+def test_summarize_arithmetic_on_hand_made_outcomes():
+    from attnprune.compare import summarize
+    from attnprune.results import Comparison, SeedComparison
+
+    result = Comparison(model="m", config={}, methods=["ap", "fasp", "random"], seeds=[1, 2], rule="r")
+    result.per_seed = [
+        SeedComparison(seed=1, validation={}, outcomes={
+            "ap": _outcome("ap", 1, -0.50, 0.02, 100, 50.0), "fasp": _outcome("fasp", 1, -0.40, 0.01, 300, 200.0),
+            "random": _outcome("random", 1, 0.0, 0.0, 10, 5.0, found=False)}),
+        SeedComparison(seed=2, validation={}, outcomes={
+            "ap": _outcome("ap", 2, -0.30, 0.06, 120, 70.0), "fasp": _outcome("fasp", 2, -0.40, 0.03, 300, 140.0),
+            "random": _outcome("random", 2, -0.10, 0.04, 10, 5.0)})]
+    s = summarize(result, tau=0.05)
+    ap = s["methods"]["ap"]
+    assert ap["bias_change"]["values"] == [-0.50, -0.30] and ap["bias_change"]["mean"] == pytest.approx(-0.40)
+    assert ap["bias_change"]["sd"] == pytest.approx(0.1414213562, rel=1e-6)
+    assert ap["budget_kept_on_test"] is False  # seed 2: +6% > +5%
+    assert ap["llm_evaluations"]["mean"] == 110 and ap["evaluation_seconds"]["mean"] == 60
+    assert s["methods"]["random"]["found"] == [False, True]
+    assert s["methods"]["random"]["bias_change"]["values"] == [-0.10]
+    fasp = s["ap_minus"]["fasp"]
+    assert fasp["relative_bias_change"]["values"] == pytest.approx([-0.10, 0.10])
+    assert fasp["relative_bias_change"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert fasp["evaluation_seconds_ratio"]["values"] == pytest.approx([0.25, 0.5])
+    # a method without a choice keeps the unrepaired model: AP minus it is AP's own change on that seed
+    assert s["ap_minus"]["random"]["relative_bias_change"]["values"] == pytest.approx([-0.50, -0.20])
+
+
+def test_confirmation_cost_counts_each_confirmation_once(tmp_path):
+    """Confirmations stored under the method's source and the shortlist's, each counted once, with their seconds."""
+    from attnprune.selection import Selection
+    from attnprune.store import StoredEvaluation
+
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "confirm": 2, "confirm_prompts": 16,
+                          "confirm_ppl_tokens": 128})
+    with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=lambda s: None) as run:
+        masks = [HeadMask.from_pruned(3, 4, [(0, h)]) for h in range(3)]
+        rows, base = run.confirm(masks[:2], "confirm:ap")  # confirmed while AP searched
+        assert run.confirmation_cost("confirm:ap", Selection(None, None, None)) == (0, 0.0)
+        shortlist_rows, _ = run.confirm(masks[1:], "confirm:other")  # the shortlist: one new, one already confirmed
+        selection = Selection(chosen=None, confirmed=None, base_confirmed=base, shortlist=masks[1:])
+        count, seconds = run.confirmation_cost("confirm:ap", selection)
+        assert count == 3
+        assert seconds == pytest.approx(sum(r.seconds for r in rows) + shortlist_rows[1].seconds)
+        assert isinstance(rows[0], StoredEvaluation)

@@ -67,3 +67,25 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     assert ap.calibrated_budget(FakeRun(), policy)["search_budget"] is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
     assert ap.calibrated_budget(FakeRun(), policy) is None
+
+
+def test_perplexity_change_bound_on_hand_made_windows():
+    """Four windows of 100 tokens; per-token log-perplexity differences 0.01, 0.03, 0.02, 0.04."""
+    import math
+
+    from scipy.stats import t
+
+    from attnprune.selection import perplexity_change_bound
+
+    base = StoredEvaluation(HeadMask.all_active(2, 4), "valid", "confirm", 1.0, (1, 1), 100.0,
+                            {"perplexity": {"per_window": [100.0, 200.0, 300.0, 400.0], "tokens": 400}}, 1.0, "now")
+    row = StoredEvaluation(HeadMask.from_pruned(2, 4, [(0, 0)]), "valid", "confirm", 1.0, (1, 1), 100.0,
+                           {"perplexity": {"per_window": [101.0, 203.0, 302.0, 404.0], "tokens": 400}}, 1.0, "now")
+    change, bound = perplexity_change_bound(row, base, 0.8)
+    # mean 0.025, sd (ddof 1) sqrt(5e-4 / 3), se = sd / 2, one-sided t quantile on 3 degrees of freedom
+    se = math.sqrt(5e-4 / 3) / 2
+    assert change == pytest.approx(math.expm1(0.025), rel=1e-9)
+    assert bound == pytest.approx(math.expm1(0.025 + t.ppf(0.8, 3) * se), rel=1e-9)
+    assert t.ppf(0.8, 3) == pytest.approx(0.9785, abs=1e-4)  # wider than the normal 0.8416
+    # the unrepaired model against itself: no change, no margin
+    assert perplexity_change_bound(base, base, 0.8) == (0.0, 0.0)

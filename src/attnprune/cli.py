@@ -275,12 +275,19 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag error in one sentence (and where to get help) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"attnprune: error: {message[0].upper() + message[1:]}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (all subcommands)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnprune", description="Repair social bias in causal LMs by pruning attention heads."
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, func, cls, help_ in COMMANDS:
         p = sub.add_parser(name, help=help_, description=help_)
         C.add_config_flags(p, cls)
@@ -313,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag argparse refused (already printed in one line)
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -322,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(C.config_from_args(args, args.config_class))
     except UserError as exc:
         print(f"attnprune: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except PermissionError as exc:
+        # a path that became unwritable after the up-front checks (they probe every output path)
+        print(f"attnprune: error: {exc.filename or 'a file'} cannot be written ({exc.strerror}); choose a writable "
+              "location (everything evaluated so far is saved in the run's store).", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("attnprune: interrupted; everything evaluated so far is saved in the run's store.", file=sys.stderr)

@@ -18,6 +18,10 @@ from typing import Callable
 
 from attnprune.errors import UserError
 
+# the boundary sampler's screen keeps at least this many heads: knockouts of small models are
+# cheap, and a search among a handful of heads has nothing left to find
+MIN_KNOCKOUTS = 24
+
 
 def opt(default, help: str, choices: Callable[[], list[str]] | list[str] | None = None, required: bool = False,
         positional: bool = False, listed: Callable[[], list[str]] | None = None):
@@ -58,6 +62,35 @@ def split_list(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+def check_writable(path: str | Path, flag: str, kind: str = "dir") -> None:
+    """Refuse a ``path`` that cannot be written: create the directory (or a file's parent) and probe it.
+
+    ``kind`` is ``dir`` (``path`` is a directory) or ``file`` (``path`` is a file to write).
+    Run before any model work, so an unwritable output fails in one sentence, not after a search.
+    """
+    import tempfile
+
+    path = Path(path).expanduser()
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; name a file.")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is an existing file; name a directory.")
+    directory = path if kind == "dir" else (path.parent if str(path.parent) else Path("."))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".attnprune-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {path} cannot be written ({exc.strerror or type(exc).__name__}); choose a writable "
+                        "location.") from None
+
+
+def check_seed(value, flag: str) -> None:
+    """Refuse a seed numpy cannot take (negative, or not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{flag} must be a non-negative integer, got {value!r}.")
+
+
 class Options:
     """Mixin: JSON-ready values and the checks every config shares."""
 
@@ -94,6 +127,12 @@ class ModelOptions(Options):
     device_map: str | None = opt(None, "accelerate device map, e.g. 'auto' to spread a model larger than one GPU "
                                  "over all GPUs (--device is then ignored)")
     cache_dir: str | None = opt(None, "cache for converted GGUF models (default ~/.cache/attnprune)")
+
+    def validate(self):
+        super().validate()
+        if self.cache_dir:
+            check_writable(self.cache_dir, "--cache-dir")
+        return self
 
     def load(self):
         """The loaded model these options name."""
@@ -171,6 +210,13 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.prompts is not None and self.prompts < 1:
             raise UserError("--prompts must be at least 1.")
+        check_seed(self.seed, "--seed")
+        from attnprune.measures import measure_class
+
+        for measure in split_list(self.bias):
+            measure_class(measure).check_axis(self.axis, self.holisticbias)
+        if self.json:
+            check_writable(self.json, "--json", kind="file")
         return self
 
 
@@ -238,9 +284,14 @@ class RepairConfig(SpeedOptions, ModelOptions):
                       "(comma-separated measures; 'none' to skip); the search never sees them")
     export: bool = opt(True, "write the repaired model to <out>/model")
 
-    # keys that must match to continue an existing store
+    # keys that must match to read an existing store: what its evaluations measured
     STORE_KEYS = ("model", "axis", "bias", "prompts", "ppl_tokens", "corpus", "holisticbias", "seed", "r_min",
                   "r_max", "dtype")
+    # and, to add to it (sample, repair, compare), the options that decide which masks it holds
+    # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
+    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "tau", "penalty", "chains", "steps",
+                     "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
+                     "confirm_ppl_tokens", "confidence")
 
     @property
     def out_dir(self) -> Path:
@@ -250,8 +301,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
         return Path("runs") / f"repair-{model_slug(self.model)}"
 
     def store_config(self, model_name: str | None = None) -> dict:
-        """The values a store records and checks on reopening."""
-        out = {k: getattr(self, k) for k in self.STORE_KEYS}
+        """The values a store records and checks on reopening (measurement and decision keys)."""
+        out = {k: getattr(self, k) for k in self.STORE_KEYS + self.DECISION_KEYS}
         if model_name is not None:
             out["model"] = model_name
         return out
@@ -259,6 +310,21 @@ class RepairConfig(SpeedOptions, ModelOptions):
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
         return max(1, int(math.floor(self.r_min * n_total))), max(1, int(math.floor(self.r_max * n_total)))
+
+    def screen_size(self, n_total: int) -> int:
+        """Heads the boundary sampler's screen keeps (and the search may prune) of ``n_total``."""
+        if self.sampler != "boundary" or self.knockouts >= 1:
+            return n_total
+        return min(n_total, max(MIN_KNOCKOUTS, int(math.ceil(self.knockouts * n_total))))
+
+    def check_model(self, n_total: int) -> None:
+        """Refuse options that cannot work on a model of ``n_total`` heads (checked after loading, before any evaluation)."""
+        k_min, _ = self.bounds(n_total)
+        free = self.screen_size(n_total)
+        if k_min > free:
+            raise UserError(f"--r-min {self.r_min:g} asks for at least {k_min} pruned heads, but the screen "
+                            f"(--knockouts {self.knockouts:g}) leaves {free} of the model's {n_total} heads to prune; "
+                            "lower --r-min or raise --knockouts.")
 
     def validate(self) -> "RepairConfig":
         super().validate()
@@ -290,7 +356,30 @@ class RepairConfig(SpeedOptions, ModelOptions):
         unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
         if unknown:
             raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
+        check_seed(self.seed, "--seed")
+        self.check_axes()
+        check_writable(self.out_dir, "--out")
         return self
+
+    def check_axes(self) -> None:
+        """Every axis the run will measure is one its measures have data for: checked before the first evaluation."""
+        from attnprune.measures import measure_class
+
+        measure_class(self.bias).check_axis(self.axis, self.holisticbias)
+        for measure in split_list(self.checks):
+            if measure != "none":
+                try:
+                    measure_class(measure).check_axis(self.axis, self.holisticbias)
+                except UserError as exc:
+                    raise UserError(f"--checks {measure} cannot measure --axis {self.axis}: {exc} Or drop it from "
+                                    "--checks.") from None
+        if self.second_opinion != "none":
+            measure_class("toxicity").check_axis(self.axis, self.holisticbias)
+        for axis in split_list(self.transfer_axes):
+            try:
+                measure_class(self.bias).check_axis(axis, self.holisticbias)
+            except UserError as exc:
+                raise UserError(f"--transfer-axes: {exc}") from None
 
 
 @dataclass
@@ -298,6 +387,12 @@ class FitConfig(RepairConfig):
     """``attnprune fit``: surrogates from a run's store."""
 
     json: str | None = opt(None, "write the metrics to this JSON file")
+
+    def validate(self) -> "FitConfig":
+        super().validate()
+        if self.json:
+            check_writable(self.json, "--json", kind="file")
+        return self
 
 
 DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
@@ -325,16 +420,21 @@ class CompareConfig(RepairConfig):
 
     @property
     def seed_list(self) -> list[int]:
-        """The seeds to run."""
-        return [int(s) for s in split_list(self.seeds)] if self.seeds else [self.seed]
+        """The seeds to run, in the given order, each once (a repeated seed would count twice in the means)."""
+        if not str(self.seeds).strip():
+            return [self.seed]
+        return list(dict.fromkeys(int(s) for s in split_list(self.seeds)))
 
     def validate(self) -> "CompareConfig":
-        super().validate()
         try:
-            self.seed_list
+            seeds = self.seed_list
         except ValueError:
             raise UserError(f"--seeds must be comma-separated integers, got {self.seeds!r}.") from None
-        return self
+        if not seeds:
+            raise UserError(f"--seeds {self.seeds!r} names no seed; give comma-separated integers such as 10,11,12.")
+        for seed in seeds:
+            check_seed(seed, "--seeds")
+        return super().validate()
 
 
 @dataclass
@@ -346,8 +446,7 @@ class ExportConfig(ModelOptions):
 
     def validate(self) -> "ExportConfig":
         super().validate()
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise UserError(f"--out {self.out} is an existing file; name a directory.")
+        check_writable(self.out, "--out")
         return self
 
 
@@ -364,6 +463,30 @@ def model_slug(model: str) -> str:
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
+
+
+def _typed(value, f, source: str):
+    """``value`` (from a YAML file) as field ``f``'s type, or a UserError naming the option and the type."""
+    type_name = str(f.type)
+    if value is None:
+        if "None" in type_name:
+            return None
+        raise UserError(f"{source}: {f.name} needs a value; remove the line to use the default ({f.default}).")
+    if type_name in ("bool", "bool | None"):
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: {f.name} must be true or false, got {value!r}.")
+    want = _TYPES.get(type_name, str)
+    if want is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    kind = {int: "an integer", float: "a number", str: "a text value"}[want]
+    raise UserError(f"{source}: {f.name} must be {kind}, got {value!r}; fix the file.")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -393,9 +516,14 @@ def config_from_args(args: argparse.Namespace, cls):
         if not path.is_file():
             raise UserError(f"Config file {path} does not exist; check --config.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"Config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix it.") from None
+        except UnicodeDecodeError:
+            raise UserError(f"Config file {path} is not UTF-8 text; save it as UTF-8.") from None
+        except OSError as exc:
+            raise UserError(f"Config file {path} cannot be read ({exc.strerror or type(exc).__name__}); check "
+                            "--config.") from None
         if not isinstance(data, dict):
             raise UserError(f"Config file {path} must hold a mapping of option: value.")
         known = {f.name for f in fields(cls)}
@@ -404,8 +532,11 @@ def config_from_args(args: argparse.Namespace, cls):
         if unknown:
             raise UserError(f"Config file {path} has unknown options {', '.join(unknown)}; see the command's --help.")
         for f in fields(cls):
+            if f.name not in data:
+                continue
+            data[f.name] = _typed(data[f.name], f, f"Config file {path}")
             choices = _names(f.metadata.get("choices"))
-            if f.name in data and choices and data[f.name] not in choices:
+            if choices and data[f.name] not in choices:
                 raise UserError(f"Config file {path}: {f.name} must be one of {', '.join(map(str, choices))}.")
         values.update(data)
     for f in fields(cls):

@@ -54,8 +54,9 @@ class HeadMask:
         """Mask with the listed ``(layer, head)`` pairs pruned."""
         active = np.ones((n_layers, n_heads), dtype=bool)
         for item in pruned:
-            if len(item) != 2:
-                raise MaskError(f"A pruned head must be a [layer, head] pair; got {list(item)}.")
+            if (not isinstance(item, (list, tuple, np.ndarray)) or len(item) != 2
+                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in item)):
+                raise MaskError(f"A pruned head must be a [layer, head] pair of integers; got {item!r}.")
             layer, head = int(item[0]), int(item[1])
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
                 raise MaskError(
@@ -139,10 +140,9 @@ class HeadMask:
         """Read the mask JSON format; when ``layout`` is given, check the mask fits it."""
         if not isinstance(data, dict) or not {"layers", "heads", "pruned"} <= data.keys():
             raise MaskError("A mask file must be a JSON object with 'layers', 'heads' and 'pruned' fields.")
-        try:
-            n_layers, n_heads = int(data["layers"]), int(data["heads"])
-        except (TypeError, ValueError):
-            raise MaskError("The mask file's 'layers' and 'heads' must be integers.") from None
+        n_layers, n_heads = data["layers"], data["heads"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_layers, n_heads)):
+            raise MaskError("The mask file's 'layers' and 'heads' must be positive integers.")
         if layout is not None and (n_layers, n_heads) != layout.shape:
             raise MaskError(
                 f"The mask is for {n_layers} layers x {n_heads} heads (model {data.get('model')!r}) "
@@ -166,7 +166,10 @@ class HeadMask:
         if not path.is_file():
             raise UserError(f"Mask file {path} does not exist; pass the path of a mask JSON file.")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UserError(f"Mask file {path} cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                            "permissions.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MaskError(f"Mask file {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); fix or regenerate it.") from None
         return cls.from_dict(data, layout)

@@ -66,10 +66,11 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "
                f"{selection.base_confirmed.bias:.3f}, perplexity {100 * selection.summary()['confirmed']['perplexity_change']:+.1f}%"
                if selection.confirmed is not None else ""))
-        test = run.test_report(chosen.mask)
         out = cfg.out_dir
+        # saved before the test split: the choice survives any failure of the reporting steps
         chosen.mask.save(out / "mask.json", model=run.model_name, source=chosen.source,
                          validation_bias=chosen.bias, validation_perplexity=chosen.perplexity)
+        test = run.test_report(chosen.mask)
         rows = run.rows()
         report = RepairReport(
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),

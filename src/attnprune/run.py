@@ -60,7 +60,11 @@ class Run:
         if loaded is None:
             log(f"loading {cfg.model} ...")
             loaded = cfg.load()
-        store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, cfg.store_config(loaded.name))
+        cfg.check_model(loaded.layout.n_total)
+        config = cfg.store_config(loaded.name)
+        store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, config,
+                      compatible_keys=[k for k in config if k != "samples"])
+        _extend_design(store, cfg.samples)
         run = cls(cfg, loaded, store, log)
         run.timings["load"] = time.perf_counter() - t
         return run
@@ -69,7 +73,8 @@ class Run:
     def from_store(cls, cfg: RepairConfig, log: Log = logger.info) -> "Run":
         """Open an existing run's store without loading the model (fit and search need only the store)."""
         store = Store(cfg.out_dir / "store.sqlite", None)
-        store.check_config(cfg.store_config(store.config.get("model", cfg.model)))
+        # fit and search only read: the measurement keys must match, decision options may differ
+        store.check_config(cfg.store_config(store.config.get("model", cfg.model)), keys=cfg.STORE_KEYS)
         run = cls(cfg, None, store, log)
         run.valid_setting = store.setting_of("sample")
         if run.valid_setting is None:
@@ -307,6 +312,24 @@ class Run:
         self._evaluators.clear()
         self._valid = None
         self.store.close()
+
+
+def _extend_design(store: Store, samples: int) -> None:
+    """Accept another ``--samples`` while the store holds only the design: a larger design extends the same masks.
+
+    Once a search has started, its rounds were fitted on the old design, so a different
+    ``samples`` is refused like any other decision option.
+    """
+    recorded = store.config.get("samples")
+    if recorded == samples:
+        return
+    searched = sorted(store.sources() - {"sample", "knockout"})
+    if searched:
+        store.close()
+        raise UserError(f"Store {store.path} was made with a different configuration (samples: {recorded!r} -> "
+                        f"{samples!r}) and already holds search results ({', '.join(searched[:3])}); rerun with "
+                        f"--samples {recorded} or choose a new --out directory.")
+    store.update_config(samples=samples)
 
 
 def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:

@@ -117,7 +117,9 @@ class Store:
         keys = list(keys) if keys is not None else sorted(set(old) | set(config))
         differ = [k for k in keys if json.dumps(old.get(k), default=str) != json.dumps(config.get(k), default=str)]
         if differ:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ[:4])
+            detail = ", ".join(f"{k}: {old[k]!r} -> {config.get(k)!r}" if k in old else
+                               f"{k}: not recorded (an older attnprune made it) -> {config.get(k)!r}" for k in differ[:6])
+            detail += f" and {len(differ) - 6} more" if len(differ) > 6 else ""
             raise UserError(
                 f"Store {self.path} was made with a different configuration ({detail}); rerun with the "
                 "original options or choose a new --out directory."
@@ -128,6 +130,16 @@ class Store:
         """The configuration recorded at creation."""
         row = self.db.execute("SELECT value FROM meta WHERE key='config'").fetchone()
         return json.loads(row[0]) if row else {}
+
+    def update_config(self, **values) -> None:
+        """Record new values of configuration keys (a continuation that extends what the store holds)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)",
+                            (json.dumps({**self.config, **values}, default=str),))
+
+    def sources(self) -> set[str]:
+        """The distinct source labels of the stored evaluations."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT source FROM evaluations")}
 
     def meta_value(self, key: str):
         """A JSON value recorded under ``key`` (None when absent)."""

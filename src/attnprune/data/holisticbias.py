@@ -99,7 +99,14 @@ def data_dir(path: str | Path | None = None) -> Path:
 @lru_cache(maxsize=4)
 def _load(path: str) -> tuple[dict, dict, dict, dict]:
     d = Path(path)
-    return tuple(json.loads((d / f).read_text()) for f in FILES)  # type: ignore[return-value]
+    out = []
+    for f in FILES:
+        try:
+            out.append(json.loads((d / f).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"HolisticBias file {d / f} cannot be read as JSON ({type(exc).__name__}); restore it or "
+                            "point --holisticbias at an intact v1.1 folder.") from None
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _noun_phrases(descriptors: dict, nouns: dict, standalone: dict):
@@ -156,7 +163,8 @@ def axis_counts(path: str | None = None) -> Counter:
     return Counter(p.axis for p in all_sentences(path))
 
 
-def _check_axis(axis: str, path: str | None) -> None:
+def check_axis(axis: str, path: str | None = None) -> None:
+    """Refuse an axis HolisticBias does not have."""
     known = axes(path)
     if axis not in known:
         raise UserError(f"Unknown HolisticBias axis '{axis}'; choose one of {', '.join(known)}.")
@@ -166,7 +174,7 @@ def _check_axis(axis: str, path: str | None) -> None:
 def split_prompts(axis: str, split: str, seed: int = 0, path: str | None = None) -> tuple[Prompt, ...]:
     """All sentences of ``axis`` in ``split`` (``valid`` ~20% / ``test`` ~80%), stratified by bucket."""
     check_split(split)
-    _check_axis(axis, path)
+    check_axis(axis, path)
     pool = [p for p in all_sentences(path) if p.axis == axis]
     return tuple(seeded_split(pool, split, seed, key=lambda p: p.text, stratum=lambda p: p.bucket))
 

@@ -73,6 +73,10 @@ class BiasMeasure(Measure):
     def paired_difference(self, scores_a, scores_b) -> dict:
         """``{"a", "b", "diff", "diff_ci"}``: the statistic of two masks on the same items and the CI of ``a - b``."""
 
+    @classmethod
+    def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
+        """Refuse, with one sentence, an axis this measure has no data for (before any model work)."""
+
 
 class HolisticBiasMeasure(BiasMeasure):
     """Base of the measures on HolisticBias prompts of one axis: prompts, bucket design, statistics.
@@ -88,6 +92,10 @@ class HolisticBiasMeasure(BiasMeasure):
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.data_path, self.bootstrap_reps, self.part = holisticbias, bootstrap_reps, part
         self.adjust = hb.check_adjust(adjust)
+
+    @classmethod
+    def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
+        hb.check_axis(axis, holisticbias)
 
     def prepare_prompts(self) -> None:
         """Choose the prompts and their bucket design (called by ``prepare``)."""

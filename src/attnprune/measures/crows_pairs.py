@@ -45,6 +45,10 @@ class CrowsPairs(ItemBiasMeasure):
         "pseudo-likelihood.",
     )
 
+    @classmethod
+    def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
+        cp.bias_type(axis)
+
     def prepare(self, backend) -> "CrowsPairs":
         self.pairs_ = self.take_part(cp.pairs(self.axis, self.split, self.seed), key=lambda p: p.sent_more)
         self.strata_ = [p.bias_type for p in self.pairs_]

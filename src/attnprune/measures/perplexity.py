@@ -63,6 +63,9 @@ class PerplexityBenchmark(Measure):
     def prepare(self, backend) -> "PerplexityBenchmark":
         lines, self.resolved_source_ = corpus_lines(self.source, self.split)
         ids = backend.tokenizer("\n".join(lines), add_special_tokens=False).input_ids
+        if not any(line.strip() for line in lines) or len(ids) < 2:
+            raise UserError(f"The {self.split} half of corpus {self.resolved_source_} has no text to score (it needs "
+                            "at least 2 tokens); give a --corpus file with text in both halves of its lines.")
         if self.part == "all":
             ids = ids[: self.max_tokens]
         window = min(self.window, len(ids))

@@ -46,6 +46,10 @@ class StereoSet(ItemBiasMeasure):
         "averages weigh terms with one item as much as terms with ten.",
     )
 
+    @classmethod
+    def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
+        st.bias_type(axis)
+
     def prepare(self, backend) -> "StereoSet":
         self.items_ = self.take_part(st.items(self.axis, self.split, self.seed), key=lambda it: it.id)
         self.strata_ = [it.target for it in self.items_]

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from attnprune.config import RepairConfig
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, knockout_masks, register_method
@@ -35,12 +36,8 @@ from attnprune.results import AnnealingSummary, Candidate, SearchDetails
 from attnprune.run import Run
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import SelectionPolicy, trust_region
-from attnprune.store import StoredEvaluation
+from attnprune.store import StoredEvaluation, fingerprint
 from attnprune.surrogate import AdditiveSurrogate, additive_metrics, fit_surrogates
-
-# the screen keeps at least this many heads: knockouts of small models are cheap, and a search
-# among a handful of heads has nothing left to find
-MIN_KNOCKOUTS = 24
 
 # the search's perplexity budgets, as fractions of tau: candidates spread along the boundary
 BUDGET_LADDER = (0.5, 0.75, 1.0)
@@ -154,7 +151,7 @@ class AttentionPruning(Method):
     def _screen(self, run: Run, base: StoredEvaluation) -> np.ndarray:
         c = run.cfg
         n = run.n_total
-        k = n if c.knockouts >= 1 else max(MIN_KNOCKOUTS, int(math.ceil(c.knockouts * n)))
+        k = c.screen_size(n)
         if k >= n:
             return np.ones(n, dtype=bool)
         est = self.first_order(run)
@@ -334,7 +331,8 @@ class AttentionPruning(Method):
         details = SearchDetails()
         for r in range(c.rounds):
             self.round(run, ctx.policy, r, details)
-        key = f"calibration:{run.valid_setting}"  # kept: a rerun repeats the same rounds (from the store)
+        # kept: a rerun repeats the same rounds (from the store); keyed by every option the budgets depend on
+        key = f"calibration:{run.valid_setting}:" + fingerprint({k: getattr(c, k) for k in RepairConfig.DECISION_KEYS})
         stored = list(run.store.meta_value(key) or [])
         for j in range(c.calibrate):
             cal = stored[j] if j < len(stored) else self.calibrated_budget(run, ctx.policy)
