@@ -28,6 +28,11 @@ Writes ``benchmarks/results/signal_quality.json``.
 
     .venv/bin/python benchmarks/sq_collect.py        # slow: about 2 h on 2 cores, resumable
     .venv/bin/python benchmarks/signal_quality.py    # minutes
+
+RETIRED AS EVIDENCE: this study measures seed 0's test split (its masks are picked by test
+perplexity, its rankings scored valid -> test), so nothing may be chosen from it. Its result
+file was removed; before it is rerun it must compare two disjoint *validation* parts
+instead (see the README's "Results" section).
 """
 
 from __future__ import annotations

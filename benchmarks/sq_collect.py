@@ -2,6 +2,11 @@
 
 Writes runs/signal_quality/seed<S>/<group>.npz: for every mask of a group, the per-prompt
 likelihood scores on the prompt sets and the per-window NLL sums on the perplexity texts.
+
+RETIRED AS EVIDENCE: this study measures seed 0's test split (its masks are picked by test
+perplexity, its rankings scored valid -> test), so nothing may be chosen from it. Its result
+file was removed; before it is rerun it must compare two disjoint *validation* parts
+instead (see the README's "Results" section).
 """
 
 from __future__ import annotations

@@ -192,6 +192,9 @@ def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, l
         "- Perplexity was measured on non-overlapping 256-token windows (offline: WikiText sentences without "
         "punctuation), so values are higher than sliding-window perplexity.", "",
         "## Evaluate it with lm-evaluation-harness", "", "```bash",
-        "pip install lm-eval", "lm_eval --model hf --model_args pretrained=PATH_TO_THIS_DIRECTORY \\",
-        "    --tasks crows_pairs_english_gender,wikitext --batch_size 8", "```", ""]
+        "pip install \"lm-eval[hf]\"", "lm_eval --model hf --model_args pretrained=PATH_TO_THIS_DIRECTORY \\",
+        "    --tasks crows_pairs_english_gender,wikitext --batch_size 8", "```", "",
+        "Both tasks need the Hugging Face hub; lm-eval's `crows_pairs_english_gender` reads a revised English set "
+        "(`jannalu/crows_pairs_multilingual`), not the 262 gender pairs of the original CSV measured above, so "
+        "expect values within the CIs, not identical numbers.", ""]
     return "\n".join(lines)
