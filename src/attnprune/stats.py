@@ -27,31 +27,74 @@ class BucketDesign:
 
     ``means(values)`` maps per-prompt values ``[..., n]`` to bucket means ``[..., B]``
     (template-adjusted when ``strata`` is given) as one linear projection.
+
+    Resamples and permutations are solved on the normal equations of the two-way design
+    (bucket + template one-hot): a resample is a vector of item weights (how often each item
+    was drawn), and its fit is a ``(B + T - 1)``-square system built from weighted cell
+    counts, never a pseudo-inverse of the ``n``-row design. This is the same least-squares
+    fit (the minimum-norm one when a resample misses a template), in time linear in ``n``.
     """
 
     def __init__(self, buckets, shares: dict[str, float] | None = None, strata=None):
         self.buckets = np.asarray(buckets)
         self.strata = None if strata is None else np.asarray(strata)
         self.names = sorted(set(self.buckets.tolist()))
-        sizes = [int((self.buckets == b).sum()) for b in self.names]
+        self.bucket_index_ = np.searchsorted(np.array(self.names), self.buckets)
+        sizes = np.bincount(self.bucket_index_, minlength=len(self.names))
         w = np.array([shares[b] if shares else n for b, n in zip(self.names, sizes)], dtype=float)
         self.weights = w / w.sum()
-        self.projection = self._projection(np.arange(len(self.buckets)), self.buckets)
+        if self.strata is not None:
+            levels = np.array(sorted(set(self.strata.tolist())))
+            self.template_index_ = np.searchsorted(levels, self.strata)  # level 0 is the regression's reference
+            self.n_templates_ = len(levels)
+        self.projection = self._projection(self.bucket_index_)
 
-    def _projection(self, idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """``[B, n]`` matrix giving bucket means of ``values[idx]`` under bucket ``labels``."""
-        return np.asarray(self._projections(idx[None, :], labels)[0])
-
-    def _projections(self, resamples: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Stacked projections ``[r, B, n]`` for resampled index rows that share bucket ``labels``."""
-        onehot = (labels[:, None] == np.array(self.names)[None, :]).astype(float)
+    # ---- the fit, on item weights ------------------------------------------------------------
+    def _normal_equations(self, weights: np.ndarray, bucket_index: np.ndarray) -> np.ndarray:
+        """``[r, P, P]`` matrices ``X' W X`` of the design under item ``weights [r, n]``."""
+        B = len(self.names)
+        wb = _group_sums(weights, bucket_index, B)  # [r, B]
         if self.strata is None:
-            return np.broadcast_to((onehot / np.maximum(onehot.sum(0), 1)).T, (len(resamples), *onehot.T.shape))
-        levels = np.array(sorted(set(self.strata.tolist()))[1:])
-        strata = (self.strata[resamples][:, :, None] == levels[None, None, :]).astype(float)  # [r, n, T-1]
-        design = np.concatenate([np.broadcast_to(onehot, (len(resamples), *onehot.shape)), strata], axis=2)
-        return np.linalg.pinv(design)[:, : len(self.names)]
+            return wb
+        T = self.n_templates_
+        cells = _group_sums(weights, bucket_index * T + self.template_index_, B * T).reshape(-1, B, T)[:, :, 1:]
+        wt = cells.sum(1)  # [r, T-1]
+        P = B + T - 1
+        A = np.zeros((len(weights), P, P))
+        A[:, np.arange(B), np.arange(B)] = wb
+        A[:, np.arange(B, P), np.arange(B, P)] = wt
+        A[:, :B, B:] = cells
+        A[:, B:, :B] = cells.transpose(0, 2, 1)
+        return A
 
+    def _fit(self, weights: np.ndarray, values: np.ndarray, bucket_index: np.ndarray) -> np.ndarray:
+        """Bucket means ``[k, r, B]`` of ``values [k, n]`` under item ``weights [r, n]`` and labels ``bucket_index``."""
+        B = len(self.names)
+        wv = weights[None, :, :] * values[:, None, :]  # [k, r, n]
+        rb = _group_sums(wv, bucket_index, B)  # [k, r, B]
+        A = self._normal_equations(weights, bucket_index)
+        if self.strata is None:
+            return rb / np.maximum(A, 1e-300)[None]
+        rt = _group_sums(wv, self.template_index_, self.n_templates_)[..., 1:]
+        rhs = np.concatenate([rb, rt], axis=-1)  # [k, r, P]
+        return np.einsum("rpq,krq->krp", np.linalg.pinv(A, hermitian=True), rhs)[..., :B]
+
+    def _projection(self, bucket_index: np.ndarray) -> np.ndarray:
+        """``[B, n]`` matrix giving bucket means of values under bucket labels ``bucket_index``."""
+        n = len(bucket_index)
+        ones = np.ones((1, n))
+        if self.strata is None:
+            counts = np.bincount(bucket_index, minlength=len(self.names)).astype(float)
+            return (np.arange(len(self.names))[:, None] == bucket_index[None, :]) / np.maximum(counts, 1)[:, None]
+        B, T = len(self.names), self.n_templates_
+        A = self._normal_equations(ones, bucket_index)[0]
+        X = np.zeros((n, B + T - 1))
+        X[np.arange(n), bucket_index] = 1.0
+        ref = self.template_index_ > 0
+        X[np.nonzero(ref)[0], B + self.template_index_[ref] - 1] = 1.0
+        return (np.linalg.pinv(A, hermitian=True) @ X.T)[:B]
+
+    # ---- statistics ----------------------------------------------------------------------------
     def means(self, values) -> np.ndarray:
         """Bucket means ``[..., B]`` of per-prompt ``values [..., n]``."""
         return np.asarray(values, dtype=float) @ self.projection.T
@@ -63,14 +106,7 @@ class BucketDesign:
     def bootstrap(self, values, reps: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
         """Within-bucket bootstrap of the bias; ``values`` ``[n]`` or ``[k, n]`` (paired rows)."""
         v = np.atleast_2d(np.asarray(values, dtype=float))
-        resamples = stratified_resamples(self.buckets, reps, seed)  # bucket order is kept, so labels are fixed
-        labels = self.buckets[resamples[0]]
-        boot = np.empty((v.shape[0], reps))
-        for start in range(0, reps, 100):
-            chunk = resamples[start:start + 100]
-            proj = self._projections(chunk, labels)  # [chunk, B, n]
-            means = np.einsum("rbn,krn->krb", proj, v[:, chunk])
-            boot[:, start:start + len(chunk)] = bias_from_means(means, self.weights)
+        boot = self.bootstrap_biases(v, reps, seed)
         point = np.atleast_1d(self.bias(v))
         lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
         out = {
@@ -85,22 +121,51 @@ class BucketDesign:
             out["diff_ci"] = np.percentile(boot[0] - boot[1], [lo, hi]).tolist()
         return out
 
+    def bootstrap_biases(self, values, reps: int = 1000, seed: int = 0) -> np.ndarray:
+        """``[k, reps]`` bias of each row of ``values [k, n]`` under the same within-bucket resamples.
+
+        The same ``seed`` gives the same resamples for any values on these prompts, so rows
+        measured separately (two masks, two methods) pair up resample by resample.
+        """
+        v = np.atleast_2d(np.asarray(values, dtype=float))
+        n = v.shape[1]
+        resamples = stratified_resamples(self.buckets, reps, seed)  # bucket order is kept, so labels are fixed
+        boot = np.empty((v.shape[0], reps))
+        for start in range(0, reps, 100):
+            chunk = resamples[start:start + 100]
+            weights = np.stack([np.bincount(row, minlength=n) for row in chunk]).astype(float)
+            means = self._fit(weights, v, self.bucket_index_)  # [k, chunk, B]
+            boot[:, start:start + len(chunk)] = bias_from_means(means, self.weights)
+        return boot
+
     def noise_floor(self, values, reps: int = 200, seed: int = 0) -> dict:
         """The bias when bucket labels are shuffled (within strata when adjusted): noise alone."""
         values = np.asarray(values, dtype=float)
         rng = np.random.default_rng(seed)
-        idx = np.arange(len(self.buckets))
         sims = np.empty(reps)
+        groups = None if self.strata is None else [np.nonzero(self.strata == s)[0] for s in set(self.strata.tolist())]
         for r in range(reps):
             labels = self.buckets.copy()
-            if self.strata is None:
+            if groups is None:
                 labels = rng.permutation(labels)
             else:
-                for s in set(self.strata.tolist()):
-                    where = np.nonzero(self.strata == s)[0]
+                for where in groups:
                     labels[where] = rng.permutation(labels[where])
-            sims[r] = bias_from_means(values @ self._projection(idx, labels).T, self.weights)
+            index = np.searchsorted(np.array(self.names), labels)
+            sims[r] = bias_from_means(self._fit(np.ones((1, len(values))), values[None], index)[0, 0], self.weights)
         return {"mean": float(sims.mean()), "p95": float(np.percentile(sims, 95)), "reps": reps}
+
+
+def _group_sums(x: np.ndarray, index: np.ndarray, groups: int) -> np.ndarray:
+    """Sums of ``x [..., n]`` over items with the same ``index [n]`` (0 <= index < groups): ``[..., groups]``."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.zeros((flat.shape[0], groups))
+    for g_start in range(0, flat.shape[0], 256):
+        block = flat[g_start:g_start + 256]
+        rows = np.repeat(np.arange(len(block)), block.shape[1])
+        out[g_start:g_start + 256] = np.bincount(rows * groups + np.tile(index, len(block)), weights=block.ravel(),
+                                                 minlength=len(block) * groups).reshape(len(block), groups)
+    return out.reshape(*x.shape[:-1], groups)
 
 
 def bias_from_means(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
