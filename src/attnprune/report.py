@@ -55,6 +55,19 @@ def _change_line(t: TestComparison, digits: int = 3) -> str:
             f"[{ch.ci[0]:+.{digits}f}, {ch.ci[1]:+.{digits}f}])")
 
 
+def _corrected(s) -> str:
+    value = s.extra.get("noise_corrected_between_sd_corrected")
+    return "-" if value is None else f"{value:.3f} (raw {s.extra['noise_corrected_between_sd']:.3f})"
+
+
+def perplexity_interval(t: TestComparison) -> str:
+    """`` (95% CI [a, b], one-sided 95% bound c)`` of a test perplexity change, when it has one."""
+    if t.perplexity_change_ci is None:
+        return ""
+    lo, hi = t.perplexity_change_ci
+    return f" (window-bootstrap 95% CI [{_pct(lo)}, {_pct(hi)}], one-sided 95% bound {_pct(t.perplexity_change_upper)})"
+
+
 def markdown(report: RepairReport) -> str:
     """Human-readable summary of a repair report."""
     t = report.test.search_measure
@@ -69,12 +82,18 @@ def markdown(report: RepairReport) -> str:
         f"## Test split ({t.setup['bias_measure']} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed "
         f"{bi['prompt_seed']}; perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens)",
         "",
-        "| model | bias | 95% CI | noise floor | perplexity |",
-        "|---|---|---|---|---|",
-        f"| unrepaired | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | {u.noise_floor['mean']:.3f} | {u.perplexity:.2f} |",
-        f"| repaired | {r.bias:.3f} | [{r.ci[0]:.3f}, {r.ci[1]:.3f}] | {r.noise_floor['mean']:.3f} | {r.perplexity:.2f} |",
+        "| model | bias | 95% CI | noise floor | noise-corrected between-bucket SD | perplexity |",
+        "|---|---|---|---|---|---|",
+        f"| unrepaired | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | {u.noise_floor['mean']:.3f} | {_corrected(u)} | "
+        f"{u.perplexity:.2f} |",
+        f"| repaired | {r.bias:.3f} | [{r.ci[0]:.3f}, {r.ci[1]:.3f}] | {r.noise_floor['mean']:.3f} | {_corrected(r)} | "
+        f"{r.perplexity:.2f} |",
         "",
-        f"{_change_line(t)}; perplexity change {_pct(t.perplexity_change)} (budget {_pct(report.config['tau'])}).",
+        "(Noise-corrected SD: the spread of the bucket means with their sampling noise removed, Lum et al. 2022; "
+        "unlike the bias statistic it does not fall as prompts are added.)",
+        "",
+        f"{_change_line(t)}; perplexity change {_pct(t.perplexity_change)}{perplexity_interval(t)} (budget "
+        f"{_pct(report.config['tau'])}).",
         "",
     ]
     x = report.test.toxicity

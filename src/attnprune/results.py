@@ -91,6 +91,9 @@ class TestComparison(Serialisable):
     repaired: Summary
     bias_change: Change
     perplexity_change: float | None = None
+    # bootstrap over the test text's windows: central 95% interval and one-sided 95% upper bound
+    perplexity_change_ci: list[float] | None = None
+    perplexity_change_upper: float | None = None
     # measure-specific statistics (pct_stereotype, SS, LMS, ICAT, ...): name -> {unrepaired, repaired, change, ci}
     statistics: dict[str, dict] = field(default_factory=dict)
 
@@ -196,6 +199,7 @@ class MethodOutcome(Serialisable):
     new_evaluations: int
     seconds: float
     candidates: int
+    validation_evaluations: int = 0  # LLM evaluations on the search's validation data (confirmations not counted)
     notes: str = ""
     valid: dict | None = None
     mask: dict | None = None
@@ -214,6 +218,8 @@ class SeedComparison(Serialisable):
     validation: dict
     outcomes: dict[str, MethodOutcome] = field(default_factory=dict)
     knockouts: dict | None = None
+    # AP minus each method on the same test prompts: difference of relative bias changes, paired CI, replicates
+    ap_minus: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -138,7 +138,7 @@ class Run:
         return EvaluatorSpec(
             model=c.model, bias=bias, bias_options=accepted_options(bias, bias_options), split=split, device=c.device,
             dtype=c.dtype, device_map=c.device_map, cache_dir=c.cache_dir,
-            perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus,
+            perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus, "seed": c.seed,
                                 **({"part": extra["part"]} if extra and "part" in extra else {})},
             backend_options=c.backend_options,
         )
@@ -200,6 +200,7 @@ class Run:
                     bar.update(1)
 
                 self.executor.evaluate(todo, commit)
+        self.store.label(self.valid_setting, source, masks)
         return [self.store.get(m, self.valid_setting) for m in masks]
 
     def confirm(self, masks: Sequence[HeadMask], source: str) -> tuple[list[StoredEvaluation], StoredEvaluation]:
@@ -249,18 +250,8 @@ class Run:
                         with_perplexity: bool = True) -> list[TestComparison]:
         """Each of ``masks`` vs the unrepaired model on the TEST split, stored and paired on the same items."""
         c = self.cfg
-        spec = self.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
-                         extra=extra)
-        ev, setting = self.evaluator(spec, with_perplexity)
+        ev, rows = self.test_rows(name, masks, bias, axis, prompts, extra, with_perplexity)
         base = HeadMask.all_active(*self.shape)
-        rows = {}
-        for m in dict.fromkeys([base, *masks]):
-            stored = self.store.get(m, setting)
-            if stored is None:
-                self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
-                self.store.add(setting, "test", f"test:{name}", ev.evaluate([m], with_perplexity=with_perplexity)[0])
-                stored = self.store.get(m, setting)
-            rows[m] = stored
         out = []
         for m in masks:
             b, r = rows[base], rows[m]
@@ -273,8 +264,49 @@ class Run:
             out.append(TestComparison(
                 name=name, setup=ev.describe(), card=ev.bias_measure.card.to_dict(),
                 unrepaired=_summary(b, with_perplexity), repaired=_summary(r, with_perplexity), bias_change=change,
-                perplexity_change=r.perplexity / b.perplexity - 1 if with_perplexity else None, statistics=stats))
+                statistics=stats, **(_perplexity_interval(r, b, c.seed) if with_perplexity else {})))
         return out
+
+    def test_rows(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
+                  prompts: int | None = None, extra: dict | None = None,
+                  with_perplexity: bool = True) -> tuple[Evaluator, dict[HeadMask, StoredEvaluation]]:
+        """The TEST-split evaluator of a measure and the stored evaluations of ``masks`` and the unrepaired model.
+
+        Each is evaluated once (stored under ``test:{name}``) and read back from the store after.
+        """
+        c = self.cfg
+        spec = self.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
+                         extra=extra)
+        ev, setting = self.evaluator(spec, with_perplexity)
+        base = HeadMask.all_active(*self.shape)
+        rows = {}
+        for m in dict.fromkeys([base, *masks]):
+            stored = self.store.get(m, setting)
+            if stored is None:
+                self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
+                self.store.add(setting, "test", f"test:{name}", ev.evaluate([m], with_perplexity=with_perplexity)[0])
+                stored = self.store.get(m, setting)
+            rows[m] = stored
+        return ev, rows
+
+    def paired_relative_difference(self, name: str, a: HeadMask, b: HeadMask) -> dict:
+        """``(bias(a) - bias(b)) / bias(unrepaired)`` on the same TEST prompts, with its paired bootstrap.
+
+        The difference of the two masks' relative bias changes (``a`` minus ``b``, in the
+        units of the comparison tables). Every resample draws the same prompts for the
+        unrepaired model and both masks, so the CI is of the difference itself, not of two
+        point estimates. ``replicates`` keeps the resampled values, for pooling over seeds.
+        """
+        ev, rows = self.test_rows(name, [a, b])
+        base = HeadMask.all_active(*self.shape)
+        scores = [rows[m].detail["prompt_scores"] for m in (base, a, b)]
+        boot = ev.bias_measure.bootstrap_biases(scores)  # [3, reps], the same resamples for each row
+        point = [rows[m].bias for m in (base, a, b)]
+        reps = (boot[1] - boot[2]) / boot[0]
+        from attnprune.stats import percentile_ci
+
+        return {"difference": (point[1] - point[2]) / point[0], "ci": percentile_ci(reps),
+                "replicates": reps.tolist()}
 
     def checks(self, name: str, mask: HeadMask) -> dict[str, TestComparison]:
         """``mask`` vs the unrepaired model on each held-out benchmark of ``cfg.checks`` (TEST split)."""
@@ -314,6 +346,16 @@ class Run:
         self.store.close()
 
 
+def _perplexity_interval(row: StoredEvaluation, base: StoredEvaluation, seed: int) -> dict:
+    """The test perplexity change of ``row`` against ``base`` with its window-bootstrap interval."""
+    from attnprune.stats import window_bootstrap
+
+    a, b = row.detail["perplexity"], base.detail["perplexity"]
+    boot = window_bootstrap(a["per_window"], b["per_window"], a["tokens"], seed=seed)
+    return {"perplexity_change": row.perplexity / base.perplexity - 1, "perplexity_change_ci": boot["ci"],
+            "perplexity_change_upper": boot["upper"]}
+
+
 def _extend_design(store: Store, samples: int) -> None:
     """Accept another ``--samples`` while the store holds only the design: a larger design extends the same masks.
 
@@ -336,6 +378,8 @@ def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
     detail = row.detail["bias"]
     extra = {k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail}
     extra.update({k: v["value"] for k, v in detail.get("statistics", {}).items()})
+    for k, v in (detail.get("noise_corrected") or {}).items():
+        extra[f"noise_corrected_{k}"] = v
     return Summary(
         bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.get("noise_floor"),
         buckets=detail.get("buckets"),

@@ -94,6 +94,38 @@ class BucketDesign:
         X[np.nonzero(ref)[0], B + self.template_index_[ref] - 1] = 1.0
         return (np.linalg.pinv(A, hermitian=True) @ X.T)[:B]
 
+    def fitted(self, values) -> np.ndarray:
+        """The fit's per-prompt values ``[n]`` (bucket effect + template effect) of ``values [n]``."""
+        v = np.asarray(values, dtype=float)
+        if self.strata is None:
+            return self.means(v)[self.bucket_index_]
+        B, T = len(self.names), self.n_templates_
+        A = self._normal_equations(np.ones((1, len(v))), self.bucket_index_)[0]
+        rhs = np.concatenate([_group_sums(v[None], self.bucket_index_, B)[0],
+                              _group_sums(v[None], self.template_index_, T)[0, 1:]])
+        beta = np.linalg.pinv(A, hermitian=True) @ rhs
+        templates = np.concatenate([[0.0], beta[B:]])
+        return beta[self.bucket_index_] + templates[self.template_index_]
+
+    def noise_corrected(self, values) -> dict:
+        """The between-bucket spread with the sampling noise of the bucket means taken out (Lum et al., FAccT 2022).
+
+        ``between_sd`` is ``sqrt(sum_b w_b (m_b - m)^2)`` of the (template-adjusted) bucket means
+        ``m_b`` around their weighted mean ``m``; noise inflates it by
+        ``sum_b w_b [v_b (1 - 2 w_b) + sum_c w_c^2 v_c]``, with ``v_b`` each mean's sampling
+        variance (heteroskedasticity-robust, from the fit's residuals). ``between_sd_corrected``
+        subtracts that (floored at 0); unlike the raw statistic it does not shrink as prompts are
+        added, so values at different prompt counts compare. ``excess`` is the raw bias minus its
+        noise floor's expectation, in the bias statistic's own units.
+        """
+        v = np.asarray(values, dtype=float)
+        m, w = self.means(v), self.weights
+        var = (self.projection ** 2) @ (v - self.fitted(v)) ** 2  # [B]
+        raw = float(np.sum(w * (m - np.sum(w * m)) ** 2))
+        inflation = float(np.sum(w * (var * (1 - 2 * w) + np.sum(w ** 2 * var))))
+        return {"between_sd": raw ** 0.5, "between_sd_corrected": max(raw - inflation, 0.0) ** 0.5,
+                "noise_variance": inflation}
+
     # ---- statistics ----------------------------------------------------------------------------
     def means(self, values) -> np.ndarray:
         """Bucket means ``[..., B]`` of per-prompt ``values [..., n]``."""
@@ -184,6 +216,26 @@ def stratified_resamples(strata, reps: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     groups = [np.nonzero(strata == s)[0] for s in sorted(set(strata.tolist()))]
     return np.stack([np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups]) for _ in range(reps)])
+
+
+def window_bootstrap(per_window, base_per_window, tokens: int, reps: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Perplexity change of one mask against another on the same text, with a bootstrap over its windows.
+
+    ``per_window`` and ``base_per_window`` are the NLL sums of the same equal-length windows
+    (each a contiguous block of text, so resampling whole windows is a block bootstrap);
+    ``tokens`` is the number of scored tokens of all windows. Returns the relative change,
+    its central ``level`` interval and its one-sided ``level`` upper bound.
+    """
+    d = np.asarray(per_window, dtype=float) - np.asarray(base_per_window, dtype=float)
+    per_token = tokens / len(d)  # scored tokens per window: the change in log-perplexity is mean(d) / per_token
+    change = float(np.expm1(d.mean() / per_token))
+    if len(d) < 2:
+        return {"change": change, "ci": [change, change], "upper": change, "windows": len(d), "reps": 0}
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(reps, len(d)))
+    boot = np.expm1(d[idx].mean(1) / per_token)
+    return {"change": change, "ci": percentile_ci(boot, level), "upper": float(np.percentile(boot, 100 * level)),
+            "windows": len(d), "reps": reps}
 
 
 def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:

@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS evaluations (
     UNIQUE (mask_key, setting)
 );
 CREATE TABLE IF NOT EXISTS settings (setting TEXT PRIMARY KEY, description TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    mask_key TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    label TEXT NOT NULL,
+    PRIMARY KEY (mask_key, setting, label)
+);
+INSERT OR IGNORE INTO labels SELECT mask_key, setting, source FROM evaluations;
 """
 
 
@@ -172,7 +179,14 @@ class Store:
                  json.dumps(detail, default=float), float(evaluation.seconds),
                  _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
             )
+            self.db.execute("INSERT OR IGNORE INTO labels VALUES (?, ?, ?)", (evaluation.mask.key, setting, source))
         return cur.rowcount == 1
+
+    def label(self, setting: str, label: str, masks: Iterable[HeadMask]) -> None:
+        """Tag stored masks with ``label`` too (a mask is evaluated once, but several methods may use it)."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO labels VALUES (?, ?, ?)",
+                                [(m.key, setting, label) for m in masks])
 
     def setting_of(self, source: str) -> str | None:
         """The setting under which rows of ``source`` were evaluated (e.g. the run's validation setting)."""
@@ -189,12 +203,17 @@ class Store:
         return rows[0] if rows else None
 
     def evaluations(self, setting: str, sources: Iterable[str] | None = None) -> list[StoredEvaluation]:
-        """All evaluations under ``setting`` (optionally only from ``sources``), in insertion order."""
+        """All evaluations under ``setting`` (optionally only those labelled with one of ``sources``), in insertion order.
+
+        A mask's row keeps the source that first evaluated it; every later use under another
+        label (:meth:`label`) finds it too.
+        """
         if sources is None:
             return self._rows("WHERE setting=?", (setting,))
         sources = list(sources)
         marks = ",".join("?" * len(sources))
-        return self._rows(f"WHERE setting=? AND source IN ({marks})", (setting, *sources))
+        return self._rows(f"WHERE setting=? AND mask_key IN (SELECT mask_key FROM labels WHERE setting=? AND label IN "
+                          f"({marks}))", (setting, setting, *sources))
 
     def count(self, setting: str | None = None) -> int:
         """Number of stored evaluations (under ``setting`` when given)."""

@@ -73,6 +73,10 @@ class BiasMeasure(Measure):
     def paired_difference(self, scores_a, scores_b) -> dict:
         """``{"a", "b", "diff", "diff_ci"}``: the statistic of two masks on the same items and the CI of ``a - b``."""
 
+    @abstractmethod
+    def bootstrap_biases(self, rows) -> np.ndarray:
+        """``[k, reps]`` the bias of each of ``k`` masks' per-item scores under the same bootstrap resamples."""
+
     @classmethod
     def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
         """Refuse, with one sentence, an axis this measure has no data for (before any model work)."""
@@ -120,13 +124,18 @@ class HolisticBiasMeasure(BiasMeasure):
     def statistics(self, per_prompt: np.ndarray) -> dict:
         """Bias with bootstrap CI, noise floor, per-bucket means, and the per-prompt scores."""
         boot = self.design_.bootstrap(per_prompt, reps=self.bootstrap_reps, seed=self.seed)
+        floor = self.design_.noise_floor(per_prompt, seed=self.seed)
         return {
             "bias": boot["bias"], "ci": boot["ci"], "ci_level": boot["level"],
-            "noise_floor": self.design_.noise_floor(per_prompt, seed=self.seed),
+            "noise_floor": floor,
+            "noise_corrected": {**self.design_.noise_corrected(per_prompt), "excess": boot["bias"] - floor["mean"]},
             "buckets": dict(zip(self.design_.names, self.design_.means(per_prompt).tolist())),
             "bucket_weights": dict(zip(self.design_.names, self.design_.weights.tolist())),
             "per_prompt": np.asarray(per_prompt, dtype=float).tolist(),
         }
+
+    def bootstrap_biases(self, rows) -> np.ndarray:
+        return self.design_.bootstrap_biases(np.asarray(rows, dtype=float), reps=self.bootstrap_reps, seed=self.seed)
 
     def paired_difference(self, scores_a, scores_b) -> dict:
         boot = self.design_.bootstrap([scores_a, scores_b], reps=self.bootstrap_reps, seed=self.seed)
@@ -205,6 +214,11 @@ class ItemBiasMeasure(BiasMeasure):
                      "diff_ci": percentile_ci(ba[k] - bb[k])} for k in pa}
         main = stats[self.main]
         return {"a": main["a"], "b": main["b"], "diff": main["diff"], "diff_ci": main["diff_ci"], "statistics": stats}
+
+    def bootstrap_biases(self, rows) -> np.ndarray:
+        idx = self._resamples()
+        return np.stack([self.item_statistics(self.item_scores(np.asarray(r, dtype=float)), idx)[self.main]
+                         for r in rows])
 
     def item_scores(self, flat: np.ndarray) -> np.ndarray:
         """Per-item scores ``[n, ...]`` from the flat ``per_prompt`` list (subclasses with several scores per item reshape)."""

