@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 
 from attnprune.compare import compare, over_seeds
@@ -258,3 +259,24 @@ def test_pooled_difference_on_hand_made_seeds():
     half = t.ppf(0.975, 2) * 0.1 / 3 ** 0.5
     assert pooled["ci_seeds"] == pytest.approx([-0.1 - half, -0.1 + half])
     assert pooled_difference(seeds[:1])["ci_seeds"] is None
+
+
+def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
+    """With --anchor-prompts the surrogate's unrepaired bucket means come from the larger prompt set."""
+    import attnprune.methods.ap as ap
+
+    lm = tiny_loaded("llama", seed=3)
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 1.0, "samples": 6, "anchor_prompts": 200})
+    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+        method = ap.AttentionPruning()
+        anchor = method.anchor(run)
+        assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().detail["bias"]["buckets"])
+        proposal = method.propose(MethodContext(run, policy, cfg.seed))
+        assert proposal.evaluations == len(proposal.rows) + 1 and "anchored" in proposal.notes
+        surrogate = method.fit(run)
+        names = sorted(anchor["buckets"])
+        base_pred = surrogate.predict_torch(torch.ones(1, run.n_total))[0]
+        w = torch.tensor([run.base().detail["bias"]["bucket_weights"][b] for b in names])
+        means = torch.tensor([anchor["buckets"][b] for b in names], dtype=torch.float32)
+        assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)

@@ -268,6 +268,10 @@ class RepairConfig(SpeedOptions, ModelOptions):
                          "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
                          choices=["additive", "mlp", "ridge"])
     shrink: bool = opt(True, "shrink each knockout effect toward zero by its own prompt noise (additive surrogate)")
+    anchor_prompts: int = opt(0, "additive surrogate: take the unrepaired model's bucket means from up to this many "
+                              "prompts of the search half (one extra evaluation), and only the masks' paired shifts "
+                              "from the search prompts, so the search cannot chase the noise of the unrepaired "
+                              "model's own means on its few prompts (0: off)")
     tau: float = opt(0.05, "perplexity budget: at most (1 + tau) x the unrepaired perplexity")
     penalty: float = opt(10.0, "cost of exceeding the budget, in bias std units per tau of excess")
     chains: int = opt(512, "annealing chains run as one batch")
@@ -303,7 +307,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
                   "r_max", "dtype")
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
-    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "tau", "penalty", "chains", "steps",
+    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "tau", "penalty", "chains", "steps",
                      "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
                      "confirm_ppl_tokens", "confidence")
 
@@ -354,6 +358,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
             raise UserError("--confidence must be in [0.5, 1).")
         if self.tau < 0:
             raise UserError("--tau must be >= 0.")
+        if self.anchor_prompts < 0:
+            raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
         for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
                      "toxicity_prompts", "confirm_prompts", "confirm_ppl_tokens"):
             if getattr(self, name) < 1:

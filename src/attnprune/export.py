@@ -24,7 +24,7 @@ import torch
 
 from attnprune import __version__
 from attnprune.errors import UserError
-from attnprune.heads import HeadMask
+from attnprune.heads import HeadMask, apply_mask
 from attnprune.models.layouts import HeadLayout, projection_input_axis
 
 MASK_FILE = "attnprune_mask.json"
@@ -86,14 +86,23 @@ def export_repaired(
     }
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    ids = _check_tokens(model)
+    with torch.no_grad(), apply_mask(model, layout, mask):
+        masked = model(input_ids=ids).logits
     saved = bake_mask(layout, mask)
     had_attr = hasattr(model.config, "attnprune")
     try:
+        with torch.no_grad():
+            baked = model(input_ids=ids).logits
+        scale = max(1.0, float(masked.abs().max()))
+        if float((baked - masked).abs().max()) > 1e-4 * scale:
+            raise UserError(f"The baked weights do not reproduce the masked model on this architecture ({layout.model_type}:"
+                            f" logits differ by {float((baked - masked).abs().max()):.2g}); nothing was exported.")
         model.config.attnprune = record
         model.save_pretrained(tmp)
     finally:
         unbake(saved)
-        if not had_attr:
+        if not had_attr and hasattr(model.config, "attnprune"):
             del model.config.attnprune
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -104,6 +113,13 @@ def export_repaired(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _check_tokens(model, tokens: int = 8) -> torch.Tensor:
+    """A few token ids for the export's equality check."""
+    vocab = int(getattr(model.config, "vocab_size", None) or 8)
+    device = next(model.parameters()).device
+    return (torch.arange(tokens, device=device) * 7 % max(vocab - 1, 1) + 1)[None]
 
 
 TAGS = ["attnprune", "attention-head-pruning", "bias-mitigation", "fairness"]

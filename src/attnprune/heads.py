@@ -286,6 +286,62 @@ class HeadMasker:
         self.remove()
 
 
+@torch.no_grad()
+def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None:
+    """Refuse, in one sentence, a model on which masking a head would not do what it says (checked at load).
+
+    On a tiny input, for the first and the last layer: the output projection, with one head
+    masked, must see exactly its unmasked input with that head's slice zeroed (so the
+    layout's slices are the tensor the projection reads), and the masked model's logits must
+    differ from the unmasked ones (so the projection is on the path to the output). Costs
+    three forward passes of ``tokens`` tokens.
+    """
+    from attnprune.errors import ModelLoadError
+
+    vocab = int(getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
+                                                                         "vocab_size", 8) or 8)
+    device = layout.out_projs[0].weight.device
+    ids = (torch.arange(tokens, device=device) % max(vocab - 1, 1) + 1)[None]
+    checks = sorted({(0, 0), (layout.n_layers - 1, layout.n_heads - 1)})
+    seen: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int):
+        def hook(module, args):
+            seen[layer] = args[0].detach().clone()
+        return hook
+
+    d = layout.head_dim
+    with HeadMasker(model, layout) as masker:
+        handles = [layout.out_projs[l].register_forward_pre_hook(capture(l)) for l, _ in checks]
+        try:
+            base_logits = model(input_ids=ids).logits
+            base = dict(seen)
+            for layer, head in checks:
+                masker.set(HeadMask.from_pruned(*layout.shape, [(layer, head)]))
+                logits = model(input_ids=ids).logits
+                masker.set(None)
+                if layer not in base or layer not in seen:
+                    raise ModelLoadError(f"Layer {layer}'s attention output projection ({layout.out_proj_path}) is "
+                                         "not called in a forward pass of this model, so masking it would do nothing; "
+                                         "attnprune cannot mask this architecture.")
+                expected = base[layer].clone()
+                expected[..., head * d:(head + 1) * d] = 0
+                scale = float(base[layer].abs().max()) or 1.0
+                if tuple(seen[layer].shape) != tuple(expected.shape) or \
+                        float((seen[layer] - expected).abs().max()) > 1e-5 * scale:
+                    raise ModelLoadError(f"Masking head {head} of layer {layer} did not zero exactly its slice of the "
+                                         "attention output projection's input on this model, so attnprune cannot "
+                                         "mask this architecture correctly.")
+                if float(base[layer][..., head * d:(head + 1) * d].abs().max()) > 0 and \
+                        float((logits - base_logits).abs().max()) == 0.0:
+                    raise ModelLoadError(f"Masking head {head} of layer {layer} left the logits unchanged although the "
+                                         "head's output is not zero, so the masked projection is not on this model's "
+                                         "path to the output; attnprune cannot mask this architecture.")
+        finally:
+            for h in handles:
+                h.remove()
+
+
 @contextmanager
 def apply_mask(model: nn.Module, layout: HeadLayout, mask: HeadMask | torch.Tensor | None) -> Iterator[HeadMasker]:
     """Context manager: run ``model`` with ``mask`` applied; hooks are removed on exit."""

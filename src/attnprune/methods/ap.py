@@ -190,6 +190,32 @@ class AttentionPruning(Method):
         free[keep] = True
         return free
 
+    def anchor(self, run: Run) -> dict | None:
+        """The unrepaired model's bucket means on up to ``anchor_prompts`` search-half prompts (kept in the store).
+
+        None when off, or for a bias measure without bucket means. One evaluation without
+        perplexity, counted in the method's cost.
+        """
+        c = self.options(run)
+        if c.anchor_prompts <= 0:
+            return None
+        key = f"anchor:{run.valid_setting}:{c.anchor_prompts}"
+        stored = run.store.meta_value(key)
+        if stored is None and run.loaded is not None:
+            from attnprune.run import VALID_BOOTSTRAP_REPS
+
+            spec = run.spec("valid", prompts=c.anchor_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
+                            extra={"part": "search"} if c.confirm > 0 else None)
+            ev, _ = run.evaluator(spec, with_perplexity=False)
+            run.log(f"the unrepaired model on {c.anchor_prompts} search prompts (the surrogate's anchor) ...")
+            with run.timed("anchor"):
+                result = ev.evaluate([HeadMask.all_active(*run.shape)], with_perplexity=False)[0]
+            buckets = result.bias_detail.get("buckets")
+            stored = {"buckets": buckets, "prompts": ev.describe()["bias_inputs"]["prompts"],
+                      "bias": result.bias, "seconds": result.seconds} if buckets else {}
+            run.store.set_meta_value(key, stored)
+        return stored or None
+
     def first_order(self, run: Run) -> dict | None:
         """First-order removal estimates of every head on validation (computed once per store and setting).
 
@@ -236,6 +262,13 @@ class AttentionPruning(Method):
                 pair = fit_surrogates(bits, np.array([r.bias for r in rows]), log_ppl, kind=c.surrogate, seed=c.seed)
                 return Surrogates(pair.predict_torch, pair.metrics)
             summaries, var, statistic = summaries_of(run, rows)
+            anchor = self.anchor(run)
+            if anchor is not None and summaries.shape[1] > 1:
+                # every mask keeps its paired shift from the unrepaired model on the search prompts; the
+                # unrepaired model's own means come from many more prompts
+                names = sorted(rows[0].detail["bias"]["buckets"])
+                base_row = int(np.argmax(bits.sum(1)))
+                summaries = summaries + (np.array([anchor["buckets"][b] for b in names]) - summaries[base_row])
             budget = math.log(1 + c.tau)
             base_lp = log_ppl[int(np.argmax(bits.sum(1)))]  # the unrepaired model: nothing pruned
             first = run.store.meta_value(f"first_order:{run.valid_setting}")
@@ -376,7 +409,11 @@ class AttentionPruning(Method):
                  + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates"
                  + (f", {len(details.calibration)} calibration(s)" if details.calibration else "") + ")")
         seconds = float(sum(r.seconds for r in rows)) + (first["seconds"] if first else 0.0)
-        return Proposal(rows, len(rows), seconds, notes, details)
+        anchor = self.anchor(run)
+        if anchor:
+            seconds += anchor["seconds"]
+            notes += f"; anchored on the unrepaired model's means over {anchor['prompts']} search prompts"
+        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details)
 
 
 def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:

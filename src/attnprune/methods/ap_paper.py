@@ -28,5 +28,5 @@ class PaperAttentionPruning(AttentionPruning):
         c = ctx.run.cfg
         n_evals = ctx.evaluation_budget or ctx.default_budget()
         self.overrides = {"sampler": "paper", "surrogate": "mlp", "samples": max(10, n_evals - 1 - c.top_k),
-                          "rounds": 1, "calibrate": 0}
+                          "rounds": 1, "calibrate": 0, "anchor_prompts": 0}
         return super().propose(ctx)

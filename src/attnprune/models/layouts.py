@@ -44,6 +44,10 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "falcon": ArchAdapter("transformer.h", "self_attention.dense"),
     "phi": ArchAdapter("model.layers", "self_attn.dense"),
     "gemma3": ArchAdapter("model.language_model.layers", "self_attn.o_proj"),
+    "xglm": ArchAdapter("model.layers", "self_attn.out_proj"),
+    "biogpt": ArchAdapter("biogpt.layers", "self_attn.out_proj"),
+    "mpt": ArchAdapter("transformer.blocks", "attn.out_proj"),
+    "gpt_neox_japanese": ArchAdapter("gpt_neox_japanese.layers", "attention.dense"),
     **{
         name: _LLAMA_LIKE
         for name in (
@@ -52,6 +56,19 @@ ADAPTERS: dict[str, ArchAdapter] = {
             "granite", "stablelm", "cohere", "starcoder2", "internlm2", "deepseek_v2",
         )
     },
+}
+
+
+# Architectures whose attention output projection does not read one slice per query head:
+# refused in one sentence (why, and what masking them would need) rather than masked wrongly.
+REFUSED: dict[str, str] = {
+    "diffllama": "its output projection reads differential heads (two query heads' attention maps subtracted and "
+                 "group-normed together, twice a head's width), so zeroing one query head's slice removes half of a "
+                 "differential head; masking it needs a layout of differential heads",
+    "deepseek_v4": "its attention output is a grouped projection (heads mixed in groups before the last projection), "
+                   "so no slice of one projection's input is one head; masking it needs a per-group adapter",
+    "longcat_flash": "each decoder layer holds two attention blocks, and a mask row per layer cannot address both; "
+                     "masking it needs a layout with two attention modules per layer",
 }
 
 
@@ -163,16 +180,26 @@ def head_layout(model: nn.Module) -> HeadLayout:
     ):
         n_kv = 1
 
+    if model_type in REFUSED:
+        raise ModelLoadError(f"attnprune cannot mask model type '{model_type}': {REFUSED[model_type]}.")
     candidates = [(model_type, ADAPTERS[model_type])] if model_type in ADAPTERS else []
     candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type]
     for _, adapter in candidates:
         found = _resolve(model, adapter, n_layers)
         if found is None:
+            _refuse_hybrid(model, adapter, n_layers, model_type)
             continue
         layer_modules, projs = found
-        width = projection_in_features(projs[0])
+        widths = [projection_in_features(p) for p in projs]
+        width = widths[0]
         if width % n_heads:
             continue
+        if len(set(widths)) > 1:
+            odd = next(i for i, w in enumerate(widths) if w != width)
+            raise ModelLoadError(
+                f"Model type '{model_type}' has attention output projections of different widths (layer 0: {width}, "
+                f"layer {odd}: {widths[odd]} inputs), i.e. per-layer head counts or head widths, which attnprune "
+                "does not mask yet; a uniform mask over its layers would zero the wrong columns.")
         return HeadLayout(
             model_type=model_type,
             n_layers=n_layers,
@@ -189,6 +216,19 @@ def head_layout(model: nn.Module) -> HeadLayout:
         f"Could not find the attention output projections of model type '{model_type}' "
         f"(looked for {', '.join(tried)}); add its paths to attnprune.models.layouts.ADAPTERS."
     )
+
+
+def _refuse_hybrid(model: nn.Module, adapter: ArchAdapter, n_layers: int, model_type: str) -> None:
+    """Refuse in one sentence a model whose adapter path exists in some layers only (attention-free layers)."""
+    layers = _get(model, adapter.layers)
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) != n_layers:
+        return
+    have = [i for i, layer in enumerate(layers) if _get(layer, adapter.out_proj) is not None]
+    if 0 < len(have) < n_layers:
+        raise ModelLoadError(
+            f"Model type '{model_type}' is a hybrid: {len(have)} of its {n_layers} layers have attention "
+            f"({adapter.layers}.<i>.{adapter.out_proj}) and the others have none; attnprune does not mask hybrids "
+            "yet (it needs a layout that skips the attention-free layers).")
 
 
 def count_parameters(model: nn.Module) -> int:

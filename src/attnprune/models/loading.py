@@ -266,6 +266,9 @@ def load_model(
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     layout = head_layout(model)
+    from attnprune.heads import check_masking
+
+    check_masking(model, layout)  # never a silent wrong mask: refuse an architecture the hooks do not fit
     return LoadedModel(name=spec, model=model, tokenizer=tok, layout=layout, source=source)
 
 
