@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import architecture_survey as survey  # noqa: E402
 
 
+@pytest.mark.slow  # builds foreign tiny models (seconds each); the full survey below covers every type
 @pytest.mark.parametrize("model_type", ["xglm", "biogpt", "mpt", "gpt_neox_japanese"])
 def test_added_paths_are_exact(model_type):
     row = survey.survey_one(model_type)
@@ -27,6 +28,7 @@ def test_added_paths_are_exact(model_type):
     assert row["max_relative_difference"]["mask_vs_reference"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, phrase", [
     ("diffllama", "differential heads"),
     ("laguna", "different widths (layer 0: 64, layer 1: 128 inputs)"),   # per-layer head counts
