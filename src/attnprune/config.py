@@ -307,8 +307,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
                   "r_max", "dtype")
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
-    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "tau", "penalty", "chains", "steps",
-                     "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
+    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "tau", "penalty",
+                     "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
                      "confirm_ppl_tokens", "confidence")
 
     @property
