@@ -268,10 +268,10 @@ class RepairConfig(SpeedOptions, ModelOptions):
                          "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
                          choices=["additive", "mlp", "ridge"])
     shrink: bool = opt(True, "shrink each knockout effect toward zero by its own prompt noise (additive surrogate)")
-    anchor_prompts: int = opt(0, "additive surrogate: take the unrepaired model's bucket means from up to this many "
-                              "prompts of the search half (one extra evaluation), and only the masks' paired shifts "
-                              "from the search prompts, so the search cannot chase the noise of the unrepaired "
-                              "model's own means on its few prompts (0: off)")
+    anchor_prompts: int = opt(100000, "additive surrogate: take the unrepaired model's bucket means from up to this "
+                              "many prompts of the search half (default: all of it; one extra evaluation), and only "
+                              "the masks' paired shifts from the search prompts, so the search cannot chase the noise "
+                              "of the unrepaired model's own means on its few prompts (0: off)")
     tau: float = opt(0.05, "perplexity budget: at most (1 + tau) x the unrepaired perplexity")
     penalty: float = opt(10.0, "cost of exceeding the budget, in bias std units per tau of excess")
     chains: int = opt(512, "annealing chains run as one batch")
