@@ -24,7 +24,7 @@ import torch
 
 from attnprune import __version__
 from attnprune.errors import UserError
-from attnprune.heads import HeadMask, apply_mask
+from attnprune.heads import HeadMask, apply_mask, probe_ids
 from attnprune.models.layouts import HeadLayout, projection_input_axis
 
 MASK_FILE = "attnprune_mask.json"
@@ -86,7 +86,7 @@ def export_repaired(
     }
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    ids = _check_tokens(model)
+    ids = probe_ids(model, 8, next(model.parameters()).device)
     with torch.no_grad(), apply_mask(model, layout, mask):
         masked = model(input_ids=ids).logits
     saved = bake_mask(layout, mask)
@@ -113,13 +113,6 @@ def export_repaired(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
-
-
-def _check_tokens(model, tokens: int = 8) -> torch.Tensor:
-    """A few token ids for the export's equality check."""
-    vocab = int(getattr(model.config, "vocab_size", None) or 8)
-    device = next(model.parameters()).device
-    return (torch.arange(tokens, device=device) * 7 % max(vocab - 1, 1) + 1)[None]
 
 
 TAGS = ["attnprune", "attention-head-pruning", "bias-mitigation", "fairness"]

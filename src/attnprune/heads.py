@@ -286,6 +286,14 @@ class HeadMasker:
         self.remove()
 
 
+def probe_ids(model: nn.Module, tokens: int, device) -> torch.Tensor:
+    """``[1, tokens]`` distinct-ish token ids inside the model's vocabulary, for the equality self-checks."""
+    config = model.config
+    vocab = int(getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 8)
+                or 8)
+    return (torch.arange(tokens, device=device) * 7 % max(vocab - 1, 1) + 1)[None]
+
+
 @torch.no_grad()
 def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None:
     """Refuse, in one sentence, a model on which masking a head would not do what it says (checked at load).
@@ -298,10 +306,7 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
     """
     from attnprune.errors import ModelLoadError
 
-    vocab = int(getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
-                                                                         "vocab_size", 8) or 8)
-    device = layout.out_projs[0].weight.device
-    ids = (torch.arange(tokens, device=device) % max(vocab - 1, 1) + 1)[None]
+    ids = probe_ids(model, tokens, layout.out_projs[0].weight.device)
     checks = sorted({(0, 0), (layout.n_layers - 1, layout.n_heads - 1)})
     seen: dict[int, torch.Tensor] = {}
 

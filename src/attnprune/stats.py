@@ -161,7 +161,7 @@ class BucketDesign:
         """
         v = np.atleast_2d(np.asarray(values, dtype=float))
         n = v.shape[1]
-        resamples = stratified_resamples(self.buckets, reps, seed)  # bucket order is kept, so labels are fixed
+        resamples = stratified_resamples(self.buckets, reps, seed)  # within buckets: labels stay the items' own
         boot = np.empty((v.shape[0], reps))
         for start in range(0, reps, 100):
             chunk = resamples[start:start + 100]
