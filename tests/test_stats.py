@@ -73,3 +73,17 @@ def test_noise_corrected_spread_removes_the_noise_and_keeps_the_signal():
         assert fair["between_sd"] > fair["between_sd_corrected"]
         assert fair["between_sd_corrected"] < 0.05
         assert abs(biased["between_sd_corrected"] - true_sd) < (0.06 if n == 400 else 0.01)
+
+
+def test_noise_floor_is_the_same_in_every_process():
+    """The shuffles within strata go through the strata in a fixed order, not Python's per-process set order."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from attnprune import stats; rng = np.random.default_rng(0); "
+            "b = np.array(['a', 'b', 'c'] * 40); s = np.array([f't{i % 7}' for i in range(120)]); "
+            "print(stats.BucketDesign(b, strata=s).noise_floor(rng.normal(size=120), reps=20)['mean'])")
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
+    assert len(out) == 1, out

@@ -175,7 +175,8 @@ class BucketDesign:
         values = np.asarray(values, dtype=float)
         rng = np.random.default_rng(seed)
         sims = np.empty(reps)
-        groups = None if self.strata is None else [np.nonzero(self.strata == s)[0] for s in set(self.strata.tolist())]
+        levels = [] if self.strata is None else sorted(set(self.strata.tolist()))  # a fixed order in every process
+        groups = None if self.strata is None else [np.nonzero(self.strata == s)[0] for s in levels]
         for r in range(reps):
             labels = self.buckets.copy()
             if groups is None:
