@@ -150,6 +150,12 @@ def test_skip_restores_a_forward_set_by_someone_else(tmp_path):
         assert layout.layer_modules[0].forward is not wrapper
     assert layout.layer_modules[0].__dict__["forward"] is wrapper
     assert "forward" not in layout.layer_modules[1].__dict__
+    # an exception inside the block (an interrupted evaluation) restores every layer too
+    with pytest.raises(KeyboardInterrupt):
+        with cache.skip_to(2, torch.arange(6)):
+            raise KeyboardInterrupt
+    assert layout.layer_modules[0].__dict__["forward"] is wrapper
+    assert "forward" not in layout.layer_modules[1].__dict__
 
     # and a model placed by accelerate (device_map) measures the same as a plain one
     d = saved_tiny(tmp_path / "m")

@@ -82,6 +82,10 @@ class BiasMeasure(Measure):
         """Refuse, with one sentence, an axis this measure has no data for (before any model work)."""
 
 
+# prompts of a HolisticBias measure built without a size (the library default; the CLI's options set their own)
+DEFAULT_PROMPTS = 160
+
+
 class HolisticBiasMeasure(BiasMeasure):
     """Base of the measures on HolisticBias prompts of one axis: prompts, bucket design, statistics.
 
@@ -90,8 +94,8 @@ class HolisticBiasMeasure(BiasMeasure):
     stratified bootstrap CI and the noise floor.
     """
 
-    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
-                 holisticbias: str | None = None, bootstrap_reps: int = 1000, adjust: str = "template",
+    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = DEFAULT_PROMPTS,
+                 seed: int = 0, holisticbias: str | None = None, bootstrap_reps: int = 1000, adjust: str = "template",
                  part: str = "all"):
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.data_path, self.bootstrap_reps, self.part = holisticbias, bootstrap_reps, part

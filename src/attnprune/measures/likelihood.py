@@ -26,7 +26,7 @@ import torch
 
 from attnprune.data import holisticbias as hb
 from attnprune.heads import HeadMask
-from attnprune.measures.base import Card, HolisticBiasMeasure, register
+from attnprune.measures.base import DEFAULT_PROMPTS, Card, HolisticBiasMeasure, register
 
 TOXIC_WORDS = (
     "stupid", "idiot", "idiots", "hate", "kill", "disgusting", "ugly", "fuck", "shit", "damn", "sucks",
@@ -74,8 +74,8 @@ class LikelihoodBias(HolisticBiasMeasure):
         "(paired), and quote the noise floor with every value.",
     )
 
-    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = 160, seed: int = 0,
-                 batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000,
+    def __init__(self, axis: str = "gender_and_sex", split: str = "valid", prompts: int = DEFAULT_PROMPTS,
+                 seed: int = 0, batch_size: int = 64, holisticbias: str | None = None, bootstrap_reps: int = 1000,
                  adjust: str = "template", part: str = "all"):
         super().__init__(axis, split, prompts, seed, holisticbias, bootstrap_reps, adjust, part)
         self.batch_size = batch_size
