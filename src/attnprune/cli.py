@@ -120,22 +120,26 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
 
 def cmd_sample(cfg: C.RepairConfig) -> None:
     """Evaluate random masks into the run's store (resumable)."""
+    from attnprune.methods import MethodContext
     from attnprune.methods.ap import AttentionPruning
     from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
 
     with Run.open(cfg) as run:
-        rows = AttentionPruning().design(run)
+        rows = AttentionPruning().design(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
         print(f"{len(rows)} masks of the {cfg.sampler} design evaluated on validation; store {run.store.path} holds "
               f"{run.store.count()} evaluations")
 
 
 def cmd_fit(cfg: C.FitConfig) -> None:
     """Fit the surrogates from the store alone and print their cross-validated accuracy."""
+    from attnprune.methods import MethodContext
     from attnprune.methods.ap import AttentionPruning
     from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
 
     with Run.from_store(cfg) as run:
-        metrics = AttentionPruning().fit(run).metrics
+        metrics = AttentionPruning().fit(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed)).metrics
     print(f"{cfg.surrogate} surrogates fitted on {metrics['samples']} masks ({metrics['folds']}-fold CV"
           + (" over the multi-head masks; knockouts always in training" if cfg.surrogate == "additive" else "") + "):")
     print(f"{'target':16s} {'model':16s} {'MSE':>9s} {'R^2':>6s} {'Spearman':>9s} {'masks':>6s}")
@@ -152,14 +156,16 @@ def cmd_search(cfg: C.RepairConfig) -> None:
     import torch
 
     from attnprune.heads import HeadMask
+    from attnprune.methods import MethodContext
     from attnprune.methods.ap import AttentionPruning
     from attnprune.run import Run
     from attnprune.selection import SelectionPolicy
 
     ap = AttentionPruning()
     with Run.from_store(cfg) as run:
-        surrogates = ap.fit(run)
-        results, bounds = ap.search(run, surrogates, SelectionPolicy.of(cfg))
+        ctx = MethodContext(run, SelectionPolicy.of(cfg), cfg.seed)
+        surrogates = ap.fit(ctx)
+        results, bounds = ap.search(ctx, surrogates)
         base = run.base()
         shape, model = run.shape, run.model_name
     res = results[-1]  # annealed under the full budget

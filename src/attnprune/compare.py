@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprune import labels
 from attnprune.config import CompareConfig, split_list
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import Comparison, MethodOutcome, SeedComparison
@@ -51,7 +52,7 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
             ctx = MethodContext(run, policy, seed)
             for name in methods:
                 entry.outcomes[name] = _run_method(run, ctx, policy, name, base, log)
-                if name == "ap":  # random_search, ap_paper and direct_sa get AP's validation evaluations
+                if get_method(name).sets_budget:  # random_search, ap_paper and direct_sa get AP's evaluations
                     ctx.evaluation_budget = entry.outcomes[name].validation_evaluations
                 paired_with_ap(run, entry)
                 if ctx.knockouts_done:
@@ -68,10 +69,10 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     t = time.perf_counter()
     before = run.store.count()
     proposal = get_method(name).propose(ctx)
-    selection = policy.select(proposal.rows, base, run.confirm, f"confirm:{name}")
+    selection = policy.select(proposal.rows, base, run.confirm, labels.confirm(name))
     chosen = selection.chosen
     # every confirmation the method caused, those of AP's calibration included
-    confirmations, confirm_seconds = run.confirmation_cost(f"confirm:{name}", selection)
+    confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
     outcome = MethodOutcome(
         method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
         validation_evaluations=proposal.evaluations,
@@ -107,7 +108,7 @@ def paired_with_ap(run: Run, entry: SeedComparison) -> None:
     ap = mask_of(entry.outcomes["ap"])
     for name, o in entry.outcomes.items():
         if name != "ap" and name not in entry.ap_minus:
-            entry.ap_minus[name] = run.paired_relative_difference(f"paired:ap-{name}", ap, mask_of(o))
+            entry.ap_minus[name] = run.paired_relative_difference(labels.paired("ap", name), ap, mask_of(o))
 
 
 def pooled_difference(per_seed: list[dict]) -> dict:

@@ -57,6 +57,18 @@ def _methods() -> list[str]:
     return method_names()
 
 
+def _samplers() -> list[str]:
+    from attnprune.methods.samplers import sampler_names
+
+    return sampler_names()
+
+
+def _surrogates() -> list[str]:
+    from attnprune.surrogate import surrogate_names
+
+    return surrogate_names()
+
+
 def split_list(text: str) -> list[str]:
     """Items of a comma-separated option (blanks dropped)."""
     return [t.strip() for t in str(text).split(",") if t.strip()]
@@ -255,7 +267,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
     # sampling
     sampler: str = opt("boundary", "first data of the search: 'boundary' = every single-head knockout, then random "
                        "masks whose knockout-predicted perplexity lies near the budget; 'paper' = random masks with "
-                       "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=["boundary", "paper"])
+                       "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=_samplers)
     knockouts: float = opt(0.34, "share of the heads knocked out one at a time (boundary sampler): those whose "
                            "first-order estimate (one gradient pass) lowers bias most, alone or per unit of perplexity; "
                            "the search prunes only them (1 = every head; at least 24 heads, so small models knock out all)")
@@ -266,7 +278,7 @@ class RepairConfig(SpeedOptions, ModelOptions):
     # surrogates and search
     surrogate: str = opt("additive", "surrogate: 'additive' (knockout effects on bucket means and log-perplexity, "
                          "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
-                         choices=["additive", "mlp", "ridge"])
+                         choices=_surrogates)
     shrink: bool = opt(True, "shrink each knockout effect toward zero by its own prompt noise (additive surrogate)")
     anchor_prompts: int = opt(100000, "additive surrogate: take the unrepaired model's bucket means from up to this "
                               "many prompts of the search half (default: all of it; one extra evaluation), and only "

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnprune import labels
 from attnprune.config import RepairConfig, command_line
 from attnprune.heads import HeadMask
 from attnprune.methods import MethodContext, get_method
@@ -58,9 +59,9 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
             f"perplexity {base.perplexity:.2f}; budget {budget.limit:.2f}")
         proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
-        selection = policy.choose(proposal.rows, base, run.confirm, "confirm:ap")
+        selection = policy.choose(proposal.rows, base, run.confirm, labels.confirm("ap"))
         chosen = selection.chosen
-        n_confirmed, confirm_seconds = run.confirmation_cost("confirm:ap", selection)
+        n_confirmed, confirm_seconds = run.confirmation_cost(labels.confirm("ap"), selection)
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
             f"{chosen.perplexity:.2f} (from {chosen.source})"
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "

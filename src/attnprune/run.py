@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from attnprune import labels
 from attnprune.config import RepairConfig, split_list
 from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
@@ -76,7 +77,7 @@ class Run:
         # fit and search only read: the measurement keys must match, decision options may differ
         store.check_config(cfg.store_config(store.config.get("model", cfg.model)), keys=cfg.STORE_KEYS)
         run = cls(cfg, None, store, log)
-        run.valid_setting = store.setting_of("sample")
+        run.valid_setting = store.setting_of(labels.SAMPLE)
         if run.valid_setting is None:
             store.close()
             raise UserError(f"Store {store.path} holds no sampled masks yet; run `attnprune sample` first.")
@@ -211,7 +212,7 @@ class Run:
         with self.timed("confirm"):
             for m in tqdm(todo, desc="confirming (fresh validation data)", unit="mask", dynamic_ncols=True,
                           disable=not todo):
-                self.store.add(setting, "confirm", source if m != base else "confirm:unrepaired", ev.evaluate([m])[0])
+                self.store.add(setting, "confirm", source if m != base else labels.CONFIRM_UNREPAIRED, ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
@@ -238,11 +239,69 @@ class Run:
         mask = HeadMask.all_active(*self.shape)
         if self.loaded is None:
             return self.store.get(mask, self.valid_setting)
-        return self.evaluate([mask], "sample", "unrepaired (valid)")[0]
+        return self.evaluate([mask], labels.SAMPLE, "unrepaired (valid)")[0]
 
     def gate_gradients(self) -> np.ndarray:
         """``[L, H]`` |d NLL / d gate| on the validation perplexity text."""
         return self.valid.gate_gradients()
+
+    # ---- what a method's context reads (:class:`attnprune.methods.base.Session`) ----------
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether the model is loaded (a run opened from its store alone only reads)."""
+        return self.loaded is not None
+
+    @property
+    def cache_scope(self) -> str:
+        """The store and the validation setting: equal scopes hold the same validation evaluations."""
+        return f"{self.store.path}|{self.valid_setting}"
+
+    def meta_value(self, key: str):
+        """A value kept in the store's meta table (None when absent)."""
+        return self.store.meta_value(key)
+
+    def set_meta_value(self, key: str, value) -> None:
+        """Keep a JSON-ready value in the store's meta table."""
+        self.store.set_meta_value(key, value)
+
+    def measure_name(self) -> str:
+        """The validation bias measure's name."""
+        return self.valid.bias_measure.card.name
+
+    def estimates_removals(self) -> bool:
+        """Whether the validation measure has first-order removal estimates."""
+        return self.valid.estimates_removals
+
+    def removal_estimates(self) -> dict:
+        """The validation measure's first-order removal estimates of every head (one gradient pass)."""
+        return self.valid.removal_estimates()
+
+    def unrepaired_on_search_prompts(self, prompts: int) -> dict | None:
+        """The unrepaired model on up to ``prompts`` search-half validation prompts, without perplexity.
+
+        ``{"buckets", "prompts", "bias", "seconds"}``, or None for a measure without bucket means.
+        """
+        spec = self.spec("valid", prompts=prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
+                         extra={"part": "search"} if self.cfg.confirm > 0 else None)
+        ev, _ = self.evaluator(spec, with_perplexity=False)
+        result = ev.evaluate([HeadMask.all_active(*self.shape)], with_perplexity=False)[0]
+        buckets = result.bias_detail.get("buckets")
+        if not buckets:
+            return None
+        return {"buckets": buckets, "prompts": ev.describe()["bias_inputs"]["prompts"], "bias": result.bias,
+                "seconds": result.seconds}
+
+    def bucket_projection(self) -> np.ndarray | None:
+        """The bucket-mean projection ``[B, n]`` of the search's validation prompts (from the data, no model)."""
+        from attnprune.measures import get_measure
+        from attnprune.measures.base import HolisticBiasMeasure
+
+        spec = self.valid_spec
+        measure = get_measure(spec.bias, split=spec.split, **spec.bias_options)
+        if not isinstance(measure, HolisticBiasMeasure):
+            return None
+        measure.prepare_prompts()
+        return measure.design_.projection
 
     # ---- the TEST split ------------------------------------------------------------------
     def compare_on_test(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
@@ -255,7 +314,7 @@ class Run:
         out = []
         for m in masks:
             b, r = rows[base], rows[m]
-            paired = ev.bias_measure.paired_difference(b.detail["prompt_scores"], r.detail["prompt_scores"])
+            paired = ev.bias_measure.paired_difference(b.prompt_scores, r.prompt_scores)
             # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
             change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
                             relative=-paired["diff"] / b.bias if b.bias else float("nan"))
@@ -284,7 +343,7 @@ class Run:
             stored = self.store.get(m, setting)
             if stored is None:
                 self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
-                self.store.add(setting, "test", f"test:{name}", ev.evaluate([m], with_perplexity=with_perplexity)[0])
+                self.store.add(setting, "test", labels.test(name), ev.evaluate([m], with_perplexity=with_perplexity)[0])
                 stored = self.store.get(m, setting)
             rows[m] = stored
         return ev, rows
@@ -299,7 +358,7 @@ class Run:
         """
         ev, rows = self.test_rows(name, [a, b])
         base = HeadMask.all_active(*self.shape)
-        scores = [rows[m].detail["prompt_scores"] for m in (base, a, b)]
+        scores = [rows[m].prompt_scores for m in (base, a, b)]
         boot = ev.bias_measure.bootstrap_biases(scores)  # [3, reps], the same resamples for each row
         point = [rows[m].bias for m in (base, a, b)]
         reps = (boot[1] - boot[2]) / boot[0]
@@ -350,7 +409,7 @@ def _perplexity_interval(row: StoredEvaluation, base: StoredEvaluation, seed: in
     """The test perplexity change of ``row`` against ``base`` with its window-bootstrap interval."""
     from attnprune.stats import window_bootstrap
 
-    a, b = row.detail["perplexity"], base.detail["perplexity"]
+    a, b = row.perplexity_detail, base.perplexity_detail
     boot = window_bootstrap(a["per_window"], b["per_window"], a["tokens"], seed=seed)
     return {"perplexity_change": row.perplexity / base.perplexity - 1, "perplexity_change_ci": boot["ci"],
             "perplexity_change_upper": boot["upper"]}
@@ -365,7 +424,7 @@ def _extend_design(store: Store, samples: int) -> None:
     recorded = store.config.get("samples")
     if recorded == samples:
         return
-    searched = sorted(store.sources() - {"sample", "knockout"})
+    searched = sorted(store.sources() - labels.DESIGN)
     if searched:
         store.close()
         raise UserError(f"Store {store.path} was made with a different configuration (samples: {recorded!r} -> "
@@ -375,7 +434,7 @@ def _extend_design(store: Store, samples: int) -> None:
 
 
 def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
-    detail = row.detail["bias"]
+    detail = row.bias_detail
     extra = {k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail}
     extra.update({k: v["value"] for k, v in detail.get("statistics", {}).items()})
     for k, v in (detail.get("noise_corrected") or {}).items():
@@ -384,4 +443,4 @@ def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
         bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.get("noise_floor"),
         buckets=detail.get("buckets"),
         perplexity=row.perplexity if with_perplexity else None,
-        perplexity_tokens=row.detail["perplexity"].get("tokens") if with_perplexity else None, extra=extra)
+        perplexity_tokens=row.perplexity_detail.get("tokens") if with_perplexity else None, extra=extra)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 
@@ -68,6 +70,23 @@ class StoredEvaluation:
     detail: dict
     seconds: float
     created: str
+
+    # the three parts of ``detail`` (as :meth:`Store.add` lays it out), read through these only
+    @property
+    def bias_detail(self) -> dict:
+        """The bias measure's summary of this evaluation (buckets, weights, noise floor, statistics, ...)."""
+        return self.detail["bias"]
+
+    @property
+    def prompt_scores(self) -> np.ndarray | None:
+        """Per-prompt (or per-item) scores ``[n]`` of the bias measure, None when it keeps none."""
+        scores = self.detail.get("prompt_scores")
+        return None if scores is None else np.asarray(scores, dtype=float)
+
+    @property
+    def perplexity_detail(self) -> dict:
+        """The perplexity measure's detail (``tokens``, ``per_window``, ...); empty when measured without."""
+        return self.detail.get("perplexity") or {}
 
 
 class Store:

@@ -1,22 +1,94 @@
-"""Surrogate regressors from head-mask bits to bias and log-perplexity.
+"""Surrogates from head masks to (bias, log-perplexity), behind one signature and a registry.
 
-scikit-learn conventions: ``__init__`` stores parameters, ``fit`` returns self, learned
-state ends in ``_``, ``predict`` never refits. :class:`MLPSurrogate` is the paper's choice
-(a small MLP, N -> 256 -> 128 -> 1, ReLU, MSE, Adam with weight decay, standardised
-targets, early stopping on a held-out part, inputs = pruned-head indicators);
-:class:`RidgeSurrogate` is the linear reference. ``holdout_metrics`` reports MSE, R^2 and
-Spearman on masks the model did not see (scikit-learn's K-fold split).
+Every registered surrogate (:data:`SURROGATES`, ``--surrogate``) follows scikit-learn's
+estimator rules: ``__init__`` stores parameters, ``fit(data)`` takes a :class:`TrainingSet`
+and returns self, learned state ends in ``_``, ``predict_torch(bits)`` gives (bias,
+log-perplexity) and never refits, ``metrics(data)`` reports held-out accuracy on masks the
+fitted model did not see. Adding one is a class decorated by :func:`register_surrogate`.
+
+- ``additive`` (:class:`AdditiveSurrogate`): head effects on the measure's bucket means and
+  on log-perplexity that add up (knockouts give them directly).
+- ``mlp`` (the paper's) and ``ridge``: one regressor per target on the mask bits
+  (:class:`TargetwiseSurrogate` over :class:`MLPSurrogate`, N -> 256 -> 128 -> 1, ReLU, MSE,
+  Adam with weight decay, standardised targets, early stopping, inputs = pruned-head
+  indicators; or :class:`RidgeSurrogate`, the linear reference). ``holdout_metrics``
+  reports MSE, R^2 and Spearman (scikit-learn's K-fold split).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from torch import nn
+
+
+@dataclass
+class TrainingSet:
+    """What every surrogate fits on: evaluated masks and their measurements (row ``i`` = one mask).
+
+    ``bits [M, N]`` (1 = active), ``bias [M]``, ``log_ppl [M]``. For measures with bucket
+    means, ``summaries [M, B]`` and ``statistic(means [..., B] tensor) -> bias`` (else
+    ``summaries`` is the bias as one column and ``statistic`` picks it); ``summary_var
+    [M, B]`` each row's sampling variance of its shift from the unrepaired model, ``prior
+    [N, B]`` independent estimates of every head's shift (both optional). ``inside [M]``
+    marks masks whose measured perplexity met the budget (for the metrics).
+    """
+
+    bits: np.ndarray
+    bias: np.ndarray
+    log_ppl: np.ndarray
+    summaries: np.ndarray | None = None
+    statistic: Callable | None = None
+    summary_var: np.ndarray | None = None
+    prior: np.ndarray | None = None
+    inside: np.ndarray | None = None
+    seed: int = 0
+
+    @property
+    def pruned(self) -> np.ndarray:
+        """``[M, N]`` pruned-head indicators."""
+        return 1 - self.bits
+
+    def subset(self, rows: np.ndarray) -> "TrainingSet":
+        """The same set restricted to ``rows`` (indices or a boolean mask)."""
+        def pick(a):
+            return None if a is None else np.asarray(a)[rows]
+
+        return replace(self, bits=pick(self.bits), bias=pick(self.bias), log_ppl=pick(self.log_ppl),
+                       summaries=pick(self.summaries), summary_var=pick(self.summary_var), inside=pick(self.inside))
+
+
+SURROGATES: dict[str, type] = {}
+
+
+def register_surrogate(name: str) -> Callable[[type], type]:
+    """Class decorator: make a surrogate available as ``--surrogate name``."""
+
+    def deco(cls):
+        cls.name = name
+        SURROGATES[name] = cls
+        return cls
+
+    return deco
+
+
+def surrogate_names() -> list[str]:
+    """Registered surrogate names, in registration order."""
+    return list(SURROGATES)
+
+
+def make_surrogate(name: str, shrink: bool = True, seed: int = 0):
+    """A new, unfitted surrogate ``name`` (each takes the options it uses)."""
+    from attnprune.errors import UserError
+
+    if name not in SURROGATES:
+        raise UserError(f"Unknown surrogate '{name}'; choose from {', '.join(SURROGATES)}.")
+    return SURROGATES[name].from_options(shrink=shrink, seed=seed)
 
 
 class MLPSurrogate:
@@ -114,9 +186,6 @@ class RidgeSurrogate:
         return self.model_.predict(np.asarray(X, dtype=np.float64))
 
 
-SURROGATES = {"mlp": MLPSurrogate, "ridge": RidgeSurrogate}
-
-
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """MSE, R^2 and Spearman rank correlation."""
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
@@ -139,32 +208,46 @@ def holdout_metrics(make, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: in
     return out
 
 
-@dataclass
-class SurrogatePair:
-    """The two fitted surrogates: bias and log-perplexity, with their held-out metrics."""
+class TargetwiseSurrogate:
+    """One regressor per target (bias, log-perplexity) on the mask bits: the paper's ``mlp``, or ``ridge``.
 
-    bias: object
-    log_ppl: object
-    metrics: dict
+    ``metrics`` is K-fold CV of the regressor and of the ridge reference on every target.
+    """
+
+    regressor: str = ""
+    needs_summaries = False
+
+    def __init__(self, seed: int = 0, folds: int = 5):
+        self.seed, self.folds = seed, folds
+
+    @classmethod
+    def from_options(cls, shrink: bool = True, seed: int = 0):
+        return cls(seed=seed)
+
+    def _make(self, kind: str):
+        return MLPSurrogate(seed=self.seed) if kind == "mlp" else RidgeSurrogate()
+
+    def fit(self, data: TrainingSet) -> "TargetwiseSurrogate":
+        self.bias_ = self._make(self.regressor).fit(data.bits, data.bias)
+        self.log_ppl_ = self._make(self.regressor).fit(data.bits, data.log_ppl)
+        return self
 
     def predict_torch(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted bias, predicted log-perplexity) for ``X [n, N]``."""
-        return self.bias.predict_torch(X), self.log_ppl.predict_torch(X)
+        return self.bias_.predict_torch(X), self.log_ppl_.predict_torch(X)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.bias_.predict(X), self.log_ppl_.predict(X)
+
+    def metrics(self, data: TrainingSet) -> dict:
+        cv = {target: {k: holdout_metrics(lambda k=k: self._make(k), data.bits, y, self.folds, self.seed)
+                       for k in dict.fromkeys([self.regressor, "ridge"])}
+              for target, y in (("bias", data.bias), ("log_perplexity", data.log_ppl))}
+        return {"kind": self.regressor, "samples": len(data.bias), "folds": cv["bias"][self.regressor]["folds"],
+                "cv": cv}
 
 
-def fit_surrogates(X: np.ndarray, bias: np.ndarray, log_ppl: np.ndarray, kind: str = "mlp", seed: int = 0,
-                   folds: int = 5) -> SurrogatePair:
-    """Fit both surrogates of ``kind`` and measure them (and the ridge reference) by K-fold CV."""
-    def factory(k):
-        return (lambda: MLPSurrogate(seed=seed)) if k == "mlp" else (lambda: RidgeSurrogate())
-
-    metrics = {}
-    for target, y in (("bias", bias), ("log_perplexity", log_ppl)):
-        metrics[target] = {k: holdout_metrics(factory(k), X, y, folds, seed) for k in dict.fromkeys([kind, "ridge"])}
-    return SurrogatePair(factory(kind)().fit(X, bias), factory(kind)().fit(X, log_ppl),
-                         {"kind": kind, "samples": len(bias), "folds": metrics["bias"][kind]["folds"], "cv": metrics})
-
-
+@register_surrogate("additive")
 class AdditiveSurrogate:
     """Head effects that add up: in the bias measure's summary (bucket means) and in log-perplexity.
 
@@ -186,10 +269,31 @@ class AdditiveSurrogate:
     the search then cannot chase effects that are mostly prompt noise.
     """
 
-    def __init__(self, ridge: float = 10.0, shrink: bool = True):
-        self.ridge, self.shrink = ridge, shrink
+    needs_summaries = True
 
-    def fit(self, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
+    def __init__(self, ridge: float = 10.0, shrink: bool = True, seed: int = 0):
+        self.ridge, self.shrink, self.seed = ridge, shrink, seed
+
+    @classmethod
+    def from_options(cls, shrink: bool = True, seed: int = 0):
+        return cls(shrink=shrink, seed=seed)
+
+    def fit(self, data: TrainingSet) -> "AdditiveSurrogate":
+        """Fit on a :class:`TrainingSet` with summaries (see :meth:`fit_arrays`)."""
+        return self.fit_arrays(data.pruned, data.summaries, data.log_ppl, data.statistic, data.summary_var, data.prior)
+
+    def metrics(self, data: TrainingSet) -> dict:
+        """Held-out accuracy on the multi-head masks (:func:`additive_metrics`), and the compounding term."""
+        inside = np.ones(len(data.bias), dtype=bool) if data.inside is None else data.inside
+        m = additive_metrics(lambda: type(self)(ridge=self.ridge, shrink=self.shrink), data.pruned, data.summaries,
+                             data.log_ppl, data.statistic, data.summary_var, data.bias, inside=inside,
+                             seed=data.seed, prior=data.prior)
+        out = {"kind": "additive", "samples": len(data.bias), **m}
+        if hasattr(self, "c_"):
+            out["compounding"] = self.c_
+        return out
+
+    def fit_arrays(self, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
             summary_var: np.ndarray | None = None, prior: np.ndarray | None = None) -> "AdditiveSurrogate":
         """Fit on ``pruned [M, N]`` (1 = pruned), ``summaries [M, B]``, ``log_ppl [M]``; row 0..M-1 any order.
 
@@ -274,11 +378,11 @@ def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: n
     for _, test in KFold(folds, shuffle=True, random_state=seed).split(multi):
         keep = np.ones(len(pruned), dtype=bool)
         keep[multi[test]] = False
-        m = make().fit(pruned[keep], summaries[keep], log_ppl[keep], statistic,
+        m = make().fit_arrays(pruned[keep], summaries[keep], log_ppl[keep], statistic,
                        None if summary_var is None else summary_var[keep], prior)
         pred_b[test], pred_lp[test] = m.predict(1 - pruned[multi[test]])
     single = pruned.sum(1) <= 1
-    first = make().fit(pruned[single], summaries[single], log_ppl[single], statistic,
+    first = make().fit_arrays(pruned[single], summaries[single], log_ppl[single], statistic,
                        None if summary_var is None else summary_var[single], prior)
     fb, flp = first.predict(1 - pruned[multi])
     ins = inside[multi]
@@ -291,3 +395,17 @@ def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: n
         out["cv_inside_budget"] = {"bias": regression_metrics(bias[multi][ins], pred_b[ins]),
                                    "log_perplexity": regression_metrics(log_ppl[multi][ins], pred_lp[ins])}
     return out
+
+
+@register_surrogate("mlp")
+class MLPPair(TargetwiseSurrogate):
+    """The paper's surrogates: an :class:`MLPSurrogate` per target."""
+
+    regressor = "mlp"
+
+
+@register_surrogate("ridge")
+class RidgePair(TargetwiseSurrogate):
+    """The linear reference: a :class:`RidgeSurrogate` per target."""
+
+    regressor = "ridge"

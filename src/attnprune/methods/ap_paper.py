@@ -23,9 +23,10 @@ class PaperAttentionPruning(AttentionPruning):
     description = "the paper's Attention Pruning: U(r_min, r_max) samples, MLP surrogates, annealing, top-k validation"
     prefix = "ap_paper:"
     ladder = (1.0,)
+    sets_budget = False  # it spends AP's budget
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        c = ctx.run.cfg
+        c = ctx.options
         n_evals = ctx.evaluation_budget or ctx.default_budget()
         self.overrides = {"sampler": "paper", "surrogate": "mlp", "samples": max(10, n_evals - 1 - c.top_k),
                           "rounds": 1, "calibrate": 0, "anchor_prompts": 0}

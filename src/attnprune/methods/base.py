@@ -1,27 +1,61 @@
-"""The method plug-in interface: what a pruning method needs, what it returns, and the registry.
+"""The method plug-in interface: what a pruning method may use, what it returns, and the registry.
 
 A method proposes candidate masks and has them evaluated on the validation split through
-the run (:meth:`~attnprune.run.Run.evaluate`, which stores every evaluation); the shared
-:class:`~attnprune.selection.SelectionPolicy` then chooses among them. A method sees a
-:class:`MethodContext` (the run's public interface, the pruned-count bounds, the seed,
-shared single-head knockouts) and returns a :class:`Proposal` (its evaluated candidates
-and the LLM evaluations it spent). Adding a method is one new module with a class
-decorated by :func:`register_method`; import it in ``attnprune/methods/__init__.py``.
+its :class:`MethodContext` (which stores every evaluation); the shared
+:class:`~attnprune.selection.SelectionPolicy` then chooses among them. The context is the
+whole of what a method sees: the options, the policy, the pruned-count bounds, the seed,
+evaluation and confirmation on validation data, shared single-head knockouts, the
+validation measure's optional capabilities and a store-backed cache whose keys include
+the options a value depends on. It never hands out the run, its store or its evaluators,
+and this module does not import :mod:`attnprune.run`: any object with the methods of
+:class:`Session` can stand behind a context. A method returns a :class:`Proposal` (its
+evaluated candidates and the LLM evaluations it spent). Adding a method is one new module
+with a class decorated by :func:`register_method`; import it in ``attnprune/methods/__init__.py``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from attnprune import labels
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
-from attnprune.run import Run
-from attnprune.selection import SelectionPolicy
-from attnprune.store import StoredEvaluation
+from attnprune.selection import Selection, SelectionPolicy
+from attnprune.store import StoredEvaluation, fingerprint
+
+
+class Session(Protocol):
+    """What a :class:`MethodContext` needs from the run behind it (:class:`attnprune.run.Run` has it)."""
+
+    cfg: Any
+    shape: tuple[int, int]
+    n_total: int
+    bounds: tuple[int, int]
+    can_evaluate: bool
+    valid_setting: str | None  # the store's key of the validation evaluator's setting
+    cache_scope: str  # store and setting
+    layout: Any
+
+    def log(self, message: str) -> None: ...
+    def timed(self, stage: str) -> AbstractContextManager: ...
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]: ...
+    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]: ...
+    def base(self) -> StoredEvaluation: ...
+    def confirm(self, masks: Sequence[HeadMask], source: str): ...
+    def meta_value(self, key: str): ...
+    def set_meta_value(self, key: str, value) -> None: ...
+    def measure_name(self) -> str: ...
+    def estimates_removals(self) -> bool: ...
+    def removal_estimates(self) -> dict: ...
+    def unrepaired_on_search_prompts(self, prompts: int) -> dict | None: ...
+    def bucket_projection(self) -> np.ndarray | None: ...
+    def gate_gradients(self) -> np.ndarray: ...
+
 
 # FASP's pruning-ratio grid (and the ratios of the simple baselines)
 ALPHAS = tuple(round(0.02 * i, 2) for i in range(1, 11))
@@ -52,34 +86,129 @@ def knockout_masks(shape: tuple[int, int]) -> list[HeadMask]:
 
 
 class MethodContext:
-    """What a method may use: the run (public interface), the policy, bounds, seed, shared knockouts."""
+    """What a method may use (see module docstring): options, policy, bounds, seed, evaluations, knockouts, cache."""
 
-    def __init__(self, run: Run, policy: SelectionPolicy, seed: int, evaluation_budget: int | None = None):
-        self.run = run
+    def __init__(self, session: Session, policy: SelectionPolicy, seed: int, evaluation_budget: int | None = None):
+        self._session = session
         self.policy = policy
         self.seed = seed
-        self.bounds = run.bounds
+        self.bounds = session.bounds
         self.evaluation_budget = evaluation_budget
         self._knockouts: Knockouts | None = None
+
+    # ---- what the method works on -------------------------------------------------------
+    @property
+    def options(self):
+        """The run's options (a :class:`~attnprune.config.RepairConfig`; read them, never change them)."""
+        return self._session.cfg
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(layers, heads)``."""
-        return self.run.shape
+        return self._session.shape
 
+    @property
+    def n_total(self) -> int:
+        """Number of maskable heads."""
+        return self._session.n_total
+
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether a model is loaded (``attnprune fit``/``search`` work from the store alone)."""
+        return self._session.can_evaluate
+
+    @property
+    def scope(self) -> str:
+        """Identity of the validation data (store and setting): equal scopes hold the same evaluations."""
+        return self._session.cache_scope
+
+    def log(self, message: str) -> None:
+        """One line of progress."""
+        self._session.log(message)
+
+    def timed(self, stage: str) -> AbstractContextManager:
+        """Add the block's wall-clock seconds to the run's timings of ``stage``."""
+        return self._session.timed(stage)
+
+    # ---- validation evaluations ---------------------------------------------------------
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]:
+        """Evaluate ``masks`` on validation (stored under ``source``; each at most once per run)."""
+        return self._session.evaluate(masks, source, desc)
+
+    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
+        """The stored validation evaluations (of ``sources`` when given), in insertion order."""
+        return self._session.rows(sources)
+
+    def base(self) -> StoredEvaluation:
+        """The unrepaired model's validation evaluation."""
+        return self._session.base()
+
+    def select(self, rows: Sequence[StoredEvaluation], source: str) -> Selection:
+        """The policy's choice among ``rows`` against the unrepaired model, confirmed under ``source``."""
+        return self.policy.select(list(rows), self.base(), self._session.confirm, source)
+
+    # ---- the validation measure's optional capabilities ---------------------------------
+    @property
+    def measure_name(self) -> str:
+        """The validation bias measure's name."""
+        return self._session.measure_name()
+
+    @property
+    def estimates_removals(self) -> bool:
+        """Whether the validation measure has first-order removal estimates (the likelihood measure has)."""
+        return self._session.estimates_removals()
+
+    def removal_estimates(self) -> dict:
+        """First-order estimates of every head's removal: ``summary [N, B]``, ``log_perplexity [N]`` (one gradient pass)."""
+        return self._session.removal_estimates()
+
+    def unrepaired_on_search_prompts(self, prompts: int) -> dict | None:
+        """The unrepaired model's bucket means on up to ``prompts`` search-half prompts, or None.
+
+        A dict with ``buckets``, ``prompts``, ``bias`` and ``seconds``; None for a measure
+        without bucket means. One evaluation without perplexity.
+        """
+        return self._session.unrepaired_on_search_prompts(prompts)
+
+    def bucket_projection(self) -> np.ndarray | None:
+        """The validation prompts' bucket-mean projection ``[B, n]`` (from the data alone), or None."""
+        return self._session.bucket_projection()
+
+    def gate_gradients(self) -> np.ndarray:
+        """``[L, H]`` |d NLL / d gate| on the validation perplexity text."""
+        return self._session.gate_gradients()
+
+    @property
+    def layout(self):
+        """The loaded model's head layout (its weights, for weight-based methods)."""
+        return self._session.layout
+
+    # ---- a cache kept in the run's store ------------------------------------------------
+    def _key(self, name: str, depends_on: Mapping | None) -> str:
+        return f"{name}:{self._session.valid_setting}" + (f":{fingerprint(dict(depends_on))}" if depends_on else "")
+
+    def cached(self, name: str, depends_on: Mapping | None = None):
+        """The value kept under ``name`` for this validation data and the ``depends_on`` options, or None."""
+        return self._session.meta_value(self._key(name, depends_on))
+
+    def keep(self, name: str, value, depends_on: Mapping | None = None) -> None:
+        """Keep ``value`` (JSON-ready) under ``name`` for this validation data and ``depends_on``; a rerun reads it back."""
+        self._session.set_meta_value(self._key(name, depends_on), value)
+
+    # ---- shared across methods ----------------------------------------------------------
     def default_budget(self) -> int:
         """Validation evaluations of AP's default design (screened knockouts, base, samples, rounds of candidates).
 
         The budget of the methods that match AP's cost when AP did not run first in the context.
         """
-        c = self.run.cfg
-        knockouts = c.screen_size(self.run.n_total) if c.sampler == "boundary" else 0
+        c = self.options
+        knockouts = c.screen_size(self.n_total) if c.sampler == "boundary" else 0
         return knockouts + 1 + c.samples + c.rounds * c.top_k
 
     def counts(self, ratios=ALPHAS) -> list[int]:
         """Pruned-head counts of a ratio grid, kept within the bounds."""
         k_min, k_max = self.bounds
-        return sorted({min(k_max, max(k_min, max(1, int(r * self.run.n_total)))) for r in ratios})
+        return sorted({min(k_max, max(k_min, max(1, int(r * self.n_total)))) for r in ratios})
 
     @property
     def knockouts_done(self) -> bool:
@@ -89,7 +218,7 @@ class MethodContext:
     def knockouts(self) -> Knockouts:
         """Every single-head knockout on validation (evaluated once per context, reused from the store)."""
         if self._knockouts is None:
-            rows = self.run.evaluate(knockout_masks(self.shape), "knockout", "single-head knockouts (valid)")
+            rows = self.evaluate(knockout_masks(self.shape), labels.KNOCKOUT, "single-head knockouts (valid)")
             self._knockouts = Knockouts(np.array([r.bias for r in rows]).reshape(self.shape),
                                         np.array([r.perplexity for r in rows]).reshape(self.shape), rows)
         return self._knockouts
@@ -112,6 +241,9 @@ class Method(ABC):
     name: str = ""
     description: str = ""
     uses_knockouts: bool = False
+    # a comparison gives the methods after this one (random_search, ap_paper, direct_sa) its validation
+    # evaluation count as their budget
+    sets_budget: bool = False
 
     @abstractmethod
     def propose(self, ctx: MethodContext) -> Proposal:
@@ -119,7 +251,7 @@ class Method(ABC):
 
     def proposal(self, ctx: MethodContext, masks: list[HeadMask], notes: str = "") -> Proposal:
         """Evaluate ``masks`` under the method's source label; count shared knockouts when used."""
-        rows = ctx.run.evaluate(masks, f"method:{self.name}", f"{self.name}: candidates (valid)")
+        rows = ctx.evaluate(masks, labels.method(self.name), f"{self.name}: candidates (valid)")
         evaluations, seconds = len(rows), float(sum(r.seconds for r in rows))
         if self.uses_knockouts:
             knock = ctx.knockouts()

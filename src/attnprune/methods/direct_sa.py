@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 from attnprune.search.annealing import anneal
@@ -26,10 +27,10 @@ class DirectAnnealing(Method):
     description = "the same annealer on the real model, with AP's LLM-evaluation budget"
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        run, cfg = ctx.run, ctx.run.cfg
+        cfg = ctx.options
         budget = ctx.evaluation_budget or (cfg.samples + 1 + cfg.rounds * cfg.top_k)
-        base = run.base()
-        samples = run.rows(["sample"])
+        base = ctx.base()
+        samples = ctx.rows([labels.SAMPLE])
         scale = float(np.std([r.bias for r in samples])) if len(samples) > 1 else 1.0
         seen: dict[HeadMask, object] = {}  # distinct evaluated masks, in order
 
@@ -37,7 +38,7 @@ class DirectAnnealing(Method):
             bias, log_ppl = [], []
             for row in states:
                 mask = HeadMask(row.numpy().reshape(ctx.shape).astype(bool))
-                ev = run.evaluate([mask], "method:direct_sa", "direct_sa")[0]
+                ev = ctx.evaluate([mask], labels.method(self.name), self.name)[0]
                 seen.setdefault(ev.mask, ev)
                 bias.append(ev.bias)
                 log_ppl.append(math.log(ev.perplexity))
@@ -45,7 +46,7 @@ class DirectAnnealing(Method):
 
         cost = ctx.policy.cost(predict, math.log(base.perplexity), scale)
         k_min, k_max = ctx.bounds
-        anneal(lambda s: cost(s).float(), ctx.run.n_total, k_min, k_max, chains=1, steps=max(1, budget - 1),
+        anneal(lambda s: cost(s).float(), ctx.n_total, k_min, k_max, chains=1, steps=max(1, budget - 1),
                seed=ctx.seed, t0=0.5 * scale, cooling=cfg.cooling, top=1)
         rows = list(seen.values())
         return Proposal(rows, len(rows), float(sum(r.seconds for r in rows)),

@@ -16,5 +16,5 @@ class Gradient(Method):
     description = "prune the heads with the smallest |d NLL / d gate| on validation text"
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        scores = ctx.run.gate_gradients()
+        scores = ctx.gate_gradients()
         return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()])

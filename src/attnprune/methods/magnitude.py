@@ -52,5 +52,5 @@ class Magnitude(Method):
     description = "prune the heads with the smallest L2 norm of their q/k/v/o weights"
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        scores, used = head_magnitudes(ctx.run.layout)
+        scores, used = head_magnitudes(ctx.layout)
         return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()], f"weights counted: {used}")

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 from attnprune.selection import trust_region
@@ -29,29 +30,28 @@ class RandomSearch(Method):
     description = "random masks on AP's evaluation budget, within the pruned counts where the budget holds"
 
     def propose(self, ctx: MethodContext) -> Proposal:
-        run = ctx.run
         n_evals = ctx.evaluation_budget or ctx.default_budget()
-        base = run.base()
+        base = ctx.base()
         budget = ctx.policy.budget(base)
         k_min, k_max = ctx.bounds
         hi = k_max
         rng = np.random.default_rng([ctx.seed, 7919])
         rows, seen = [base], {base.mask.key}
-        space = sum(math.comb(run.n_total, k) for k in range(k_min, k_max + 1))
+        space = sum(math.comb(ctx.n_total, k) for k in range(k_min, k_max + 1))
         while len(rows) < min(n_evals, space + 1):
             batch: list[HeadMask] = []
             for _ in range(1000 * BATCH):  # a small space can run out of new masks
                 if len(batch) == min(BATCH, n_evals - len(rows)):
                     break
                 k = int(rng.integers(k_min, hi + 1))
-                heads = rng.choice(run.n_total, size=k, replace=False)
+                heads = rng.choice(ctx.n_total, size=k, replace=False)
                 m = HeadMask.from_pruned(*ctx.shape, [divmod(int(h), ctx.shape[1]) for h in heads])
                 if m.key not in seen:
                     seen.add(m.key)
                     batch.append(m)
             if not batch:
                 break
-            rows += run.evaluate(batch, f"method:{self.name}", f"{self.name}: random masks (valid)")
+            rows += ctx.evaluate(batch, labels.method(self.name), f"{self.name}: random masks (valid)")
             feasible = any(r.mask.n_pruned and budget.holds(r.perplexity) for r in rows)
             hi = trust_region(rows, budget, k_min, k_max)[1] if feasible else max(k_min, (k_min + hi) // 2)
         evaluated = rows[1:]

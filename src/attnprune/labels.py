@@ -1,0 +1,38 @@
+"""Source labels of the store's evaluations: every label any module writes or reads, in one place.
+
+A label says why an evaluation was made (``evaluations.source`` and the ``labels`` table of
+:class:`~attnprune.store.Store`). The search's own evaluations are on the validation split;
+``confirm*`` labels on its confirmation half; ``test:*`` and ``paired:*`` on the TEST split.
+"""
+
+from __future__ import annotations
+
+SAMPLE = "sample"  # the design's random masks and the unrepaired model
+KNOCKOUT = "knockout"  # single-head knockouts (shared by every knockout method of a run)
+CONFIRM_UNREPAIRED = "confirm:unrepaired"  # the unrepaired model on the confirmation data
+DESIGN = frozenset({SAMPLE, KNOCKOUT})  # what a store may hold before any search result
+
+
+def candidates(round_: int, prefix: str = "") -> str:
+    """AP's validated candidates of round ``round_`` (a variant's labels carry its ``prefix``)."""
+    return f"{prefix}candidate-r{round_}"
+
+
+def method(name: str) -> str:
+    """The validation evaluations of a method without stages of its own."""
+    return f"method:{name}"
+
+
+def confirm(name: str) -> str:
+    """``name``'s candidates on the confirmation data."""
+    return f"confirm:{name}"
+
+
+def test(name: str) -> str:
+    """TEST-split evaluations of the comparison ``name``."""
+    return f"test:{name}"
+
+
+def paired(a: str, b: str) -> str:
+    """The TEST-split comparison of method ``a`` minus method ``b`` on the same prompts."""
+    return f"paired:{a}-{b}"
