@@ -26,6 +26,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from attnprune.registry import Registry
+
 
 @dataclass
 class TrainingSet:
@@ -63,31 +65,17 @@ class TrainingSet:
                        summaries=pick(self.summaries), summary_var=pick(self.summary_var), inside=pick(self.inside))
 
 
-SURROGATES: dict[str, type] = {}
-
-
-def register_surrogate(name: str) -> Callable[[type], type]:
-    """Class decorator: make a surrogate available as ``--surrogate name``."""
-
-    def deco(cls):
-        cls.name = name
-        SURROGATES[name] = cls
-        return cls
-
-    return deco
+SURROGATES = Registry("surrogate")
+register_surrogate = SURROGATES.register  # class decorator: make a surrogate available as ``--surrogate name``
 
 
 def surrogate_names() -> list[str]:
     """Registered surrogate names, in registration order."""
-    return list(SURROGATES)
+    return SURROGATES.names()
 
 
 def make_surrogate(name: str, shrink: bool = True, seed: int = 0):
     """A new, unfitted surrogate ``name`` (each takes the options it uses)."""
-    from attnprune.errors import UserError
-
-    if name not in SURROGATES:
-        raise UserError(f"Unknown surrogate '{name}'; choose from {', '.join(SURROGATES)}.")
     return SURROGATES[name].from_options(shrink=shrink, seed=seed)
 
 

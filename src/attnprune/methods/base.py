@@ -18,13 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from attnprune import labels
-from attnprune.errors import UserError
 from attnprune.heads import HeadMask
+from attnprune.registry import Registry
 from attnprune.selection import Selection, SelectionPolicy
 from attnprune.store import StoredEvaluation, fingerprint
 
@@ -261,30 +261,18 @@ class Method(ABC):
         return Proposal(rows, evaluations, seconds, notes)
 
 
-_METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str) -> Callable[[type], type]:
-    """Class decorator: make a method available by ``name``."""
-
-    def deco(cls):
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
+METHODS = Registry("method")
+register_method = METHODS.register  # class decorator: make a method available by name
 
 
 def method_names() -> list[str]:
     """Registered method names, in registration order."""
-    return list(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
     """A new instance of the registered method ``name``."""
-    if name not in _METHODS:
-        raise UserError(f"Unknown method '{name}'; choose from {', '.join(_METHODS)}.")
-    return _METHODS[name]()
+    return METHODS[name]()
 
 
 def prune_lowest(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> HeadMask:

@@ -25,6 +25,7 @@ from attnprune import labels
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 from attnprune.methods.base import MethodContext, knockout_masks
+from attnprune.registry import Registry
 from attnprune.store import StoredEvaluation
 
 Label = Callable[[str], str]  # a method's store label of one of its stages (AP variants carry a prefix)
@@ -59,29 +60,17 @@ class Sampler:
         return ""
 
 
-SAMPLERS: dict[str, type[Sampler]] = {}
-
-
-def register_sampler(name: str) -> Callable[[type], type]:
-    """Class decorator: make a sampler available as ``--sampler name``."""
-
-    def deco(cls):
-        cls.name = name
-        SAMPLERS[name] = cls
-        return cls
-
-    return deco
+SAMPLERS = Registry("sampler")
+register_sampler = SAMPLERS.register  # class decorator: make a sampler available as ``--sampler name``
 
 
 def sampler_names() -> list[str]:
     """Registered sampler names, in registration order."""
-    return list(SAMPLERS)
+    return SAMPLERS.names()
 
 
 def make_sampler(name: str, options) -> Sampler:
     """The sampler ``name`` on ``options``."""
-    if name not in SAMPLERS:
-        raise UserError(f"Unknown sampler '{name}'; choose from {', '.join(SAMPLERS)}.")
     return SAMPLERS[name](options)
 
 
