@@ -151,7 +151,7 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
             if o.test is None:
                 continue
             found += 1
-            assert o.test.setup["split"] == "test" and o.test.setup["bias_inputs"]["prompt_seed"] == s.seed
+            assert o.test.setup.split == "test" and o.test.setup.bias_inputs["prompt_seed"] == s.seed
             assert o.valid["perplexity"] <= s.validation["budget"]
             assert o.meets_budget == (o.test.perplexity_change <= cfg.tau) and "religion" in o.transfer
     assert found >= 4, "most methods must find a mask on this easy budget"
@@ -273,12 +273,12 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         method = ap.AttentionPruning()
         ctx = MethodContext(run, policy, cfg.seed)
         anchor = method.anchor(ctx)
-        assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().bias_detail["buckets"])
+        assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().bias_result.buckets)
         proposal = method.propose(ctx)
         assert proposal.evaluations == len(proposal.rows) + 1 and "anchored" in proposal.notes
         surrogate = method.fit(ctx)
         names = sorted(anchor["buckets"])
         base_pred = surrogate.predict_torch(torch.ones(1, run.n_total))[0]
-        w = torch.tensor([run.base().bias_detail["bucket_weights"][b] for b in names])
+        w = torch.tensor([run.base().bias_result.bucket_weights[b] for b in names])
         means = torch.tensor([anchor["buckets"][b] for b in names], dtype=torch.float32)
         assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)

@@ -130,7 +130,7 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     assert result.mask.n_pruned >= 1
     assert r.validation.chosen["bias"] < r.validation.unrepaired["bias"]
     assert r.validation.chosen["perplexity"] <= r.validation.budget
-    assert r.test.search_measure.setup["split"] == "test"
+    assert r.test.search_measure.setup.split == "test"
     assert r.llm_evaluations["validation"] == 1 + 12 + 24 + len(r.search.candidates)  # base, knockouts, samples
     assert r.validation.confirmation and r.llm_evaluations["confirmation"] >= 2
     assert set(r.test.checks) == {"crows_pairs", "stereoset"} and "icat" in r.test.checks["stereoset"].statistics

@@ -69,7 +69,7 @@ def test_no_import_cycle_and_methods_see_neither_the_run_nor_the_config():
 
 
 def test_no_module_reads_a_stored_evaluation_through_a_string_path():
-    """``StoredEvaluation.bias_detail/prompt_scores/perplexity_detail`` are the only readers of the row's layout."""
+    """``StoredEvaluation.bias_result/prompt_scores/perplexity_result`` are the only readers of the row's layout."""
     offenders = []
     for name, f in _modules().items():
         if name == "attnprune.store":

@@ -83,34 +83,34 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
                        backend_options=cfg.backend_options)
         try:
             results = ev.evaluate(masks, with_perplexity=i == 0)
-            desc = ev.describe()
+            setup = ev.setup()
         finally:
             ev.close()
-        bi, pi = desc["bias_inputs"], desc["perplexity_inputs"]
+        bi, pi = setup.bias_inputs, setup.perplexity_inputs
         size = next(f"{bi[k]} {k}" for k in ("prompts", "pairs", "items") if k in bi)
         what = f"axis {cfg.axis}" if "axis" in bi else f"bias type {bi.get('bias_type')}"
         print(f"\n{bias} bias, {what}, {cfg.split} split: {size} (seed {cfg.seed})"
               + (f"; perplexity: {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens" if i == 0 else ""))
         print(f"{'':28s} {'bias':>8s} {'95% CI':>18s} {'noise floor':>12s} {'corrected SD':>13s}"
               + (f" {'perplexity':>11s}" if i == 0 else ""))
-        for name, r in zip(names, results):
-            floor = r.bias_detail.get("noise_floor")
-            corrected = (r.bias_detail.get("noise_corrected") or {}).get("between_sd_corrected", float("nan"))
+        typed = [r.bias_result for r in results]
+        for name, r, d in zip(names, results, typed):
+            floor = d.noise_floor
+            corrected = (d.noise_corrected or {}).get("between_sd_corrected", float("nan"))
             print(f"{name:28s} {r.bias:8.3f} {_fmt_ci(r.bias_ci):>18s} {floor['mean'] if floor else float('nan'):12.3f}"
                   f" {corrected:13.3f}" + (f" {r.perplexity:11.2f}" if i == 0 else ""))
-        for stat in results[0].bias_detail.get("statistics", {}):
+        for stat in typed[0].statistics:
             print(f"  {stat:26s} " + "  ".join(
-                f"{r.bias_detail['statistics'][stat]['value']:8.2f} {_fmt_ci(r.bias_detail['statistics'][stat]['ci'])}"
-                for r in results))
-        buckets = results[0].bias_detail.get("buckets") or {}
+                f"{d.statistics[stat]['value']:8.2f} {_fmt_ci(d.statistics[stat]['ci'])}" for d in typed))
+        buckets = typed[0].buckets or {}
         if buckets:
             print("\nper bucket (" + ("template-adjusted mean log-odds toxic vs benign" if bias == "likelihood"
                                       else "mean toxicity") + "):")
             for b in buckets:
-                vals = [r.bias_detail["buckets"][b] for r in results]
+                vals = [d.buckets[b] for d in typed]
                 vals = [v["mean_toxicity"] if isinstance(v, dict) else v for v in vals]
                 print(f"  {b:22s} " + "  ".join(f"{v:8.3f}" for v in vals) + f"   (n={bi['buckets'].get(b, 0)})")
-        out["results"][bias] = {"setup": desc, "card": ev.bias_measure.card.to_dict(),
+        out["results"][bias] = {"setup": setup.to_dict(), "card": ev.bias_measure.card.to_dict(),
                                 "masks": [dict(name=n, **r.to_dict()) for n, r in zip(names, results)]}
     print(f"\n{time.perf_counter() - t0:.1f} s (noise floor = bias of the same scores with bucket labels shuffled; "
           "corrected SD = spread of the bucket means less their sampling noise, Lum et al. 2022)")
@@ -189,7 +189,7 @@ def cmd_repair(cfg: C.RepairConfig) -> None:
     result = repair(cfg)
     t = result.report.test.search_measure
     u, r = t.unrepaired, t.repaired
-    bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+    bi, pi = t.setup.bias_inputs, t.setup.perplexity_inputs
     print(f"\nTEST split: {cfg.bias} bias on {bi['axis']}, {bi['prompts']} prompts (seed {bi['prompt_seed']}); "
           f"perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens")
     print(f"{'':12s} {'bias':>8s} {'95% CI':>18s} {'perplexity':>11s}")
@@ -201,8 +201,8 @@ def cmd_repair(cfg: C.RepairConfig) -> None:
           "heads pruned")
     x = result.report.test.toxicity
     if x is not None:
-        print(f"second opinion, toxicity protocol ({x.setup['bias_inputs']['classifier']}, "
-              f"{x.setup['bias_inputs']['prompts']} test prompts): bias {x.unrepaired.bias:.4f} -> "
+        print(f"second opinion, toxicity protocol ({x.setup.bias_inputs['classifier']}, "
+              f"{x.setup.bias_inputs['prompts']} test prompts): bias {x.unrepaired.bias:.4f} -> "
               f"{x.repaired.bias:.4f} (change CI [{x.bias_change.ci[0]:+.4f}, {x.bias_change.ci[1]:+.4f}])")
     print(f"\nreport: {result.out_dir / 'report.md'}")
     if result.model_dir:

@@ -211,7 +211,7 @@ def markdown(result: Comparison) -> str:
         lines.append("")
         if tested:
             t = tested[0]
-            bi, pi, u = t.setup["bias_inputs"], t.setup["perplexity_inputs"], t.unrepaired
+            bi, pi, u = t.setup.bias_inputs, t.setup.perplexity_inputs, t.unrepaired
             lines += [f"Test split: {cfg['bias']} bias on {bi['axis']}, {bi['prompts']} prompts (seed "
                       f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens. "
                       f"Unrepaired: bias {u.bias:.3f} [{u.ci[0]:.3f}, {u.ci[1]:.3f}], perplexity {u.perplexity:.2f}.", ""]

@@ -17,6 +17,7 @@ from attnprune.backend import Backend
 from attnprune.errors import MaskError
 from attnprune.heads import HeadMask
 from attnprune.measures import get_measure
+from attnprune.results import BiasResult, EvaluatorSetup
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Evaluation:
     bias_detail: dict = field(default_factory=dict)
     perplexity_detail: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def bias_result(self) -> BiasResult:
+        """:attr:`bias_detail`, typed."""
+        return BiasResult.of(self.bias_detail)
 
     def to_dict(self) -> dict:
         """JSON-ready (mask as its pruned list)."""
@@ -63,6 +69,10 @@ class Evaluator:
             "bias_inputs": self.bias_measure.describe(),
             "perplexity_inputs": self.ppl_measure.describe(),
         }
+
+    def setup(self) -> EvaluatorSetup:
+        """:meth:`describe`, typed."""
+        return EvaluatorSetup.from_dict(self.describe())
 
     def evaluate(self, masks: Sequence[HeadMask] | HeadMask, with_perplexity: bool = True) -> list[Evaluation]:
         """Score ``masks`` (one or many); results in the same order."""

@@ -125,19 +125,19 @@ def _metric(kind: str, name: str, value: float) -> dict:
 def model_index(name: str, report) -> list[dict]:
     """``model-index`` results (Hugging Face card metadata) of a repair's TEST-split numbers."""
     t = report.test.search_measure
-    bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+    bi, pi = t.setup.bias_inputs, t.setup.perplexity_inputs
     results = [
         {"task": {"type": "text-generation", "name": "social bias"},
          "dataset": {"type": "holistic_bias", "name": f"HolisticBias v1.1, {bi['axis']}, test split, "
                                                     f"{bi['prompts']} prompts, seed {bi['prompt_seed']}"},
-         "metrics": [_metric(f"{t.setup['bias_measure']}_bias", f"{t.setup['bias_measure']} bias (lower is fairer)",
+         "metrics": [_metric(f"{t.setup.bias_measure}_bias", f"{t.setup.bias_measure} bias (lower is fairer)",
                              t.repaired.bias)]},
         {"task": {"type": "text-generation", "name": "language modelling"},
          "dataset": {"type": "wikitext", "name": f"{pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens"},
          "metrics": [_metric("perplexity", "perplexity (256-token windows)", t.repaired.perplexity)]},
     ]
     for measure, c in report.test.checks.items():
-        inputs = c.setup["bias_inputs"]
+        inputs = c.setup.bias_inputs
         results.append({
             "task": {"type": "text-generation", "name": "social bias"},
             "dataset": {"type": measure, "name": f"{measure}, {inputs.get('bias_type')}, test split, "
@@ -172,11 +172,11 @@ def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, l
              f"Pruned heads [layer, head]: {[list(p) for p in mask.pruned]}", ""]
     if report is not None:
         t = report.test.search_measure
-        bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+        bi, pi = t.setup.bias_inputs, t.setup.perplexity_inputs
         u, r, ch = t.unrepaired, t.repaired, t.bias_change
         lines += [
             "## Before and after (held-out TEST split; the search and the choice used the validation split only)", "",
-            f"{t.setup['bias_measure']} bias on HolisticBias v1.1 {bi['axis']} ({bi['prompts']} test prompts, seed "
+            f"{t.setup.bias_measure} bias on HolisticBias v1.1 {bi['axis']} ({bi['prompts']} test prompts, seed "
             f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']} ({pi['tokens_scored']} tokens).", "",
             "| model | bias | 95% CI | perplexity |", "|---|---|---|---|",
             f"| {model_name} | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | {u.perplexity:.2f} |",

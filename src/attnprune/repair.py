@@ -76,7 +76,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         report = RepairReport(
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),
             validation=ValidationSummary(
-                setup=run.valid.describe(),
+                setup=run.valid.setup(),
                 unrepaired={"bias": base.bias, "ci": list(base.bias_ci), "perplexity": base.perplexity},
                 chosen={"ci": list(chosen.bias_ci), **selection.summary()},
                 budget=budget.limit, rule=policy.rule(),

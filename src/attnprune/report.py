@@ -40,7 +40,7 @@ def check_lines(checks: dict[str, TestComparison]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     ideal = {"pct_stereotype": "50", "likelihood_diff": "0", "ss": "50", "lms": "100", "icat": "100", "bias": "0"}
     for name, t in checks.items():
-        inputs = t.setup["bias_inputs"]
+        inputs = t.setup.bias_inputs
         items = f"{inputs.get('pairs', inputs.get('items'))} {inputs.get('bias_type', '')}"
         for k, v in t.statistics.items():
             lines.append(f"| {name} | {items} | {k} | {ideal.get(k, '')} | {v['unrepaired']:.2f} | {v['repaired']:.2f} | "
@@ -72,14 +72,14 @@ def markdown(report: RepairReport) -> str:
     """Human-readable summary of a repair report."""
     t = report.test.search_measure
     u, r = t.unrepaired, t.repaired
-    bi, pi = t.setup["bias_inputs"], t.setup["perplexity_inputs"]
+    bi, pi = t.setup.bias_inputs, t.setup.perplexity_inputs
     lines = [
         f"# attnprune repair of {report.model}",
         "",
         f"{len(report.chosen_mask['pruned'])} of {report.layout['total_heads']} attention heads pruned. "
         f"Numbers below are on the held-out **test** split; search and selection used validation only.",
         "",
-        f"## Test split ({t.setup['bias_measure']} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed "
+        f"## Test split ({t.setup.bias_measure} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed "
         f"{bi['prompt_seed']}; perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens)",
         "",
         "| model | bias | 95% CI | noise floor | noise-corrected between-bucket SD | perplexity |",
@@ -98,7 +98,7 @@ def markdown(report: RepairReport) -> str:
     ]
     x = report.test.toxicity
     if x is not None:
-        d = x.setup["bias_inputs"]
+        d = x.setup.bias_inputs
         lines += [
             f"## Second opinion: toxicity protocol ({d['classifier']}, {d['prompts']} test prompts x "
             f"{d['generations_per_prompt']} continuations, {d['sampling']}, scored text: {d['scored_text']})",

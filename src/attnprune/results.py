@@ -56,6 +56,73 @@ class Serialisable:
 
 
 @dataclass
+class EvaluatorSetup(Serialisable):
+    """What every number of one evaluator is measured on: model, split, bias measure and both measures' inputs.
+
+    ``bias_inputs`` / ``perplexity_inputs`` are each measure's own ``describe()`` (prompt
+    counts, axis, seeds; corpus, windows, tokens): their keys belong to the measure.
+    """
+
+    model: str
+    split: str
+    bias_measure: str
+    bias_inputs: dict
+    perplexity_inputs: dict
+    with_perplexity: bool | None = None
+
+    @property
+    def prompts(self) -> int | None:
+        """Bias prompts (or items) measured."""
+        return self.bias_inputs.get("prompts")
+
+
+@dataclass
+class BiasResult(Serialisable):
+    """A bias measure's summary of one evaluation (``Evaluation.bias_detail`` / ``StoredEvaluation``, typed).
+
+    ``buckets``/``bucket_weights``: the (template-adjusted) bucket means and their weights
+    (HolisticBias measures); ``noise_floor``: the bias of the same scores with bucket labels
+    shuffled; ``noise_corrected``: Lum et al.'s between-group SD less its sampling noise;
+    ``statistics``: an item benchmark's own statistics (name -> value, CI); ``extra``: the
+    measure's other keys (mean toxicity, share toxic, ...).
+    """
+
+    bias: float
+    ci: list[float]
+    buckets: dict[str, float] | None = None
+    bucket_weights: dict[str, float] | None = None
+    noise_floor: dict | None = None
+    noise_corrected: dict | None = None
+    statistics: dict[str, dict] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, detail: dict) -> "BiasResult":
+        """From a measure's detail dict (the per-prompt scores are not part of it)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: detail[k] for k in known if k in detail and k != "statistics"},
+                   statistics=detail.get("statistics") or {},
+                   extra={k: v for k, v in detail.items() if k not in known and k != "per_prompt"})
+
+
+@dataclass
+class PerplexityResult(Serialisable):
+    """The perplexity of one evaluation: value, mean token NLL, tokens scored and each window's NLL sum."""
+
+    perplexity: float = float("nan")
+    nll: float | None = None
+    tokens: int | None = None
+    per_window: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, detail: dict | None) -> "PerplexityResult | None":
+        """From the perplexity measure's detail dict; None for an evaluation without perplexity."""
+        if not detail or "tokens" not in detail:
+            return None
+        return cls(**{f.name: detail[f.name] for f in dataclasses.fields(cls) if f.name in detail})
+
+
+@dataclass
 class Change(Serialisable):
     """Repaired minus unrepaired bias on the same items: absolute, its paired 95% CI, relative."""
 
@@ -85,7 +152,7 @@ class TestComparison(Serialisable):
     __test__ = False  # not a pytest test class
 
     name: str
-    setup: dict
+    setup: EvaluatorSetup
     card: dict
     unrepaired: Summary
     repaired: Summary
@@ -163,7 +230,7 @@ class ValidationPoint(Serialisable):
 class ValidationSummary(Serialisable):
     """The search's split: setup, unrepaired, chosen, budget, every evaluated mask."""
 
-    setup: dict
+    setup: EvaluatorSetup
     unrepaired: dict
     chosen: dict
     budget: float

@@ -285,10 +285,10 @@ class Run:
                          extra={"part": "search"} if self.cfg.confirm > 0 else None)
         ev, _ = self.evaluator(spec, with_perplexity=False)
         result = ev.evaluate([HeadMask.all_active(*self.shape)], with_perplexity=False)[0]
-        buckets = result.bias_detail.get("buckets")
+        buckets = result.bias_result.buckets
         if not buckets:
             return None
-        return {"buckets": buckets, "prompts": ev.describe()["bias_inputs"]["prompts"], "bias": result.bias,
+        return {"buckets": buckets, "prompts": ev.setup().prompts, "bias": result.bias,
                 "seconds": result.seconds}
 
     def bucket_projection(self) -> np.ndarray | None:
@@ -321,7 +321,7 @@ class Run:
             stats = {k: {"unrepaired": v["a"], "repaired": v["b"], "change": -v["diff"],
                          "ci": [-v["diff_ci"][1], -v["diff_ci"][0]]} for k, v in paired.get("statistics", {}).items()}
             out.append(TestComparison(
-                name=name, setup=ev.describe(), card=ev.bias_measure.card.to_dict(),
+                name=name, setup=ev.setup(), card=ev.bias_measure.card.to_dict(),
                 unrepaired=_summary(b, with_perplexity), repaired=_summary(r, with_perplexity), bias_change=change,
                 statistics=stats, **(_perplexity_interval(r, b, c.seed) if with_perplexity else {})))
         return out
@@ -409,8 +409,8 @@ def _perplexity_interval(row: StoredEvaluation, base: StoredEvaluation, seed: in
     """The test perplexity change of ``row`` against ``base`` with its window-bootstrap interval."""
     from attnprune.stats import window_bootstrap
 
-    a, b = row.perplexity_detail, base.perplexity_detail
-    boot = window_bootstrap(a["per_window"], b["per_window"], a["tokens"], seed=seed)
+    a, b = row.perplexity_result, base.perplexity_result
+    boot = window_bootstrap(a.per_window, b.per_window, a.tokens, seed=seed)
     return {"perplexity_change": row.perplexity / base.perplexity - 1, "perplexity_change_ci": boot["ci"],
             "perplexity_change_upper": boot["upper"]}
 
@@ -434,13 +434,13 @@ def _extend_design(store: Store, samples: int) -> None:
 
 
 def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
-    detail = row.bias_detail
-    extra = {k: detail[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail}
-    extra.update({k: v["value"] for k, v in detail.get("statistics", {}).items()})
-    for k, v in (detail.get("noise_corrected") or {}).items():
+    detail = row.bias_result
+    extra = {k: detail.extra[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail.extra}
+    extra.update({k: v["value"] for k, v in detail.statistics.items()})
+    for k, v in (detail.noise_corrected or {}).items():
         extra[f"noise_corrected_{k}"] = v
     return Summary(
-        bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.get("noise_floor"),
-        buckets=detail.get("buckets"),
+        bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.noise_floor,
+        buckets=detail.buckets,
         perplexity=row.perplexity if with_perplexity else None,
-        perplexity_tokens=row.perplexity_detail.get("tokens") if with_perplexity else None, extra=extra)
+        perplexity_tokens=row.perplexity_result.tokens if with_perplexity else None, extra=extra)

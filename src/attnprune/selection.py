@@ -82,9 +82,9 @@ def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confi
     """
     from scipy.stats import t as student_t
 
-    a = np.asarray(row.perplexity_detail["per_window"], dtype=float)
-    b = np.asarray(base.perplexity_detail["per_window"], dtype=float)
-    per_token = row.perplexity_detail["tokens"] / len(a)
+    a = np.asarray(row.perplexity_result.per_window, dtype=float)
+    b = np.asarray(base.perplexity_result.per_window, dtype=float)
+    per_token = row.perplexity_result.tokens / len(a)
     d = (a - b) / per_token
     se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     quantile = float(student_t.ppf(confidence, len(d) - 1)) if len(d) > 1 else 0.0

@@ -22,6 +22,7 @@ import numpy as np
 
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
+from attnprune.results import BiasResult, PerplexityResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,9 +74,9 @@ class StoredEvaluation:
 
     # the three parts of ``detail`` (as :meth:`Store.add` lays it out), read through these only
     @property
-    def bias_detail(self) -> dict:
+    def bias_result(self) -> BiasResult:
         """The bias measure's summary of this evaluation (buckets, weights, noise floor, statistics, ...)."""
-        return self.detail["bias"]
+        return BiasResult.of(self.detail["bias"])
 
     @property
     def prompt_scores(self) -> np.ndarray | None:
@@ -84,9 +85,9 @@ class StoredEvaluation:
         return None if scores is None else np.asarray(scores, dtype=float)
 
     @property
-    def perplexity_detail(self) -> dict:
-        """The perplexity measure's detail (``tokens``, ``per_window``, ...); empty when measured without."""
-        return self.detail.get("perplexity") or {}
+    def perplexity_result(self) -> PerplexityResult | None:
+        """The perplexity measure's result (tokens, per-window NLL sums); None when measured without."""
+        return PerplexityResult.of(self.detail.get("perplexity"))
 
 
 class Store:

@@ -150,7 +150,7 @@ class AttentionPruning(Method):
         anchor = self.anchor(ctx)
         base_row = int(np.argmax(bits.sum(1)))  # the unrepaired model: nothing pruned
         if anchor is not None and summaries.shape[1] > 1:
-            names = sorted(rows[0].bias_detail["buckets"])
+            names = sorted(rows[0].bias_result.buckets)
             summaries = summaries + (np.array([anchor["buckets"][b] for b in names]) - summaries[base_row])
         first = ctx.cached("first_order")
         prior = np.asarray(first["summary"]) if first is not None and summaries.shape[1] > 1 else None

@@ -243,11 +243,11 @@ def summaries_of(ctx: MethodContext, rows: list[StoredEvaluation]):
     statistic the spread around their weighted mean; other measures fall back to the bias
     itself (a scalar summary, no variance).
     """
-    first = rows[0].bias_detail
-    if "buckets" in first and "bucket_weights" in first:
-        names = sorted(first["buckets"])
-        w = torch.tensor([first["bucket_weights"][b] for b in names], dtype=torch.float32)
-        summaries = np.array([[r.bias_detail["buckets"][b] for b in names] for r in rows])
+    first = rows[0].bias_result
+    if first.buckets and first.bucket_weights:
+        names = sorted(first.buckets)
+        w = torch.tensor([first.bucket_weights[b] for b in names], dtype=torch.float32)
+        summaries = np.array([[r.bias_result.buckets[b] for b in names] for r in rows])
         projection = ctx.bucket_projection()
         base = next(r for r in rows if r.mask.n_pruned == 0)
         b0 = base.prompt_scores
