@@ -276,6 +276,9 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         assert anchor["prompts"] > 100 and set(anchor["buckets"]) == set(run.base().bias_result.buckets)
         proposal = method.propose(ctx)
         assert proposal.evaluations == len(proposal.rows) + 1 and "anchored" in proposal.notes
+        # the anchor read before the first evaluation is the one the search uses: kept once, under one key
+        kept = run.store.db.execute("SELECT count(*) FROM meta WHERE key LIKE 'anchor:%'").fetchone()[0]
+        assert kept == 1
         surrogate = method.fit(ctx)
         names = sorted(anchor["buckets"])
         base_pred = surrogate.predict_torch(torch.ones(1, run.n_total))[0]

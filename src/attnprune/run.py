@@ -52,6 +52,7 @@ class Run:
         self._valid: Evaluator | None = None
         self._executor: Executor | None = None
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
+        self._derived: dict[str, object] = {}  # computed from the run's data once (bucket_projection)
 
     @classmethod
     def open(cls, cfg: RepairConfig, loaded=None, log: Log = logger.info) -> "Run":
@@ -212,7 +213,8 @@ class Run:
         with self.timed("confirm"):
             for m in tqdm(todo, desc="confirming (fresh validation data)", unit="mask", dynamic_ncols=True,
                           disable=not todo):
-                self.store.add(setting, "confirm", source if m != base else labels.CONFIRM_UNREPAIRED, ev.evaluate([m])[0])
+                label = source if m != base else labels.CONFIRM_UNREPAIRED
+                self.store.add(setting, "confirm", label, ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
@@ -232,7 +234,7 @@ class Run:
 
     def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
         """The validation evaluations in the store (of ``sources`` when given), in insertion order."""
-        return self.store.evaluations(self.valid_setting, sources)
+        return self.store.evaluations(self.cache_setting, sources)
 
     def base(self) -> StoredEvaluation:
         """The unrepaired model's validation evaluation."""
@@ -252,9 +254,19 @@ class Run:
         return self.loaded is not None
 
     @property
+    def cache_setting(self) -> str | None:
+        """The validation setting's store key; with a model loaded, its evaluator is built first if need be.
+
+        A key read before the first evaluation must not differ from one read after it.
+        """
+        if self.valid_setting is None and self.loaded is not None:
+            _ = self.valid
+        return self.valid_setting
+
+    @property
     def cache_scope(self) -> str:
         """The store and the validation setting: equal scopes hold the same validation evaluations."""
-        return f"{self.store.path}|{self.valid_setting}"
+        return f"{self.store.path}|{self.cache_setting}"
 
     def meta_value(self, key: str):
         """A value kept in the store's meta table (None when absent)."""
@@ -292,16 +304,19 @@ class Run:
                 "seconds": result.seconds}
 
     def bucket_projection(self) -> np.ndarray | None:
-        """The bucket-mean projection ``[B, n]`` of the search's validation prompts (from the data, no model)."""
+        """The bucket-mean projection ``[B, n]`` of the search's validation prompts (data only, once per run)."""
         from attnprune.measures import get_measure
         from attnprune.measures.base import HolisticBiasMeasure
 
-        spec = self.valid_spec
-        measure = get_measure(spec.bias, split=spec.split, **spec.bias_options)
-        if not isinstance(measure, HolisticBiasMeasure):
-            return None
-        measure.prepare_prompts()
-        return measure.design_.projection
+        if "projection" not in self._derived:
+            spec = self.valid_spec
+            measure = get_measure(spec.bias, split=spec.split, **spec.bias_options)
+            if isinstance(measure, HolisticBiasMeasure):
+                measure.prepare_prompts()
+                self._derived["projection"] = measure.design_.projection
+            else:
+                self._derived["projection"] = None
+        return self._derived["projection"]
 
     # ---- the TEST split ------------------------------------------------------------------
     def compare_on_test(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,

@@ -18,7 +18,7 @@ fitted model did not see. Adding one is a class decorated by :func:`register_sur
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -55,14 +55,6 @@ class TrainingSet:
     def pruned(self) -> np.ndarray:
         """``[M, N]`` pruned-head indicators."""
         return 1 - self.bits
-
-    def subset(self, rows: np.ndarray) -> "TrainingSet":
-        """The same set restricted to ``rows`` (indices or a boolean mask)."""
-        def pick(a):
-            return None if a is None else np.asarray(a)[rows]
-
-        return replace(self, bits=pick(self.bits), bias=pick(self.bias), log_ppl=pick(self.log_ppl),
-                       summaries=pick(self.summaries), summary_var=pick(self.summary_var), inside=pick(self.inside))
 
 
 SURROGATES = Registry("surrogate")

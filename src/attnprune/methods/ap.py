@@ -37,7 +37,7 @@ from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import trust_region
-from attnprune.store import StoredEvaluation
+from attnprune.store import StoredEvaluation, fingerprint
 from attnprune.surrogate import TrainingSet, make_surrogate
 
 # the search's perplexity budgets, as fractions of tau: candidates spread along the boundary
@@ -64,6 +64,9 @@ class AttentionPruning(Method):
     ladder: tuple[float, ...] = BUDGET_LADDER
     sets_budget = True
 
+    def __init__(self):
+        self._samplers: dict[tuple[str, str], Sampler] = {}  # (scope, options fingerprint) -> sampler
+
     def options(self, ctx: MethodContext):
         """The run's options, with this variant's overrides (``ap_paper``: the paper's design)."""
         return dataclasses.replace(ctx.options, **self.overrides) if self.overrides else ctx.options
@@ -71,11 +74,10 @@ class AttentionPruning(Method):
     def sampler(self, ctx: MethodContext) -> Sampler:
         """The design's sampler (``--sampler``) on this variant's options (one per run and options)."""
         c = self.options(ctx)
-        key = (ctx.scope, c.sampler, c.knockouts, c.samples, c.tau, c.seed)
-        samplers = self.__dict__.setdefault("_samplers", {})
-        if key not in samplers:
-            samplers[key] = make_sampler(c.sampler, c)
-        return samplers[key]
+        key = (ctx.scope, fingerprint(c.to_dict()))
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(c.sampler, c)
+        return self._samplers[key]
 
     def source(self, label: str) -> str:
         """The store source label of this method's ``label`` evaluations."""

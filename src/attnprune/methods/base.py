@@ -37,7 +37,7 @@ class Session(Protocol):
     n_total: int
     bounds: tuple[int, int]
     can_evaluate: bool
-    valid_setting: str | None  # the store's key of the validation evaluator's setting
+    cache_setting: str | None  # the store's key of the validation evaluator's setting
     cache_scope: str  # store and setting
     layout: Any
 
@@ -185,7 +185,7 @@ class MethodContext:
 
     # ---- a cache kept in the run's store ------------------------------------------------
     def _key(self, name: str, depends_on: Mapping | None) -> str:
-        return f"{name}:{self._session.valid_setting}" + (f":{fingerprint(dict(depends_on))}" if depends_on else "")
+        return f"{name}:{self._session.cache_setting}" + (f":{fingerprint(dict(depends_on))}" if depends_on else "")
 
     def cached(self, name: str, depends_on: Mapping | None = None):
         """The value kept under ``name`` for this validation data and the ``depends_on`` options, or None."""

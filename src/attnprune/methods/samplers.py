@@ -156,7 +156,8 @@ class PaperSampler(Sampler):
         c = self.options
         ctx.base()
         masks = random_masks(c.samples, ctx.shape, c.r_min, c.r_max, c.seed)
-        done = sum(1 for r in ctx.rows() if r.mask in set(masks))
+        wanted = {m.key for m in masks}
+        done = sum(1 for r in ctx.rows() if r.mask.key in wanted)
         if done > 1:
             ctx.log(f"{done} of {len(masks)} sample masks already evaluated, continuing")
         return ctx.evaluate(masks, label(labels.SAMPLE), "sampling (valid)")
