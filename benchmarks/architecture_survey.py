@@ -94,16 +94,30 @@ def tiny_config(model_type: str):
     return cfg
 
 
+def projection_width(proj) -> int:
+    """Input width of an output projection, read from its weight (``nn.Linear`` or GPT-2's Conv1D)."""
+    return proj.weight.shape[1] if isinstance(proj, torch.nn.Linear) else proj.weight.shape[0]
+
+
+def describe(layout) -> str:
+    """``rows x heads heads of width(s), path``, and which model layers the rows are in a hybrid."""
+    widths = "/".join(str(d) for d in sorted(set(layout.head_dims)))
+    text = f"{layout.n_layers} x {layout.n_heads} heads of {widths}, {layout.layers_path}.<i>.{layout.out_proj_path}"
+    if layout.is_hybrid:
+        text += f" (attention in layers {','.join(map(str, layout.layer_ids))} of {layout.n_model_layers})"
+    return text
+
+
 def reference_logits(model, layout, mask, ids) -> torch.Tensor:
     """Logits with the pruned heads' slices of each output projection's input zeroed by this script's own hooks."""
-    d = layout.head_dim
     handles = []
     for layer, proj in enumerate(layout.out_projs):
         heads = [h for (l, h) in mask.pruned if l == layer]
         if not heads:
             continue
+        d = projection_width(proj) // layout.n_heads  # from the module itself, not from the layout under test
 
-        def hook(module, args, heads=heads):
+        def hook(module, args, heads=heads, d=d):
             x = args[0].clone()
             for h in heads:
                 x[..., h * d:(h + 1) * d] = 0
@@ -175,8 +189,7 @@ def survey_one(model_type: str) -> dict:
         return {"model_type": model_type, "group": "WRONG", "reason": f"crash: {type(exc).__name__}: {exc}"[:300]}
     exact = worst_mask < 1e-4 and worst_export < 1e-4
     return {"model_type": model_type, "group": "exact" if exact else "WRONG",
-            "layout": f"{layout.n_layers} x {layout.n_heads} heads of {layout.head_dim}, {layout.layers_path}.<i>."
-                      f"{layout.out_proj_path}",
+            "layout": describe(layout),
             "max_relative_difference": {"mask_vs_reference": worst_mask, "export_vs_mask": worst_export},
             "seconds": time.perf_counter() - t}
 

@@ -119,6 +119,26 @@ def tiny_loaded(arch: str = "llama", seed: int = 0):
                        source={"kind": "test"})
 
 
+def tiny_loaded_from(config, name: str, seed: int = 0):
+    """A LoadedModel around a tiny random model of any ``config`` (its vocabulary set to :func:`word_tokenizer`'s)."""
+    from attnprune.models import LoadedModel, head_layout
+
+    tok = word_tokenizer()
+    torch.manual_seed(seed)
+    text = getattr(config, "text_config", None) or config
+    for target in {id(config): config, id(text): text}.values():
+        target.vocab_size = len(tok)
+        if getattr(target, "vocab_size_per_layer_input", None):  # Gemma-4's per-layer embeddings
+            target.vocab_size_per_layer_input = len(tok)
+        target.pad_token_id, target.eos_token_id, target.bos_token_id = 0, 2, 2
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in pname:
+                p.normal_(0, 0.2)
+    return LoadedModel(name=name, model=model, tokenizer=tok, layout=head_layout(model), source={"kind": "test"})
+
+
 def saved_tiny(directory, arch: str = "llama", seed: int = 0):
     """Save a :func:`tiny_loaded` model and its tokenizer as a Hugging Face directory (loadable by path)."""
     lm = tiny_loaded(arch, seed=seed)

@@ -168,7 +168,7 @@ class LayerInputCache:
         self.layout = layout
         self.max_bytes = max_bytes
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> [rows, pos, hidden]
-        self.output_arity: int | None = None  # None: layers return a tensor; n: a tuple of n
+        self.output_arity: dict[int, int | None] = {}  # per model layer; None: returns a tensor, n: a tuple of n
         self.built_rows = 0
 
     @property
@@ -181,7 +181,17 @@ class LayerInputCache:
         return sum(t.numel() * t.element_size() for t in self.inputs.values())
 
     def choose_layers(self, bytes_per_layer: int) -> list[int]:
-        """Layers 1..L-1 when they fit in ``max_bytes``, else an evenly spaced subset."""
+        """Model layers 1..L-1 when they fit in ``max_bytes``, else an evenly spaced subset (attention layers first).
+
+        In a hybrid only the inputs of attention layers can be a start (a mask acts there), so
+        those are the candidates.
+        """
+        if self.layout.is_hybrid:
+            starts = [l for l in self.layout.layer_ids if l > 0]
+            fit = min(len(starts), self.max_bytes // max(1, bytes_per_layer))
+            if fit <= 0:
+                return []
+            return sorted({starts[min(len(starts) - 1, int(i * len(starts) / fit))] for i in range(fit)})
         n_layers = self.layout.n_layers
         fit = min(n_layers - 1, self.max_bytes // max(1, bytes_per_layer))
         if fit <= 0:
@@ -209,19 +219,22 @@ class LayerInputCache:
             return self
         parts: dict[int, list[torch.Tensor]] = {l: [] for l in wanted}
         widths: list[int] = []
-        arity: list[int | None] = []
+        arity: dict[int, int | None] = {}
 
         def capture(layer: int):
             def pre_hook(module, args, kwargs):
                 parts[layer].append(_hidden_arg(args, kwargs).detach().clone())
             return pre_hook
 
-        def record_output(module, args, kwargs, output):
-            arity.append(len(output) if isinstance(output, tuple) else None)
+        def record_output(layer: int):  # per layer: a hybrid's layer kinds may return different tuples
+            def hook(module, args, kwargs, output):
+                arity.setdefault(layer, len(output) if isinstance(output, tuple) else None)
+            return hook
 
         modules = self.layout.layer_modules
         handles = [modules[l].register_forward_pre_hook(capture(l), with_kwargs=True) for l in wanted]
-        handles.append(modules[0].register_forward_hook(record_output, with_kwargs=True))
+        handles += [modules[l].register_forward_hook(record_output(l), with_kwargs=True)
+                    for l in range(max(wanted))]
         try:
             masker.set(None)
             for rows in row_batches(input_ids.shape[0], batch_size):
@@ -236,13 +249,14 @@ class LayerInputCache:
         # masked out; zeros keep them finite) so that every row has the full width
         full = input_ids.shape[1]
         self.inputs = {l: torch.cat([F.pad(t, (0, 0, full - w, 0)) for t, w in zip(p, widths)]) for l, p in parts.items()}
-        self.output_arity = arity[0] if arity else None
+        self.output_arity = arity
         self.built_rows = input_ids.shape[0]
         return self
 
     def start_layer(self, first_pruned: int) -> int:
-        """Deepest cached layer at or before ``first_pruned`` (0: run every layer)."""
-        usable = [l for l in self.inputs if l <= first_pruned]
+        """Deepest cached model layer at or before mask row ``first_pruned``'s layer (0: run every layer)."""
+        limit = self.layout.model_layer(first_pruned)
+        usable = [l for l in self.inputs if l <= limit]
         return max(usable) if usable else 0
 
     @contextmanager
@@ -258,17 +272,18 @@ class LayerInputCache:
         cached = self.inputs[start][base_rows]
         if width is not None:
             cached = cached[:, cached.shape[1] - width:]
-        arity = self.output_arity
 
-        def skipped(*args, **kwargs):
-            return cached if arity is None else (cached, *([None] * (arity - 1)))
+        def skipped(arity: int | None):
+            def forward(*args, **kwargs):
+                return cached if arity is None else (cached, *([None] * (arity - 1)))
+            return forward
 
         modules = self.layout.layer_modules[:start]
         # An instance attribute shadows the class's forward; one set before us (accelerate's
         # device hooks under device_map) is put back afterwards.
         saved = [m.__dict__.get("forward") for m in modules]
-        for m in modules:
-            m.forward = skipped
+        for i, m in enumerate(modules):
+            m.forward = skipped(self.output_arity.get(i))
         try:
             yield
         finally:
@@ -524,6 +539,9 @@ class Backend:
         With layer reuse on, the shared side comes from the caches' own (shared, unrepaired)
         pass, so the check costs one plain pass and checks the cached path too.
         """
+        if self.layout.is_hybrid:  # its recurrent layers' cache is a state, not keys and values to split by row
+            rows.sharing = False
+            return
         base = [HeadMask.all_active(*self.layout.shape)]
         plain = self._whole_last(rows, base, reduce, None, batch_size)
         rows.sharing = True
@@ -632,7 +650,7 @@ class Backend:
     def _kv_reuse_cache(self, rows: TokenRows, batch_size: int, new_tokens: int, top_k: int, temperature: float,
                         eos_id: int | None, u_sorted: torch.Tensor) -> LayerInputCache | None:
         """Layer inputs and unrepaired keys/values of the prompts, when they fit and are exact here."""
-        if not self.reuse_layers or rows.kv_reuse is False:
+        if not self.reuse_layers or rows.kv_reuse is False or self.layout.is_hybrid:  # hybrid: see _decide_sharing
             return None
         cache = self._layer_cache(rows, batch_size)
         if cache is None or not cache.layers:
@@ -645,7 +663,8 @@ class Backend:
         if rows.kv_reuse is None:
             # once per input set: a mask pruning a head in the deepest cached layer, with and
             # without reuse, on a few prompts; any difference turns reuse off for sampling
-            probe = HeadMask.from_pruned(*self.layout.shape, [(max(cache.layers), 0)]).tensor()
+            probe = HeadMask.from_pruned(*self.layout.shape, [(self.layout.layer_ids.index(max(cache.layers)), 0)]
+                                         ).tensor()
             few = torch.arange(min(8, rows.n))
             masks = probe.expand(len(few), *probe.shape)
             args = (new_tokens, top_k, temperature, eos_id)

@@ -59,9 +59,10 @@ def cmd_info(cfg: C.InfoConfig) -> None:
     print(f"model       {info['model']} ({info['class']}, {lay['model_type']})")
     print(f"parameters  {info['parameters']:,} ({info['dtype']}, {info['device']})")
     print(f"source      {src.get('kind')}: {src.get('cache') or src.get('path') or src.get('repo_id')}")
-    print(f"heads       {lay['layers']} layers x {lay['heads_per_layer']} query heads = {lay['total_heads']} maskable heads")
+    print(f"heads       {loaded.layout.summary()} maskable query heads")
     print(f"kv heads    {lay['kv_heads_per_layer']} per layer" + (" (grouped-query attention)" if lay["grouped_query_attention"] else ""))
-    print(f"head dim    {lay['head_dim']}")
+    print(f"head dim    {'/'.join(map(str, sorted(set(lay.get('head_dims', [lay['head_dim']])))))}"
+          + (" (per layer: " + ", ".join(map(str, lay["head_dims"])) + ")" if "head_dims" in lay else ""))
     print(f"masked at   input of {lay['out_proj']}")
 
 

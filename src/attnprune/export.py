@@ -37,12 +37,11 @@ def bake_mask(layout: HeadLayout, mask: HeadMask) -> list[tuple[torch.nn.Paramet
     Returns ``(weight, index, original values)`` triples so that :func:`unbake` can undo it.
     """
     saved = []
-    d = layout.head_dim
     for layer, head in mask.pruned:
         proj = layout.out_projs[layer]
         axis = projection_input_axis(proj)
         sl = [slice(None)] * 2
-        sl[axis] = slice(head * d, (head + 1) * d)
+        sl[axis] = layout.head_slice(layer, head)
         saved.append((proj.weight, tuple(sl), proj.weight[tuple(sl)].clone()))
         proj.weight[tuple(sl)] = 0
     return saved

@@ -220,7 +220,6 @@ class HeadMasker:
             self._gates = [None] * self.layout.n_layers
             return self
         t = _as_gate_tensor(mask, self.layout)
-        d = self.layout.head_dim
         gates: list[torch.Tensor | None] = []
         for layer, proj in enumerate(self.layout.out_projs):
             per_head = t[..., layer, :]  # [(batch,) head]
@@ -228,7 +227,7 @@ class HeadMasker:
                 gates.append(None)
                 continue
             weight = proj.weight
-            gate = per_head.repeat_interleave(d, dim=-1).to(device=weight.device, dtype=weight.dtype)
+            gate = per_head.repeat_interleave(self.layout.head_dims[layer], dim=-1).to(device=weight.device, dtype=weight.dtype)
             # [head*d] -> broadcast over [batch, pos, head*d]; [B, head*d] -> [B, 1, head*d]
             gates.append(gate if gate.dim() == 1 else gate.unsqueeze(1))
         self._gates = gates
@@ -243,10 +242,9 @@ class HeadMasker:
         if tuple(gates.shape[-2:]) != self.layout.shape or gates.dim() not in (2, 3):
             raise MaskError(f"Gates must have shape {self.layout.shape} or (batch, *{self.layout.shape}); "
                             f"got {tuple(gates.shape)}.")
-        d = self.layout.head_dim
         self._gates = []
         for layer, proj in enumerate(self.layout.out_projs):
-            gate = gates[..., layer, :].repeat_interleave(d, dim=-1).to(device=proj.weight.device, dtype=proj.weight.dtype)
+            gate = gates[..., layer, :].repeat_interleave(self.layout.head_dims[layer], dim=-1).to(device=proj.weight.device, dtype=proj.weight.dtype)
             self._gates.append(gate if gate.dim() == 1 else gate.unsqueeze(1))
         return self
 
@@ -298,7 +296,8 @@ def probe_ids(model: nn.Module, tokens: int, device) -> torch.Tensor:
 def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None:
     """Refuse, in one sentence, a model on which masking a head would not do what it says (checked at load).
 
-    On a tiny input, for the first and the last layer: the output projection, with one head
+    On a tiny input, for the first and the last layer and the first of every other head width
+    (Gemma-4's full-attention layers): the output projection, with one head
     masked, must see exactly its unmasked input with that head's slice zeroed (so the
     layout's slices are the tensor the projection reads), and the masked model's logits must
     differ from the unmasked ones (so the projection is on the path to the output). Costs
@@ -307,7 +306,8 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
     from attnprune.errors import ModelLoadError
 
     ids = probe_ids(model, tokens, layout.out_projs[0].weight.device)
-    checks = sorted({(0, 0), (layout.n_layers - 1, layout.n_heads - 1)})
+    first_of_width = {d: row for row, d in reversed(list(enumerate(layout.head_dims)))}
+    checks = sorted({(0, 0), (layout.n_layers - 1, layout.n_heads - 1)} | {(r, 0) for r in first_of_width.values()})
     seen: dict[int, torch.Tensor] = {}
 
     def capture(layer: int):
@@ -315,7 +315,6 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
             seen[layer] = args[0].detach().clone()
         return hook
 
-    d = layout.head_dim
     with HeadMasker(model, layout) as masker:
         handles = [layout.out_projs[l].register_forward_pre_hook(capture(l)) for l, _ in checks]
         try:
@@ -326,20 +325,20 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
                 logits = model(input_ids=ids).logits
                 masker.set(None)
                 if layer not in base or layer not in seen:
-                    raise ModelLoadError(f"Layer {layer}'s attention output projection ({layout.out_proj_path}) is "
+                    raise ModelLoadError(f"Layer {layout.model_layer(layer)}'s attention output projection ({layout.out_proj_path}) is "
                                          "not called in a forward pass of this model, so masking it would do nothing; "
                                          "attnprune cannot mask this architecture.")
                 expected = base[layer].clone()
-                expected[..., head * d:(head + 1) * d] = 0
+                expected[..., layout.head_slice(layer, head)] = 0
                 scale = float(base[layer].abs().max()) or 1.0
                 if tuple(seen[layer].shape) != tuple(expected.shape) or \
                         float((seen[layer] - expected).abs().max()) > 1e-5 * scale:
-                    raise ModelLoadError(f"Masking head {head} of layer {layer} did not zero exactly its slice of the "
+                    raise ModelLoadError(f"Masking head {head} of layer {layout.model_layer(layer)} did not zero exactly its slice of the "
                                          "attention output projection's input on this model, so attnprune cannot "
                                          "mask this architecture correctly.")
-                if float(base[layer][..., head * d:(head + 1) * d].abs().max()) > 0 and \
+                if float(base[layer][..., layout.head_slice(layer, head)].abs().max()) > 0 and \
                         float((logits - base_logits).abs().max()) == 0.0:
-                    raise ModelLoadError(f"Masking head {head} of layer {layer} left the logits unchanged although the "
+                    raise ModelLoadError(f"Masking head {head} of layer {layout.model_layer(layer)} left the logits unchanged although the "
                                          "head's output is not zero, so the masked projection is not on this model's "
                                          "path to the output; attnprune cannot mask this architecture.")
         finally:

@@ -52,7 +52,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
     policy = SelectionPolicy.of(cfg)
     with Run.open(cfg, loaded, log) as run:
         lay = run.layout
-        log(f"{run.model_name}: {lay.n_layers} layers x {lay.n_heads} heads = {lay.n_total}; output {cfg.out_dir}")
+        log(f"{run.model_name}: {lay.summary()}; output {cfg.out_dir}")
         evals_before = run.store.count()
         base = run.base()
         budget = policy.budget(base)

@@ -76,8 +76,11 @@ def markdown(report: RepairReport) -> str:
     lines = [
         f"# attnprune repair of {report.model}",
         "",
-        f"{len(report.chosen_mask['pruned'])} of {report.layout['total_heads']} attention heads pruned. "
-        f"Numbers below are on the held-out **test** split; search and selection used validation only.",
+        f"{len(report.chosen_mask['pruned'])} of {report.layout['total_heads']} attention heads pruned"
+        + (f" (the model is a hybrid: {report.layout['layers']} of its {report.layout['model_layers']} decoder layers "
+           f"have attention heads, layers {', '.join(map(str, report.layout['attention_layers']))}; mask row r is "
+           "the r-th of them)" if "attention_layers" in report.layout else "")
+        + ". Numbers below are on the held-out **test** split; search and selection used validation only.",
         "",
         f"## Test split ({t.setup.bias_measure} bias, axis {bi['axis']}, {bi['prompts']} prompts, seed "
         f"{bi['prompt_seed']}; perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens)",

@@ -23,11 +23,12 @@ def _linear(module: torch.nn.Module, name: str) -> torch.nn.Linear | None:
 
 def head_magnitudes(layout) -> tuple[np.ndarray, str]:
     """``[L, H]`` L2 norms of each head's weights, and which weights were counted."""
-    d, H, kv = layout.head_dim, layout.n_heads, layout.n_kv_heads
+    H, kv = layout.n_heads, layout.n_kv_heads
     group = H // kv
     out = np.zeros(layout.shape)
     used = "o"
     for l, proj in enumerate(layout.out_projs):
+        d = layout.head_dims[l]
         w = proj.weight.detach().float()
         if projection_input_axis(proj) == 1:  # nn.Linear [out, H*d]
             sq = (w.reshape(w.shape[0], H, d) ** 2).sum(dim=(0, 2))
@@ -35,7 +36,8 @@ def head_magnitudes(layout) -> tuple[np.ndarray, str]:
             sq = (w.reshape(H, d, w.shape[1]) ** 2).sum(dim=(1, 2))
         attn = layout.attention_module(l)
         q, k, v = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
-        if q is not None and k is not None and v is not None:
+        if q is not None and k is not None and v is not None and q.weight.shape[0] == H * d \
+                and k.weight.shape[0] == v.weight.shape[0] == kv * d:  # latent attention: o only
             used = "q, k, v, o"
             sq = sq + (q.weight.detach().float().reshape(H, d, -1) ** 2).sum(dim=(1, 2))
             kv_sq = (k.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2)) + (

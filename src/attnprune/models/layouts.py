@@ -74,10 +74,15 @@ REFUSED: dict[str, str] = {
 
 @dataclass
 class HeadLayout:
-    """The attention heads of a loaded model: counts and the output-projection modules.
+    """The attention heads of a loaded model: counts, widths and the output-projection modules.
 
-    ``n_layers x n_heads`` query heads, ``n_kv_heads`` key/value heads per layer (equal to
-    ``n_heads`` without grouped-query attention), each head ``head_dim`` wide.
+    A mask row is one *attention layer*: ``n_layers`` rows of ``n_heads`` query heads each,
+    ``n_kv_heads`` key/value heads per layer (equal to ``n_heads`` without grouped-query
+    attention). Row ``r`` is decoder layer ``layer_ids[r]`` of the model, and its heads are
+    ``head_dims[r]`` wide. For most models every decoder layer has attention and every head
+    the same width, so rows are layers and ``head_dims`` is constant; a hybrid (Jamba,
+    Qwen3-Next, ...) has rows only for its attention layers, and Gemma-4 has wider heads in
+    its full-attention layers.
     """
 
     model_type: str
@@ -89,6 +94,17 @@ class HeadLayout:
     out_proj_path: str
     out_projs: list[nn.Module] = field(repr=False)
     layer_modules: list[nn.Module] = field(repr=False, default_factory=list)
+    """Every decoder layer of the model (attention-free ones included), by model layer index."""
+    layer_ids: list[int] = field(default_factory=list)
+    """Model layer index of each mask row (empty: row ``r`` is layer ``r``)."""
+    head_dims: list[int] = field(default_factory=list)
+    """Head width of each mask row (empty: ``head_dim`` everywhere)."""
+
+    def __post_init__(self):
+        if not self.layer_ids:
+            self.layer_ids = list(range(self.n_layers))
+        if not self.head_dims:
+            self.head_dims = [self.head_dim] * self.n_layers
 
     @property
     def n_total(self) -> int:
@@ -100,16 +116,43 @@ class HeadLayout:
         """``(n_layers, n_heads)``, the shape of a :class:`~attnprune.heads.HeadMask`."""
         return (self.n_layers, self.n_heads)
 
+    @property
+    def n_model_layers(self) -> int:
+        """Decoder layers of the model, attention-free ones included."""
+        return len(self.layer_modules) or self.n_layers
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some decoder layers have no (softmax) attention and hence no mask row."""
+        return self.n_model_layers != self.n_layers
+
+    def head_slice(self, row: int, head: int) -> slice:
+        """Columns of row ``row``'s output-projection input that hold head ``head``."""
+        d = self.head_dims[row]
+        return slice(head * d, (head + 1) * d)
+
+    def model_layer(self, row: int) -> int:
+        """Model layer index of mask row ``row`` (``n_model_layers`` for ``row == n_layers``: past the last)."""
+        return self.layer_ids[row] if row < self.n_layers else self.n_model_layers
+
     def attention_module(self, layer: int) -> nn.Module:
-        """The module that holds the output projection of ``layer`` (its q/k/v live there too)."""
-        module = self.layer_modules[layer]
+        """The module that holds the output projection of mask row ``layer`` (its q/k/v live there too)."""
+        module = self.layer_modules[self.layer_ids[layer]]
         for part in self.out_proj_path.split(".")[:-1]:
             module = getattr(module, part)
         return module
 
+    def summary(self) -> str:
+        """One line: rows x heads = total, and for a hybrid which decoder layers have the attention."""
+        text = f"{self.n_layers} layers x {self.n_heads} heads = {self.n_total}"
+        if self.is_hybrid:
+            text += (f" (attention in {self.n_layers} of {self.n_model_layers} decoder layers: "
+                     f"{', '.join(map(str, self.layer_ids))}; mask row r is the r-th of them)")
+        return text
+
     def describe(self) -> dict:
         """JSON-ready summary (no modules)."""
-        return {
+        out = {
             "model_type": self.model_type,
             "layers": self.n_layers,
             "heads_per_layer": self.n_heads,
@@ -119,6 +162,12 @@ class HeadLayout:
             "grouped_query_attention": self.n_kv_heads != self.n_heads,
             "out_proj": f"{self.layers_path}.<layer>.{self.out_proj_path}",
         }
+        if len(set(self.head_dims)) > 1:
+            out["head_dims"] = list(self.head_dims)
+        if self.is_hybrid:
+            out["model_layers"] = self.n_model_layers
+            out["attention_layers"] = list(self.layer_ids)
+        return out
 
 
 def projection_in_features(module: nn.Module) -> int:
@@ -151,19 +200,67 @@ def _text_config(config):
 
 
 def _resolve(model: nn.Module, adapter: ArchAdapter, n_layers: int):
+    """``(decoder layers, their projections or None)`` when ``adapter`` fits ``model``, else None."""
     layers = _get(model, adapter.layers)
     if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) != n_layers:
         return None
     projs = [_get(layer, adapter.out_proj) for layer in layers]
-    if any(p is None or not hasattr(p, "weight") for p in projs):
+    projs = [p if p is not None and hasattr(p, "weight") else None for p in projs]
+    if all(p is None for p in projs):
         return None
     return list(layers), projs
+
+
+def _parent(layer: nn.Module, out_proj: str) -> nn.Module | None:
+    return _get(layer, out_proj.rsplit(".", 1)[0]) if "." in out_proj else layer
+
+
+def _softmax_rows(model_type: str, layers: list[nn.Module], projs: list, adapter: ArchAdapter) -> list[int]:
+    """Layers whose projection is a softmax attention's: all that have one, unless the kinds are mixed.
+
+    Hybrids such as MiniMax or Kimi-Linear put linear attention (lightning, delta rule) at
+    the same path in some layers. Where a model mixes attention classes, the ones without
+    ``is_causal`` (what transformers' softmax attention modules set) are linear attention
+    and have no heads to prune; a mix that this does not separate is refused.
+    """
+    have = [i for i, p in enumerate(projs) if p is not None]
+    kinds = {i: type(_parent(layers[i], adapter.out_proj)) for i in have}
+    if len(set(kinds.values())) == 1:
+        return have
+    causal = [i for i in have if hasattr(_parent(layers[i], adapter.out_proj), "is_causal")]
+    if causal and len({kinds[i] for i in causal}) == 1:
+        return causal
+    names = ", ".join(sorted({k.__name__ for k in kinds.values()}))
+    raise ModelLoadError(
+        f"Model type '{model_type}' mixes attention modules ({names}) at {adapter.layers}.<i>.{adapter.out_proj} and "
+        "attnprune cannot tell which of them are softmax attention with heads to prune; it needs an entry in "
+        "attnprune.models.layouts.ADAPTERS that says so.")
+
+
+def _row_heads(module: nn.Module | None, n_heads: int) -> int:
+    """Query heads of one attention module: its own count where it declares one, else the config's."""
+    for name in ("num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return n_heads
+
+
+def _declared_width(module: nn.Module | None) -> int | None:
+    """The head width an attention module declares for its output (value heads first, for latent attention)."""
+    for name in ("v_head_dim", "head_dim"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def head_layout(model: nn.Module) -> HeadLayout:
     """Derive the :class:`HeadLayout` of a loaded causal LM.
 
-    Raises :class:`~attnprune.errors.ModelLoadError` when the architecture cannot be mapped.
+    Raises :class:`~attnprune.errors.ModelLoadError` when the architecture cannot be mapped,
+    or when its layers differ in a way a mask of equal rows cannot address (per-layer head
+    counts), in one sentence that says so.
     """
     config = _text_config(model.config)
     model_type = getattr(model.config, "model_type", "unknown")
@@ -184,32 +281,45 @@ def head_layout(model: nn.Module) -> HeadLayout:
         raise ModelLoadError(f"attnprune cannot mask model type '{model_type}': {REFUSED[model_type]}.")
     candidates = [(model_type, ADAPTERS[model_type])] if model_type in ADAPTERS else []
     candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type]
-    for _, adapter in candidates:
-        found = _resolve(model, adapter, n_layers)
-        if found is None:
-            _refuse_hybrid(model, adapter, n_layers, model_type)
-            continue
-        layer_modules, projs = found
+    # an adapter that finds the projection in every layer wins over one that finds it in some (a hybrid)
+    resolved = [(a, found) for _, a in candidates if (found := _resolve(model, a, n_layers)) is not None]
+    resolved.sort(key=lambda item: sum(p is None for p in item[1][1]))
+    for adapter, (layer_modules, all_projs) in resolved:
+        rows = _softmax_rows(model_type, layer_modules, all_projs, adapter)
+        projs = [all_projs[i] for i in rows]
         widths = [projection_in_features(p) for p in projs]
-        width = widths[0]
-        if width % n_heads:
+        attns = [_parent(layer_modules[i], adapter.out_proj) for i in rows]
+        heads = [_row_heads(a, n_heads) for a in attns]
+        if any(w % h for w, h in zip(widths, heads)):
+            if adapter is ADAPTERS.get(model_type):
+                raise ModelLoadError(_shape_sentence(model_type, "its output projection widths", widths, heads, rows))
             continue
-        if len(set(widths)) > 1:
-            odd = next(i for i, w in enumerate(widths) if w != width)
+        if len(set(heads)) > 1:
+            odd = next(i for i, h in enumerate(heads) if h != heads[0])
             raise ModelLoadError(
-                f"Model type '{model_type}' has attention output projections of different widths (layer 0: {width}, "
-                f"layer {odd}: {widths[odd]} inputs), i.e. per-layer head counts or head widths, which attnprune "
-                "does not mask yet; a uniform mask over its layers would zero the wrong columns.")
+                f"Model type '{model_type}' has different head counts per layer (layer {rows[0]}: {heads[0]}, layer "
+                f"{rows[odd]}: {heads[odd]} query heads), which attnprune does not mask yet: its masks have the same "
+                "number of heads in every layer.")
+        dims = [w // h for w, h in zip(widths, heads)]
+        for i, (attn, d) in enumerate(zip(attns, dims)):
+            declared = _declared_width(attn)
+            if declared is not None and declared != d and len(set(dims)) > 1:
+                raise ModelLoadError(
+                    f"Layer {rows[i]} of model type '{model_type}' declares heads {declared} wide, but its output "
+                    f"projection reads {widths[i]} inputs for {heads[i]} heads ({d} each); attnprune cannot tell "
+                    "where one head's slice ends, so it does not mask this model.")
         return HeadLayout(
             model_type=model_type,
-            n_layers=n_layers,
-            n_heads=n_heads,
+            n_layers=len(rows),
+            n_heads=heads[0],
             n_kv_heads=int(n_kv),
-            head_dim=width // n_heads,
+            head_dim=dims[0],
             layers_path=adapter.layers,
             out_proj_path=adapter.out_proj,
             out_projs=projs,
             layer_modules=layer_modules,
+            layer_ids=rows,
+            head_dims=dims,
         )
     tried = sorted({f"{a.layers}.<i>.{a.out_proj}" for a in ADAPTERS.values()})
     raise ModelLoadError(
@@ -218,17 +328,10 @@ def head_layout(model: nn.Module) -> HeadLayout:
     )
 
 
-def _refuse_hybrid(model: nn.Module, adapter: ArchAdapter, n_layers: int, model_type: str) -> None:
-    """Refuse in one sentence a model whose adapter path exists in some layers only (attention-free layers)."""
-    layers = _get(model, adapter.layers)
-    if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) != n_layers:
-        return
-    have = [i for i, layer in enumerate(layers) if _get(layer, adapter.out_proj) is not None]
-    if 0 < len(have) < n_layers:
-        raise ModelLoadError(
-            f"Model type '{model_type}' is a hybrid: {len(have)} of its {n_layers} layers have attention "
-            f"({adapter.layers}.<i>.{adapter.out_proj}) and the others have none; attnprune does not mask hybrids "
-            "yet (it needs a layout that skips the attention-free layers).")
+def _shape_sentence(model_type: str, what: str, widths: list[int], heads: list[int], rows: list[int]) -> str:
+    odd = next(i for i, (w, h) in enumerate(zip(widths, heads)) if w % h)
+    return (f"Model type '{model_type}': {what} do not split into heads (layer {rows[odd]}: {widths[odd]} inputs for "
+            f"{heads[odd]} heads), so attnprune cannot tell where one head's slice ends.")
 
 
 def count_parameters(model: nn.Module) -> int:
