@@ -152,6 +152,24 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
                                                                                    default=float)
     (result.out_dir / "report.md").unlink()
     assert main(["report", str(result.out_dir)]) == 0 and (result.out_dir / "report.md").is_file()
+    # the front at the repair's own budget makes the repair's choice and confirms nothing new; other budgets
+    # confirm only masks not confirmed before, and a second front confirms nothing
+    assert main(["front", str(result.out_dir), "--budgets", "10,50,100"]) == 0
+    fr = json.loads((result.out_dir / "front.json").read_text())
+    at = {round(100 * p["budget"]): p for p in fr["points"]}
+    assert at[50]["new_confirmations"] == 0 and at[50]["chosen"]["key"] == result.mask.key
+    assert at[50]["chosen"]["confirmed"]["bias"] == pytest.approx(r.validation.chosen["confirmed"]["bias"])
+    for p in fr["points"]:
+        if p["chosen"]:
+            assert p["chosen"]["confirmed"]["perplexity_change_bound"] <= p["budget"] + 1e-12
+    assert (result.out_dir / "front.md").is_file() and (result.out_dir / "front.png").is_file()
+    assert main(["front", str(result.out_dir), "--budgets", "10,50,100"]) == 0
+    assert all(p["new_confirmations"] == 0 for p in json.loads((result.out_dir / "front.json").read_text())["points"])
+    exported = tmp_path / "front-model"
+    assert main(["export", "--model", str(model_dir), "--from", str(result.out_dir), "--budget", "50",
+                 "--out", str(exported)]) == 0
+    card = (exported / "README.md").read_text()
+    assert "perplexity budget of +50%" in card and "Guards (other axes or benchmarks that must not get worse): none" in card
     # a rerun reuses every stored evaluation: no new LLM evaluation
     again = repair(cfg, log=lambda s: None)
     assert again.report.llm_evaluations["new_this_run"] == 0

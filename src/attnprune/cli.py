@@ -222,20 +222,22 @@ def cmd_compare(cfg: C.CompareConfig) -> None:
 
 def cmd_report(cfg: C.ReportConfig) -> None:
     """Rewrite report.md and the plots from a run's report.json."""
+    from attnprune.front import read_report
     from attnprune.report import write_report
-    from attnprune.results import RepairReport
 
     out = Path(cfg.run)
-    src = out / "report.json"
-    if not src.is_file():
-        raise UserError(f"{src} does not exist; pass the output directory of a finished repair.")
-    try:
-        report = RepairReport.from_dict(json.loads(src.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{src} is not a report of this attnprune version ({type(exc).__name__}); rerun the repair "
-                        "(it reuses the stored evaluations).") from None
-    for p in write_report(report, out).values():
+    for p in write_report(read_report(out), out).values():
         print(p)
+
+
+def cmd_front(cfg: C.FrontConfig) -> None:
+    """The confirmed, budget-respecting choice at several perplexity budgets, from a finished repair's store."""
+    from attnprune.front import front
+
+    front(cfg)
+    print()
+    print((Path(cfg.run) / "front.md").read_text())
+    print(f"wrote {Path(cfg.run) / 'front.md'}, front.json, front.png")
 
 
 def cmd_export(cfg: C.ExportConfig) -> None:
@@ -243,15 +245,25 @@ def cmd_export(cfg: C.ExportConfig) -> None:
     from attnprune.export import export_repaired, model_card
     from attnprune.heads import HeadMask
 
+    point = None
+    if cfg.from_run is not None:
+        from attnprune.front import front_point
+
+        point = front_point(Path(cfg.from_run), cfg.budget)  # before loading: a missing point is one sentence
     loaded = cfg.load()
-    mask = HeadMask.load(cfg.mask, loaded.layout)
-    report = _report_of(mask, Path(cfg.mask).parent)
+    if point is not None:
+        mask = HeadMask.from_dict(point["chosen"]["mask"], loaded.layout)
+        report, provenance = None, {"front": str(Path(cfg.from_run).resolve()), "budget": point["budget"]}
+    else:
+        mask = HeadMask.load(cfg.mask, loaded.layout)
+        report, provenance = _report_of(mask, Path(cfg.mask).parent), {"mask_file": str(Path(cfg.mask).resolve())}
     card = model_card(mask, loaded.name, loaded.source.get("base_model"), loaded.source.get("license", "other"), report,
-                      C.command_line("export", cfg))
+                      C.command_line("export", cfg), front_point=point)
     out = export_repaired(loaded.model, loaded.tokenizer, loaded.layout, mask, cfg.out, model_name=loaded.name,
-                          provenance={"mask_file": str(Path(cfg.mask).resolve())}, card=card)
+                          provenance=provenance, card=card)
     print(f"wrote {out} ({mask.n_pruned} heads pruned; model card {out / 'README.md'}"
-          + (f" with the measurements of {Path(cfg.mask).parent / 'report.json'})" if report else ")"))
+          + (f" with the measurements of {Path(cfg.mask).parent / 'report.json'})" if report else
+             f" with the front's numbers at +{cfg.budget:g}%)" if point else ")"))
 
 
 def _report_of(mask, run_dir: Path):
@@ -283,6 +295,8 @@ COMMANDS = (
     ("compare", cmd_compare, C.CompareConfig,
      "compare AP with FASP and the baselines over seeds, on one budget; results on the test split"),
     ("report", cmd_report, C.ReportConfig, "rewrite report.md and plots from a run's report.json"),
+    ("front", cmd_front, C.FrontConfig,
+     "the confirmed choice at several perplexity budgets, from a finished repair's store (table and plot)"),
     ("export", cmd_export, C.ExportConfig, "write a model with a mask baked into its weights"),
 )
 

@@ -24,15 +24,21 @@ MIN_KNOCKOUTS = 24
 
 
 def opt(default, help: str, choices: Callable[[], list[str]] | list[str] | None = None, required: bool = False,
-        positional: bool = False, listed: Callable[[], list[str]] | None = None):
+        positional: bool = False, listed: Callable[[], list[str]] | None = None, flag: str | None = None):
     """A dataclass field with help text.
 
     ``choices`` (a list, or a function returning the registry's names) limits the value;
     ``listed`` allows a comma-separated list of those names; ``required`` must be given
-    (by flag or YAML); ``positional`` makes the flag an optional positional argument.
+    (by flag or YAML); ``positional`` makes the flag an optional positional argument;
+    ``flag`` names the flag when it cannot be the field's name (``--from``).
     """
     return field(default=default, metadata={"help": help, "choices": choices, "required": required,
-                                            "positional": positional, "listed": listed})
+                                            "positional": positional, "listed": listed, "flag": flag})
+
+
+def flag_of(f) -> str:
+    """The command-line flag of config field ``f``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _names(value) -> list[str] | None:
@@ -123,7 +129,7 @@ class Options:
         """Refuse values that cannot work, with one sentence each (subclasses extend)."""
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            flag = "--" + f.name.replace("_", "-")
+            flag = flag_of(f)
             if f.metadata.get("required") and value is None:
                 raise UserError(f"{flag} is required (as a flag or in the --config file).")
             listed = f.metadata.get("listed")
@@ -472,14 +478,52 @@ class CompareConfig(RepairConfig):
 
 @dataclass
 class ExportConfig(ModelOptions):
-    """``attnprune export``: bake a mask into a checkpoint."""
+    """``attnprune export``: bake a mask into a checkpoint (a mask file, or a front point of a repair)."""
 
-    mask: str | None = opt(None, "mask JSON file", required=True)
+    mask: str | None = opt(None, "mask JSON file (or --from RUN_DIR --budget B)")
+    from_run: str | None = opt(None, "output directory of a repair whose front (attnprune front) holds --budget",
+                               flag="--from")
+    budget: float | None = opt(None, "with --from: the front point at this perplexity budget, percent")
     out: str | None = opt(None, "output directory", required=True)
 
     def validate(self) -> "ExportConfig":
         super().validate()
+        if (self.mask is None) == (self.from_run is None):
+            raise UserError("Name the mask to export: either --mask FILE or --from RUN_DIR --budget B.")
+        if self.from_run is not None and self.budget is None:
+            raise UserError("--from needs --budget (a perplexity budget of the run's front, in percent, e.g. 2.5).")
+        if self.budget is not None and self.from_run is None:
+            raise UserError("--budget picks a point of a repair's front; give the repair's directory with --from.")
         check_writable(self.out, "--out")
+        return self
+
+
+DEFAULT_BUDGETS = "1,2.5,5,10"
+
+
+@dataclass
+class FrontConfig(Options):
+    """``attnprune front``: the confirmed choice at each perplexity budget, from a finished repair's store."""
+
+    run: str | None = opt(None, "output directory of a repair", required=True, positional=True)
+    budgets: str = opt(DEFAULT_BUDGETS, "comma-separated perplexity budgets, percent")
+    test: bool = opt(False, "also measure every point on the TEST split (paired with the unrepaired model; minutes "
+                     "per point on CPUs)")
+
+    @property
+    def budget_list(self) -> list[float]:
+        """The budgets as fractions (1 -> 0.01), ascending, each once."""
+        return sorted({float(b) / 100 for b in split_list(self.budgets)})
+
+    def validate(self) -> "FrontConfig":
+        super().validate()
+        try:
+            budgets = self.budget_list
+        except ValueError:
+            raise UserError(f"--budgets must be comma-separated percentages such as 1,2.5,5,10; got "
+                            f"{self.budgets!r}.") from None
+        if not budgets or any(not 0 < b < 10 for b in budgets):
+            raise UserError(f"--budgets {self.budgets!r}: give at least one budget above 0% and below 1000%.")
         return self
 
 
@@ -527,7 +571,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
     for f in fields(cls):
         meta = f.metadata
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         if f.type in ("bool", bool):
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=meta.get("help"))
             continue
@@ -536,7 +580,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="?", **kwargs)
         else:
-            parser.add_argument(flag, **kwargs)
+            parser.add_argument(flag, dest=f.name, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, cls):
@@ -587,7 +631,7 @@ def command_line(command: str, cfg) -> str:
         value = getattr(cfg, f.name)
         if value == getattr(defaults, f.name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif f.metadata.get("positional"):

@@ -145,8 +145,38 @@ def model_index(name: str, report) -> list[dict]:
     return [{"name": name, "results": results}]
 
 
+def front_card_lines(point: dict, mask: HeadMask) -> list[str]:
+    """The card's numbers for a point of a repair's front (``attnprune front``): its budget, guards and data."""
+    front = point["front"]
+    k = point["chosen"]["confirmed"]
+    conf = front["confirmation"]
+    bi, pi = conf["setup"]["bias_inputs"], conf["setup"]["perplexity_inputs"]
+    u = conf["unrepaired"]
+    lines = [
+        f"## Chosen at a perplexity budget of +{100 * point['budget']:g}% (a point of a front of repaired models)", "",
+        f"The repair's selection rule at this budget, on the validation evaluations of `{front['run']}` (its search "
+        f"aimed at +{100 * front['search_budget']:g}%). Guards (other axes or benchmarks that must not get worse): "
+        + (", ".join(front["guards"]) if front["guards"] else "none") + ".", "",
+        f"Confirmation data ({bi.get('prompts')} fresh validation prompts, axis {bi.get('axis')}; "
+        f"{pi.get('tokens_scored')} tokens of {pi.get('corpus')} {pi.get('split')}):", "",
+        "| model | bias | 95% CI | perplexity change |", "|---|---|---|---|",
+        f"| unrepaired | {u['bias']:.3f} | [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}] | - |",
+        f"| this model | {k['bias']:.3f} | [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | {100 * k['perplexity_change']:+.1f}% "
+        f"(one-sided {100 * front['confidence']:.0f}% bound {100 * k['perplexity_change_bound']:+.1f}%) |", ""]
+    test = (front.get("test") or {}).get(mask.key)
+    if test:
+        ch = test["bias_change"]
+        lines += [f"On the held-out TEST split: bias {test['unrepaired_bias']:.3f} -> {test['bias']:.3f} "
+                  f"({100 * ch['relative']:+.1f}%, paired 95% CI of the change [{ch['ci'][0]:+.3f}, {ch['ci'][1]:+.3f}]), "
+                  f"perplexity change {100 * test['perplexity_change']:+.1f}%.", ""]
+    else:
+        lines += ["These are validation numbers; the held-out test split was not measured for this point (`attnprune "
+                  "front RUN_DIR --test` measures it).", ""]
+    return lines
+
+
 def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, license: str = "other",
-               report=None, command: str | None = None) -> str:
+               report=None, command: str | None = None, front_point: dict | None = None) -> str:
     """A Hugging Face model card (``README.md``) for a repaired model.
 
     YAML front matter (base model, license, tags, ``model-index`` with the TEST-split
@@ -185,6 +215,8 @@ def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, l
         from attnprune.report import check_lines
 
         lines += check_lines(report.test.checks)
+    elif front_point is not None:
+        lines += front_card_lines(front_point, mask)
     else:
         lines += ["No measurements were attached to this export: measure it with `attnprune evaluate --mask "
                   "attnprune_mask.json --split test --bias likelihood,crows_pairs,stereoset`.", ""]

@@ -48,6 +48,9 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "biogpt": ArchAdapter("biogpt.layers", "self_attn.out_proj"),
     "mpt": ArchAdapter("transformer.blocks", "attn.out_proj"),
     "gpt_neox_japanese": ArchAdapter("gpt_neox_japanese.layers", "attention.dense"),
+    # hybrids: the path exists in the attention layers only (Mamba mixers / recurrent blocks elsewhere)
+    "nemotron_h": ArchAdapter("model.layers", "mixer.o_proj"),
+    "recurrent_gemma": ArchAdapter("model.layers", "temporal_block.o_proj"),
     **{
         name: _LLAMA_LIKE
         for name in (
