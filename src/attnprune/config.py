@@ -316,6 +316,11 @@ class RepairConfig(SpeedOptions, ModelOptions):
                               choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
     transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
+    guard: str = opt("", "comma-separated other HolisticBias axes that must not get worse (e.g. race_ethnicity,"
+                     "religion): each is measured on the confirmation half of validation, and a candidate is "
+                     "admissible only if every guarded axis's bias rises by at most --guard-margin")
+    guard_margin: float = opt(0.1, "how much a guarded axis's bias may rise, as a share of its unrepaired bias, at "
+                              "the one-sided --confidence")
     checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
                       "(comma-separated measures; 'none' to skip); the search never sees them")
     export: bool = opt(True, "write the repaired model to <out>/model")
@@ -378,6 +383,12 @@ class RepairConfig(SpeedOptions, ModelOptions):
             raise UserError("--tau must be >= 0.")
         if self.anchor_prompts < 0:
             raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
+        if self.guard_margin < 0:
+            raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
+        if split_list(self.guard) and self.confirm <= 0:
+            raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
+        if self.axis in split_list(self.guard):
+            raise UserError(f"--guard {self.axis} is the axis being repaired (--axis); guard other axes.")
         for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
                      "toxicity_prompts", "confirm_prompts", "confirm_ppl_tokens"):
             if getattr(self, name) < 1:
@@ -414,6 +425,11 @@ class RepairConfig(SpeedOptions, ModelOptions):
                                     "--checks.") from None
         if self.second_opinion != "none":
             measure_class("toxicity").check_axis(self.axis, self.holisticbias)
+        for axis in split_list(self.guard):
+            try:
+                measure_class(self.bias).check_axis(axis, self.holisticbias)
+            except UserError as exc:
+                raise UserError(f"--guard: {exc}") from None
         for axis in split_list(self.transfer_axes):
             try:
                 measure_class(self.bias).check_axis(axis, self.holisticbias)

@@ -70,7 +70,8 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> dict:
         for budget in cfg.budget_list:
             before = run.store.count()
             t = time.perf_counter()
-            selection = dataclasses.replace(policy, tau=budget).select(rows, base, run.confirm, source)
+            selection = dataclasses.replace(policy, tau=budget).select(rows, base, run.confirm, source,
+                                                                       guard=run.guard)
             point = {"budget": budget, "new_confirmations": run.store.count() - before,
                      "seconds": time.perf_counter() - t, "chosen": None}
             if selection.chosen is not None:
@@ -94,7 +95,7 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> dict:
             "confirmation": {"setup": run.evaluator(run.confirm_spec)[0].describe(),
                              "unrepaired": {"bias": base_c.bias, "ci": list(base_c.bias_ci),
                                             "perplexity": base_c.perplexity}},
-            "guards": [], "points": points, "test": None,
+            "guards": list(policy.guards), "guard_margin": policy.guard_margin, "points": points, "test": None,
             "seconds": {"confirmations": sum(p["seconds"] for p in points)},
         }
         if cfg.test:
@@ -138,8 +139,11 @@ def markdown(result: dict) -> str:
         f"The repair's selection rule at each budget, applied to the {result['candidates']} validation evaluations of "
         f"`{result['run']}` (its search aimed at +{100 * result['search_budget']:g}%). Numbers are on the "
         f"confirmation data ({bi.get('prompts')} fresh validation prompts, {pi.get('tokens_scored')} tokens of "
-        f"{pi.get('corpus')} {pi.get('split')}), never seen by the search. Guards: none.", "",
-        f"Rule: {result['rule']}.", "",
+        f"{pi.get('corpus')} {pi.get('split')}), never seen by the search. Guards: "
+        + (f"{', '.join(result['guards'])} (each may rise by at most {100 * result['guard_margin']:g}% of its unrepaired "
+           "bias)" if result["guards"] else "none") + ".", "",
+        f"Rule, as written for the search budget (each row applies it with its own budget in place of "
+        f"+{100 * result['search_budget']:g}%): {result['rule']}.", "",
         "| budget | heads | confirmed bias [95% CI] | perplexity change | one-sided "
         f"{100 * result['confidence']:.0f}% bound | new confirmations |",
         "|---|---|---|---|---|---|",

@@ -28,6 +28,11 @@ def confirm(name: str) -> str:
     return f"confirm:{name}"
 
 
+def guard(axis: str) -> str:
+    """A guarded axis's evaluations on the confirmation half of validation."""
+    return f"guard:{axis}"
+
+
 def test(name: str) -> str:
     """TEST-split evaluations of the comparison ``name``."""
     return f"test:{name}"

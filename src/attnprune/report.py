@@ -162,6 +162,14 @@ def markdown(report: RepairReport) -> str:
             lines.append(f"| {len(c['pruned'])} | {c['source']} | {c['valid_bias']:.3f} | {c['confirmed_bias']:.3f} | "
                          f"{_pct(c['confirmed_perplexity_change'])} | {_pct(c['confirmed_perplexity_change_bound'])} | "
                          f"{'yes' if c['admissible'] else 'no'} |")
+        guarded = [c for c in conf["candidates"] if c.get("guards")]
+        if guarded:
+            lines += ["", "Guards (other axes, same confirmation prompts; change of bias, one-sided upper bound, "
+                          "limit):", ""]
+            for c in guarded:
+                lines.append(f"- {len(c['pruned'])} heads: " + "; ".join(
+                    f"{axis} {g['change']:+.3f} (bound {g['upper']:+.3f}, limit {g['limit']:+.3f}: "
+                    f"{'holds' if g['ok'] else 'fails'})" for axis, g in c["guards"].items()))
     lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |",
               "|---|---|---|---|---|---|"]
     for c in report.search.candidates:

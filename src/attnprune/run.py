@@ -217,6 +217,45 @@ class Run:
                 self.store.add(setting, "confirm", label, ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
+    def guard_spec(self, axis: str) -> EvaluatorSpec:
+        """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation."""
+        c = self.cfg
+        return self.spec("valid", axis=axis, prompts=c.confirm_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
+                         extra={"part": "confirm"})
+
+    def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, dict]]:
+        """Each mask's verdict on every guarded axis (``cfg.guard``), paired with the unrepaired model.
+
+        The change is ``bias(mask) - bias(unrepaired)`` on the same confirmation prompts; its
+        one-sided upper bound at ``cfg.confidence`` adds the paired bootstrap's (same resamples
+        for both) quantile above its median to the change. A guard holds when that bound is at most
+        ``cfg.guard_margin`` x the unrepaired bias. Evaluations are stored (once each).
+        """
+        c = self.cfg
+        base = HeadMask.all_active(*self.shape)
+        out: list[dict[str, dict]] = [{} for _ in masks]
+        with self.timed("guard"):
+            for axis in split_list(c.guard):
+                ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
+                rows = {}
+                for m in dict.fromkeys([base, *masks]):
+                    if self.store.get(m, setting) is None:
+                        self.store.add(setting, "confirm", labels.guard(axis),
+                                       ev.evaluate([m], with_perplexity=False)[0])
+                    rows[m] = self.store.get(m, setting)
+                b = rows[base]
+                limit = c.guard_margin * b.bias
+                for i, m in enumerate(masks):
+                    boot = ev.bias_measure.bootstrap_biases([b.prompt_scores, rows[m].prompt_scores])
+                    d = boot[1] - boot[0]
+                    change = rows[m].bias - b.bias
+                    # the bootstrap's spread around its median, put on the point change: a sum of absolute
+                    # deviations is biased in resamples, so raw percentiles can sit below the change itself
+                    upper = change + float(np.quantile(d, c.confidence) - np.median(d))
+                    out[i][axis] = {"unrepaired": b.bias, "change": change, "upper": upper, "limit": limit,
+                                    "ok": upper <= limit}
+        return out
+
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
         """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).
 
@@ -402,7 +441,7 @@ class Run:
                 report.toxicity = self.compare_on_test(
                     f"toxicity/{c.second_opinion}", [chosen], bias="toxicity", prompts=c.toxicity_prompts,
                     extra={"classifier": c.second_opinion}, with_perplexity=False)[0]
-            for axis in split_list(c.transfer_axes):
+            for axis in dict.fromkeys(split_list(c.transfer_axes) + split_list(c.guard)):  # guards: before/after
                 report.transfer[axis] = self.compare_on_test(f"{c.bias}/{axis}", [chosen], axis=axis,
                                                              with_perplexity=False)[0]
             report.checks = self.checks("check", chosen)

@@ -118,6 +118,11 @@ class Selection:
 Confirm = Callable[[list[HeadMask], str], tuple[list[StoredEvaluation], StoredEvaluation]]
 
 
+# masks -> for each mask, every guard's verdict on the confirmation data:
+# {guard name: {"unrepaired", "change", "upper", "limit", "ok"}} (see :meth:`attnprune.run.Run.guard`)
+Guard = Callable[[list[HeadMask]], list[dict[str, dict]]]
+
+
 # validation perplexity changes (x tau) at which the confirmation shortlist takes its lowest bias
 SHORTLIST_LEVELS = (0.2, 0.4, 0.6)
 
@@ -140,11 +145,16 @@ class SelectionPolicy:
     confirm: int = 0
     screen_slack: float = 0.02
     confidence: float = 0.8
+    guards: tuple[str, ...] = ()
+    guard_margin: float = 0.1
 
     @classmethod
     def of(cls, cfg) -> "SelectionPolicy":
         """The policy a run's configuration asks for."""
-        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence)
+        from attnprune.config import split_list
+
+        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence,
+                   guards=tuple(split_list(getattr(cfg, "guard", ""))), guard_margin=getattr(cfg, "guard_margin", 0.1))
 
     def budget(self, base: StoredEvaluation) -> Budget:
         """The budget relative to the unrepaired model's evaluation ``base``."""
@@ -194,8 +204,13 @@ class SelectionPolicy:
         return sorted(picked, key=lambda r: r.bias)
 
     def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
-               source: str) -> Selection:
-        """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data."""
+               source: str, guard: Guard | None = None) -> Selection:
+        """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data.
+
+        With :attr:`guards` and a ``guard``, a candidate that passes the budget and lowers
+        bias is admissible only if every guard holds; guards are measured for those
+        candidates only (each costs an evaluation per guarded axis).
+        """
         if self.confirm <= 0 or confirm is None:
             best = self.best_within_budget(rows, base)
             return Selection(best, None, None)
@@ -204,27 +219,38 @@ class SelectionPolicy:
             return Selection(None, None, None)
         confirmed, base_c = confirm([r.mask for r in shortlist], source)
         candidates, best, best_c = [], None, None
-        for screened, conf in zip(shortlist, confirmed):
-            change, bound = perplexity_change_bound(conf, base_c, self.confidence)
-            ok = bound <= self.tau and conf.bias < base_c.bias
+        bounds = [perplexity_change_bound(conf, base_c, self.confidence) for conf in confirmed]
+        primary = [bound <= self.tau and conf.bias < base_c.bias for conf, (_, bound) in zip(confirmed, bounds)]
+        verdicts: list[dict | None] = [None] * len(shortlist)
+        if self.guards and guard is not None and any(primary):
+            passing = [i for i, ok in enumerate(primary) if ok]
+            for i, v in zip(passing, guard([shortlist[i].mask for i in passing])):
+                verdicts[i] = v
+        for screened, conf, (change, bound), ok, verdict in zip(shortlist, confirmed, bounds, primary, verdicts):
+            if verdict is not None:
+                ok = ok and all(g["ok"] for g in verdict.values())
             candidates.append({"pruned": [list(p) for p in screened.mask.pruned], "source": screened.source,
                                "valid_bias": screened.bias, "valid_perplexity": screened.perplexity,
                                "confirmed_bias": conf.bias, "confirmed_perplexity_change": change,
-                               "confirmed_perplexity_change_bound": bound, "admissible": ok})
+                               "confirmed_perplexity_change_bound": bound, "admissible": ok,
+                               **({"guards": verdict} if verdict is not None else {})})
             if ok and (best_c is None or conf.bias < best_c.bias):
                 best, best_c = screened, conf
         return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed), [r.mask for r in shortlist])
 
     def choose(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None = None,
-               source: str = "confirm") -> Selection:
+               source: str = "confirm", guard: Guard | None = None) -> Selection:
         """:meth:`select`, or one sentence saying what to change when nothing qualifies."""
-        selection = self.select(rows, base, confirm, source)
+        selection = self.select(rows, base, confirm, source, guard)
         if selection.chosen is None:
             raise UserError(
                 f"No evaluated mask lowers validation bias below {base.bias:.3f} while keeping perplexity within "
                 f"{1 + self.tau:.2f} x {base.perplexity:.2f}"
                 + (" on the confirmation data" if self.confirm > 0 else "")
-                + "; raise --tau, --samples or --rounds (the store keeps every evaluation, so a rerun continues)."
+                + (f" and keeping {', '.join(self.guards)} within the guard margin" if self.guards and guard else "")
+                + ("; raise --tau, --guard-margin, --samples or --rounds" if self.guards and guard else
+                   "; raise --tau, --samples or --rounds")
+                + " (the store keeps every evaluation, so a rerun continues)."
             )
         return selection
 
@@ -240,4 +266,12 @@ class SelectionPolicy:
                 f"re-measured on confirmation data the search never saw (fresh validation prompts, the other half of the "
                 f"validation text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
                 f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
-                f"windows) and whose confirmed bias is below the unrepaired model's")
+                f"windows) and whose confirmed bias is below the unrepaired model's" + self.guard_rule())
+
+    def guard_rule(self) -> str:
+        """The guards' part of :meth:`rule` (empty without guards)."""
+        if not self.guards:
+            return ""
+        return (f"; and the bias of every guarded axis ({', '.join(self.guards)}), measured on the confirmation half "
+                f"of validation, rises by at most {100 * self.guard_margin:g}% of its unrepaired value at one-sided "
+                f"{100 * self.confidence:.0f}% confidence (paired bootstrap over the same prompts)")
