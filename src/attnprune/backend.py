@@ -374,10 +374,14 @@ class TokenRows:
 # ---------------------------------------------------------------------------------------
 
 
+# memory for the cached layer inputs of one input set, MB (the CLI's --layer-cache-mb default)
+DEFAULT_CACHE_MB = 512
+
+
 class Backend:
     """Runs one loaded model under head masks (see module docstring); holds its masking hooks."""
 
-    def __init__(self, loaded, reuse_layers: bool = True, cache_mb: float = 512, trim_padding: bool = True,
+    def __init__(self, loaded, reuse_layers: bool = True, cache_mb: float = DEFAULT_CACHE_MB, trim_padding: bool = True,
                  last_logits_only: bool = True, share_prefixes: bool = True):
         self.loaded = loaded
         self.model, self.layout, self.tokenizer = loaded.model, loaded.layout, loaded.tokenizer

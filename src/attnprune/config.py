@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from attnprune.backend import DEFAULT_CACHE_MB
 from attnprune.errors import UserError
 
 # the boundary sampler's screen keeps at least this many heads: knockouts of small models are
@@ -176,8 +177,8 @@ class SpeedOptions(Options):
     mask_batch: int = opt(1, "masks evaluated together in one forward batch (more pays on GPUs)")
     reuse_layers: bool = opt(True, "start each forward at the first pruned layer, reusing the unrepaired model's "
                              "activations before it (exact; cached once per evaluator)")
-    layer_cache_mb: float = opt(512, "memory for those cached activations per input set, MB (fewer layers are "
-                                "cached when they do not fit)")
+    layer_cache_mb: float = opt(DEFAULT_CACHE_MB, "memory for those cached activations per input set, MB (fewer "
+                                "layers are cached when they do not fit)")
 
     @property
     def backend_options(self) -> dict:

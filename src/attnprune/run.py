@@ -127,21 +127,26 @@ class Run:
 
     # ---- the one evaluator factory -------------------------------------------------------
     def spec(self, split: str = "valid", bias: str | None = None, axis: str | None = None, prompts: int | None = None,
-             ppl_tokens: int | None = None, bootstrap_reps: int | None = None, extra: dict | None = None) -> EvaluatorSpec:
-        """The recipe of an evaluator of this run (defaults: the search's measure, axis and sizes)."""
+             ppl_tokens: int | None = None, bootstrap_reps: int | None = None, part: str | None = None,
+             extra: dict | None = None) -> EvaluatorSpec:
+        """The recipe of an evaluator of this run (defaults: the search's measure, axis and sizes).
+
+        ``part`` (``search`` / ``confirm``) takes one of the two disjoint halves of the prompts
+        and of the text; ``extra`` holds the bias measure's own options (a classifier).
+        """
         from attnprune.measures import accepted_options
 
         c = self.cfg
         bias = bias or c.bias
         bias_options = {"axis": axis or c.axis, "prompts": prompts or c.prompts, "seed": c.seed,
-                        "holisticbias": c.holisticbias, **(extra or {})}
+                        "holisticbias": c.holisticbias, **({"part": part} if part else {}), **(extra or {})}
         if bootstrap_reps is not None:
             bias_options["bootstrap_reps"] = bootstrap_reps
         return EvaluatorSpec(
             model=c.model, bias=bias, bias_options=accepted_options(bias, bias_options), split=split, device=c.device,
             dtype=c.dtype, device_map=c.device_map, cache_dir=c.cache_dir,
             perplexity_options={"max_tokens": ppl_tokens or c.ppl_tokens, "source": c.corpus, "seed": c.seed,
-                                **({"part": extra["part"]} if extra and "part" in extra else {})},
+                                **({"part": part} if part else {})},
             backend_options=c.backend_options,
         )
 
@@ -152,15 +157,14 @@ class Run:
         With confirmation on, its prompts come from the validation split's search half, so
         the confirmation half stays unseen by the search.
         """
-        extra = {"part": "search"} if self.cfg.confirm > 0 else None
-        return self.spec("valid", bootstrap_reps=VALID_BOOTSTRAP_REPS, extra=extra)
+        return self.spec("valid", bootstrap_reps=VALID_BOOTSTRAP_REPS, part="search" if self.cfg.confirm > 0 else None)
 
     @property
     def confirm_spec(self) -> EvaluatorSpec:
         """The recipe of the confirmation evaluator: the validation split's other half, more validation text."""
         c = self.cfg
         return self.spec("valid", prompts=c.confirm_prompts, ppl_tokens=c.confirm_ppl_tokens,
-                         bootstrap_reps=VALID_BOOTSTRAP_REPS, extra={"part": "confirm"})
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="confirm")
 
     def evaluator(self, spec: EvaluatorSpec, with_perplexity: bool = True) -> tuple[Evaluator, str]:
         """The evaluator of ``spec`` on the run's model (built once) and its setting key in the store."""
@@ -221,7 +225,7 @@ class Run:
         """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation."""
         c = self.cfg
         return self.spec("valid", axis=axis, prompts=c.confirm_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
-                         extra={"part": "confirm"})
+                         part="confirm")
 
     def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, dict]]:
         """Each mask's verdict on every guarded axis (``cfg.guard``), paired with the unrepaired model.
@@ -333,7 +337,7 @@ class Run:
         ``{"buckets", "prompts", "bias", "seconds"}``, or None for a measure without bucket means.
         """
         spec = self.spec("valid", prompts=prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
-                         extra={"part": "search"} if self.cfg.confirm > 0 else None)
+                         part="search" if self.cfg.confirm > 0 else None)
         ev, _ = self.evaluator(spec, with_perplexity=False)
         result = ev.evaluate([HeadMask.all_active(*self.shape)], with_perplexity=False)[0]
         buckets = result.bias_result.buckets

@@ -151,10 +151,9 @@ class SelectionPolicy:
     @classmethod
     def of(cls, cfg) -> "SelectionPolicy":
         """The policy a run's configuration asks for."""
-        from attnprune.config import split_list
-
-        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence,
-                   guards=tuple(split_list(getattr(cfg, "guard", ""))), guard_margin=getattr(cfg, "guard_margin", 0.1))
+        guards = tuple(t.strip() for t in str(getattr(cfg, "guard", "")).split(",") if t.strip())
+        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence, guards=guards,
+                   guard_margin=getattr(cfg, "guard_margin", 0.1))
 
     def budget(self, base: StoredEvaluation) -> Budget:
         """The budget relative to the unrepaired model's evaluation ``base``."""
