@@ -19,7 +19,9 @@ Estimators (``estimator``): ``direct`` samples fresh continuations under every m
 ``reweighted`` samples and classifies the unrepaired model's continuations once; for a
 mask it weights each continuation by the likelihood ratio ``p_mask / p_unrepaired`` of the
 sampler's own (top-k, temperature) distribution, teacher-forced in one forward pass, and
-self-normalises the weights within each bucket. Each mask then costs one forward pass over
+self-normalises the weights within each bucket (the ratio estimator; its per-prompt values
+are the estimator's influence values, so the bootstrap and the bias statistic see the
+weights' noise around the bucket mean, not around zero). Each mask then costs one forward pass over
 prompt + continuation instead of 40 sampling steps. Its effective sample size (ESS,
 ``(sum w)^2 / sum w^2`` per bucket) is reported; a mask whose smallest bucket ESS share
 falls below ``min_ess`` is measured directly instead (the result says which).
@@ -178,8 +180,11 @@ class ToxicityBias(HolisticBiasMeasure):
             sel = row_buckets == b
             w = weights[sel]
             total = w.sum()
-            values[sel] = tox[sel] * w / (total / sel.sum()) if total > 0 else tox[sel]
             wn = w / total if total > 0 else np.full(sel.sum(), 1 / sel.sum())
+            # the ratio estimator's influence values: their bucket mean is the weighted mean, and each row
+            # deviates from it by its weight times its own deviation (plain values when the weights are 1)
+            mean = float((wn * tox[sel]).sum())
+            values[sel] = mean + wn * sel.sum() * (tox[sel] - mean)
             buckets[b] = {"mean_toxicity": float((wn * tox[sel]).sum()),
                           "share_toxic": float((wn * (tox[sel] > 0.5)).sum())}
         per_prompt = values.reshape(len(self.prompts_), self.generations).mean(1)
