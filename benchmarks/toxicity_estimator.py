@@ -57,8 +57,8 @@ def main() -> None:
     t = time.perf_counter()
     tox.proposal()
     proposal_seconds = time.perf_counter() - t
-    base_scores = np.array(tox.summarize(tox.proposal_["texts"])["per_prompt"])
-    unrepaired = tox.summarize(tox.proposal_["texts"])
+    unrepaired = tox.summarize(tox.proposal_["texts"])  # the direct numbers of the unrepaired model
+    base_scores = np.array(unrepaired["per_prompt"])
     rows = []
     cache = Path(__file__).resolve().parent.parent / "runs" / "toxicity_estimator"
     cache.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprune import labels
-from attnprune.config import CompareConfig, split_list
+from attnprune.config import CompareConfig
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import Comparison, MethodOutcome, SeedComparison
 from attnprune.run import Log, Run
@@ -87,7 +87,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     if chosen is not None:
         outcome.test = run.compare_on_test(cfg.bias, [chosen.mask])[0]
         outcome.meets_budget = outcome.test.perplexity_change <= cfg.tau
-        for axis in dict.fromkeys(split_list(cfg.transfer_axes) + split_list(cfg.guard)):  # guards: before/after
+        for axis in cfg.measured_axes:
             outcome.transfer[axis] = run.compare_on_test(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
                                                          with_perplexity=False)[0]
         outcome.checks = run.checks(name, chosen.mask)

@@ -419,6 +419,11 @@ class RepairConfig(SpeedOptions, ModelOptions):
         check_writable(self.out_dir, "--out")
         return self
 
+    @property
+    def measured_axes(self) -> list[str]:
+        """The other axes measured on test: the transfer axes and the guarded ones (before/after), each once."""
+        return list(dict.fromkeys(split_list(self.transfer_axes) + split_list(self.guard)))
+
     def check_axes(self) -> None:
         """Every axis the run will measure is one its measures have data for: checked before the first evaluation."""
         from attnprune.measures import measure_class

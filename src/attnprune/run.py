@@ -241,17 +241,13 @@ class Run:
         with self.timed("guard"):
             for axis in split_list(c.guard):
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
-                rows = {}
-                for m in dict.fromkeys([base, *masks]):
-                    if self.store.get(m, setting) is None:
-                        self.store.add(setting, "confirm", labels.guard(axis),
-                                       ev.evaluate([m], with_perplexity=False)[0])
-                    rows[m] = self.store.get(m, setting)
+                rows = self._stored(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
                 b = rows[base]
                 limit = c.guard_margin * b.bias
+                # one bootstrap for all: the unrepaired row and every mask under the same resamples
+                boot = ev.bias_measure.bootstrap_biases([b.prompt_scores, *(rows[m].prompt_scores for m in masks)])
                 for i, m in enumerate(masks):
-                    boot = ev.bias_measure.bootstrap_biases([b.prompt_scores, rows[m].prompt_scores])
-                    d = boot[1] - boot[0]
+                    d = boot[i + 1] - boot[0]
                     change = rows[m].bias - b.bias
                     # the bootstrap's spread around its median, put on the point change: a sum of absolute
                     # deviations is biased in resamples, so raw percentiles can sit below the change itself
@@ -395,16 +391,26 @@ class Run:
         spec = self.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
                          extra=extra)
         ev, setting = self.evaluator(spec, with_perplexity)
+        return ev, self._stored(ev, setting, "test", labels.test(name), masks, with_perplexity, log_name=name)
+
+    def _stored(self, ev: Evaluator, setting: str, split: str, source: str, masks: Sequence[HeadMask],
+                with_perplexity: bool, log_name: str | None = None) -> dict[HeadMask, StoredEvaluation]:
+        """``masks`` and the unrepaired model under ``ev``, each evaluated once (stored under ``source``) and read back.
+
+        With ``log_name``, every evaluation it makes is logged (they take minutes on the test split).
+        """
         base = HeadMask.all_active(*self.shape)
         rows = {}
         for m in dict.fromkeys([base, *masks]):
             stored = self.store.get(m, setting)
             if stored is None:
-                self.log(f"  {name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, test split ...")
-                self.store.add(setting, "test", labels.test(name), ev.evaluate([m], with_perplexity=with_perplexity)[0])
+                if log_name:
+                    self.log(f"  {log_name}: {'unrepaired' if m == base else f'{m.n_pruned} heads pruned'}, "
+                             f"{split} split ...")
+                self.store.add(setting, split, source, ev.evaluate([m], with_perplexity=with_perplexity)[0])
                 stored = self.store.get(m, setting)
             rows[m] = stored
-        return ev, rows
+        return rows
 
     def paired_relative_difference(self, name: str, a: HeadMask, b: HeadMask) -> dict:
         """``(bias(a) - bias(b)) / bias(unrepaired)`` on the same TEST prompts, with its paired bootstrap.
@@ -445,7 +451,7 @@ class Run:
                 report.toxicity = self.compare_on_test(
                     f"toxicity/{c.second_opinion}", [chosen], bias="toxicity", prompts=c.toxicity_prompts,
                     extra={"classifier": c.second_opinion}, with_perplexity=False)[0]
-            for axis in dict.fromkeys(split_list(c.transfer_axes) + split_list(c.guard)):  # guards: before/after
+            for axis in c.measured_axes:
                 report.transfer[axis] = self.compare_on_test(f"{c.bias}/{axis}", [chosen], axis=axis,
                                                              with_perplexity=False)[0]
             report.checks = self.checks("check", chosen)

@@ -26,7 +26,7 @@ def head_magnitudes(layout) -> tuple[np.ndarray, str]:
     H, kv = layout.n_heads, layout.n_kv_heads
     group = H // kv
     out = np.zeros(layout.shape)
-    used = "o"
+    with_qkv = 0
     for l, proj in enumerate(layout.out_projs):
         d = layout.head_dims[l]
         w = proj.weight.detach().float()
@@ -38,12 +38,15 @@ def head_magnitudes(layout) -> tuple[np.ndarray, str]:
         q, k, v = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
         if q is not None and k is not None and v is not None and q.weight.shape[0] == H * d \
                 and k.weight.shape[0] == v.weight.shape[0] == kv * d:  # latent attention: o only
-            used = "q, k, v, o"
+            with_qkv += 1
             sq = sq + (q.weight.detach().float().reshape(H, d, -1) ** 2).sum(dim=(1, 2))
             kv_sq = (k.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2)) + (
                 v.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2))
             sq = sq + (kv_sq / group).repeat_interleave(group)
         out[l] = sq.sqrt().numpy()
+    n = layout.n_layers
+    used = "q, k, v, o" if with_qkv == n else "o" if not with_qkv else \
+        f"q, k, v, o in {with_qkv} of {n} layers, o elsewhere"
     return out, used
 
 

@@ -140,10 +140,7 @@ class HeadLayout:
 
     def attention_module(self, layer: int) -> nn.Module:
         """The module that holds the output projection of mask row ``layer`` (its q/k/v live there too)."""
-        module = self.layer_modules[self.layer_ids[layer]]
-        for part in self.out_proj_path.split(".")[:-1]:
-            module = getattr(module, part)
-        return module
+        return _parent(self.layer_modules[self.layer_ids[layer]], self.out_proj_path)
 
     def summary(self) -> str:
         """One line: rows x heads = total, and for a hybrid which decoder layers have the attention."""
