@@ -186,12 +186,15 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
 
 
 def _outcome(method, seed, relative, ppl, evals, seconds, found=True):
-    from attnprune.results import Change, MethodOutcome, Summary, TestComparison
+    from attnprune.results import Change, EvaluatorSetup, MethodOutcome, Summary, TestComparison
 
     test = None
     if found:
-        s = Summary(bias=1.0, ci=[0.9, 1.1], n_pruned=3)
-        test = TestComparison(name=method, setup={}, card={}, unrepaired=s, repaired=s,
+        s = Summary(bias=1.0, ci=[0.9, 1.1], n_pruned=3, perplexity=20.0)
+        setup = EvaluatorSetup(model="m", split="test", bias_measure="likelihood",
+                               bias_inputs={"axis": "gender_and_sex", "prompts": 100, "prompt_seed": seed},
+                               perplexity_inputs={"corpus": "xsum", "split": "test", "tokens_scored": 1000})
+        test = TestComparison(name=method, setup=setup, card={}, unrepaired=s, repaired=s,
                               bias_change=Change(absolute=relative, ci=[relative - 0.1, relative + 0.1],
                                                  relative=relative), perplexity_change=ppl)
     return MethodOutcome(method=method, seed=seed, llm_evaluations=evals, evaluation_seconds=seconds,
@@ -285,3 +288,55 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         w = torch.tensor([run.base().bias_result.bucket_weights[b] for b in names])
         means = torch.tensor([anchor["buckets"][b] for b in names], dtype=torch.float32)
         assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)
+
+
+def _written_comparison(path, seeds: dict, config=None):
+    """A hand-made comparison.json: ``seeds`` maps seed -> {method: (relative change, mask key)}."""
+    from attnprune.compare import write_comparison
+    from attnprune.results import Comparison, SeedComparison
+
+    config = {"bias": "likelihood", "tau": 0.05, "test_prompts": 10000, "seeds": "", **(config or {})}
+    result = Comparison(model="m", config=config, methods=[], seeds=sorted(seeds), rule="r")
+    for seed, rows in seeds.items():
+        outcomes = {}
+        for name, (relative, key) in rows.items():
+            outcomes[name] = _outcome(name, seed, relative, 0.02, 100, 50.0)
+            outcomes[name].mask = {"pruned": key}
+            outcomes[name].valid = {"n_pruned": len(key)}
+        ap = rows.get("ap", (0.0, None))[0]
+        result.per_seed.append(SeedComparison(seed=seed, validation={}, outcomes=outcomes, ap_minus={
+            n: {"difference": ap - rel, "ci": [ap - rel - 0.1, ap - rel + 0.1], "replicates": [ap - rel] * 10}
+            for n, (rel, _) in rows.items() if n != "ap"}))
+        result.methods = list(dict.fromkeys(result.methods + list(rows)))
+    write_comparison(result, path)
+    return path
+
+
+def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(tmp_path):
+    from attnprune.cli import main
+    from attnprune.compare import pool
+
+    a = _written_comparison(tmp_path / "a", {10: {"ap": (-0.7, [[0, 1]]), "fasp": (-0.3, [[1, 1]])}})
+    b = _written_comparison(tmp_path / "b", {10: {"ap": (-0.7, [[0, 1]]), "random_search": (-0.2, [[2, 0]])},
+                                             11: {"ap": (-0.5, [[0, 2]]), "fasp": (-0.4, [[1, 2]])}},
+                            config={"device": "cuda", "checks": "none"})  # run-only options may differ
+    pooled = pool([a, b], log=lambda s: None)
+    assert pooled.seeds == [10, 11] and pooled.methods == ["ap", "fasp", "random_search"]
+    assert list(pooled.per_seed[0].outcomes) == ["ap", "fasp", "random_search"]  # seed 10 from both runs
+    fasp = pooled.summary["ap_minus"]["fasp"]["pooled"]
+    assert fasp["seeds"] == 2 and fasp["mean"] == pytest.approx(((-0.7 + 0.3) + (-0.5 + 0.4)) / 2)
+    assert fasp["ci_prompts"] == pytest.approx([fasp["mean"], fasp["mean"]])
+    assert pooled.summary["ap_minus"]["random_search"]["pooled"]["seeds"] == 1
+    assert pooled.sources == [str(a), str(b)]
+    rc = main(["pool", "--runs", f"{a},{b}", "--out", str(tmp_path / "p")])
+    assert rc == 0 and "Pooled by `attnprune pool`" in (tmp_path / "p" / "comparison.md").read_text()
+
+    other_tau = _written_comparison(tmp_path / "c", {12: {"ap": (-0.6, [[0, 3]])}}, config={"tau": 0.1})
+    with pytest.raises(UserError, match="different options: tau"):
+        pool([a, other_tau])
+    other_mask = _written_comparison(tmp_path / "d", {10: {"ap": (-0.6, [[0, 3]])}})
+    with pytest.raises(UserError, match="Seed 10: ap chose different masks"):
+        pool([a, other_mask])
+    with pytest.raises(UserError, match="at least two"):
+        pool([a])
+    assert main(["pool", "--runs", f"{a},{tmp_path / 'missing'}", "--out", str(tmp_path / "q")]) == 2

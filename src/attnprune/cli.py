@@ -220,6 +220,17 @@ def cmd_compare(cfg: C.CompareConfig) -> None:
     print(f"wrote {cfg.out_dir / 'comparison.md'}, comparison.json, comparison.png")
 
 
+def cmd_pool(cfg: C.PoolConfig) -> None:
+    """Several comparisons (seeds run apart) as one table, with the pooled AP-minus intervals."""
+    from attnprune.compare import pool, write_comparison
+
+    out = Path(cfg.out)
+    write_comparison(pool(cfg.run_list), out)
+    print()
+    print((out / "comparison.md").read_text())
+    print(f"wrote {out / 'comparison.md'}, comparison.json, comparison.png")
+
+
 def cmd_report(cfg: C.ReportConfig) -> None:
     """Rewrite report.md and the plots from a run's report.json."""
     from attnprune.front import read_report
@@ -294,6 +305,8 @@ COMMANDS = (
     ("search", cmd_search, C.RepairConfig, "anneal on the surrogates and save the best candidate masks"),
     ("compare", cmd_compare, C.CompareConfig,
      "compare AP with FASP and the baselines over seeds, on one budget; results on the test split"),
+    ("pool", cmd_pool, C.PoolConfig,
+     "pool several compare runs (seeds run on other machines or at other times) into one table"),
     ("report", cmd_report, C.ReportConfig, "rewrite report.md and plots from a run's report.json"),
     ("front", cmd_front, C.FrontConfig,
      "the confirmed choice at several perplexity budgets, from a finished repair's store (table and plot)"),

@@ -23,6 +23,7 @@ import numpy as np
 
 from attnprune import labels
 from attnprune.config import CompareConfig
+from attnprune.errors import UserError
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import Comparison, MethodOutcome, SeedComparison
 from attnprune.run import Log, Run
@@ -205,6 +206,8 @@ def markdown(result: Comparison) -> str:
     lines = [f"# Pruning methods compared on {result.model}", "",
              f"Selection on validation only ({result.rule}); claims on the test split. Seeds: "
              f"{', '.join(map(str, result.seeds))} (each seed: its own prompt split, sampling and search).", ""]
+    if result.sources:
+        lines += [f"Pooled by `attnprune pool` from {', '.join(f'`{p}`' for p in result.sources)}.", ""]
     for s in result.per_seed:
         tested = [o.test for o in s.outcomes.values() if o.test is not None]
         lines.append(f"## Seed {s.seed}")
@@ -330,3 +333,72 @@ def write_comparison(result: Comparison, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=110)
     plt.close(fig)
+
+
+# Options that change how a comparison ran or what else it measured, never a method's choice
+# or its test numbers: runs that differ only in these may be pooled.
+POOL_FREE = frozenset({
+    "device", "dtype", "device_map", "cache_dir", "mask_batch", "reuse_layers", "layer_cache_mb", "out", "seed",
+    "seeds", "methods", "executor", "address", "workers", "worker_cpus", "worker_gpus", "export", "transfer_axes",
+    "checks", "second_opinion", "toxicity_prompts"})
+
+
+def read_comparison(path: Path) -> Comparison:
+    """``comparison.json`` of a comparison directory (or the file itself), or one sentence saying what is wrong."""
+    file = path / "comparison.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path} holds no comparison.json; give the --out directory of an `attnprune compare` run.")
+    try:
+        return Comparison.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{file} is not a comparison written by attnprune ({exc.__class__.__name__}: {exc}); "
+                        "rerun that comparison or leave it out.") from None
+
+
+def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
+    """One comparison from several (seeds run on other machines or at other times), re-summarised over all seeds.
+
+    The runs must agree on the model and on every option that shapes a choice or a test
+    number (everything but :data:`POOL_FREE`); options only one run records are not
+    compared. A seed found in two runs is merged method by method: the same method must
+    have chosen the same mask in both (AP is deterministic given the seed), and its first
+    row is kept; AP-minus rows are kept from whichever run measured them.
+    """
+    if len(paths) < 2:
+        raise UserError("--runs needs at least two comparison directories, comma-separated.")
+    runs = [read_comparison(p) for p in paths]
+    first = runs[0]
+    for path, r in zip(paths[1:], runs[1:]):
+        if r.model != first.model:
+            raise UserError(f"{path} compared {r.model}, {paths[0]} compared {first.model}; pool runs of one model.")
+        differ = sorted(k for k in first.config.keys() & r.config.keys() - POOL_FREE if first.config[k] != r.config[k])
+        if differ:
+            shown = ", ".join(f"{k} ({first.config[k]!r} vs {r.config[k]!r})" for k in differ[:4])
+            raise UserError(f"{paths[0]} and {path} ran with different options: {shown}; pool only runs of the "
+                            "same settings.")
+    by_seed: dict[int, SeedComparison] = {}
+    for path, r in zip(paths, runs):
+        for s in r.per_seed:
+            if s.seed not in by_seed:
+                by_seed[s.seed] = dataclasses.replace(s, outcomes=dict(s.outcomes), ap_minus=dict(s.ap_minus))
+                continue
+            kept = by_seed[s.seed]
+            for name, o in s.outcomes.items():
+                if name not in kept.outcomes:
+                    kept.outcomes[name] = o
+                elif kept.outcomes[name].mask != o.mask:
+                    raise UserError(f"Seed {s.seed}: {name} chose different masks in two of the runs ({path} is "
+                                    "one); were they run with different code? Pool runs of one version.")
+            for name, d in s.ap_minus.items():
+                kept.ap_minus.setdefault(name, d)
+            kept.knockouts = kept.knockouts or s.knockouts
+    methods = list(dict.fromkeys(m for r in runs for m in r.methods))
+    per_seed = [by_seed[k] for k in sorted(by_seed)]
+    for s in per_seed:  # keep every seed's rows in one method order
+        s.outcomes = {m: s.outcomes[m] for m in methods if m in s.outcomes}
+    result = Comparison(model=first.model, config={**first.config, "seeds": ",".join(map(str, by_seed))},
+                        methods=methods, seeds=sorted(by_seed), rule=first.rule, per_seed=per_seed,
+                        seconds=sum(r.seconds for r in runs), sources=[str(p) for p in paths])
+    result.summary = summarize(result, first.config["tau"])
+    log(f"pooled {len(paths)} comparisons: seeds {', '.join(map(str, result.seeds))}; methods {', '.join(methods)}")
+    return result

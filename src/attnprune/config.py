@@ -557,6 +557,24 @@ class FrontConfig(Options):
 
 
 @dataclass
+class PoolConfig(Options):
+    """``attnprune pool``: one comparison table from several ``attnprune compare`` runs (seeds run apart)."""
+
+    runs: str | None = opt(None, "comma-separated --out directories of `attnprune compare` runs", required=True)
+    out: str | None = opt(None, "directory for the pooled comparison.json/.md/.png", required=True)
+
+    @property
+    def run_list(self) -> list[Path]:
+        """The comparison directories, each once, in the given order."""
+        return [Path(p) for p in dict.fromkeys(split_list(self.runs or ""))]
+
+    def validate(self) -> "PoolConfig":
+        super().validate()
+        check_writable(self.out, "--out")
+        return self
+
+
+@dataclass
 class ReportConfig(Options):
     """``attnprune report``: rewrite a run's report from its report.json."""
 

@@ -301,3 +301,5 @@ class Comparison(Serialisable):
     per_seed: list[SeedComparison] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # ``attnprune pool``: the comparison directories this one was pooled from (empty for a run of its own)
+    sources: list[str] = field(default_factory=list)
