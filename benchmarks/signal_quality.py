@@ -1,42 +1,44 @@
 """Signal quality of the search's measurements and surrogates, in the regime the search chooses from.
 
-The benchmark that decides the repair's defaults. On the default model (SmolLM2-135M,
-gender_and_sex, likelihood bias, seed 0) it measures, for masks where the perplexity budget
-can hold:
+The benchmark that decides the repair's defaults, so it reads VALIDATION data only: what a
+search sees (the *search half* of the validation prompts and text) against an independent
+measurement of the same masks on the *confirmation half* (disjoint prompts and text, the
+half a repair confirms on). No test split is read; only development seeds (0-2) run. On
+the default model (SmolLM2-135M, gender_and_sex, likelihood bias) it measures, for masks
+where the perplexity budget can hold on the held half:
 
-1. **Bias measurement**: for each prompt count (nested stratified subsets of the
-   validation split), the rank agreement across masks between two *disjoint* validation
-   subsets of that size (split-half reliability: what the search can rely on) and with the
-   held-out test split (1,122 prompts), with the seconds one evaluation costs.
-2. **Perplexity**: the change in perplexity against the unrepaired model on 1,020 / 2,040
-   / all 5,610 validation tokens, against the test change (4,080 tokens): rank agreement,
-   mean under-estimate, how often a mask within +5% on validation exceeds it on test, and
-   how often an upper confidence bound from the per-window spread covers the test change.
+1. **Bias measurement**: for each prompt count (stratified subsets of the search half),
+   the rank agreement across masks between two disjoint subsets of that size (split-half
+   reliability) and with the held half (about 1,000 prompts), with the seconds one
+   evaluation costs.
+2. **Perplexity**: the change against the unrepaired model on the first 4 / 8 / 16 / all
+   windows of the search half's text, against the held half's change: rank agreement,
+   mean under-estimate, how often a mask within +5% on the search text exceeds it on the
+   held text, and how often an upper bound from the per-window spread covers the held
+   change.
 3. **Surrogates inside the regime**: the additive model (knockout effects on the bucket
    means and on log-perplexity, with and without empirical-Bayes shrinkage, from knockouts
-   on 181 / about 360 / 540 / 1,087 prompts), the first-order (gate-gradient) estimate of the
-   same effects, and the paper's MLP / ridge (5-fold CV on the regime masks), scored by
-   Spearman with each mask's measured bias on fresh validation prompts (never used by any
-   fit) and on test.
+   on 160-1,000 prompts), the first-order (gate-gradient) estimate of the same effects when
+   ``attribution.npz`` is there, and the paper's MLP / ridge (5-fold CV on the regime
+   masks), scored by Spearman with each mask's measured bias on fresh search-half prompts
+   (never used by any fit) and on the held half.
 
-Data: ``benchmarks/sq_collect.py`` evaluates, once, the unrepaired model, the 270
-single-head knockouts (1,087 validation prompts, all validation perplexity text) and 40
-masks of 2-20 heads (uniform, from low-perplexity-cost heads, and annealing candidates on
-the knockout model) on 2,147 validation prompts, all validation text, 1,122 test prompts
-and all test text; this script only reads them (``runs/signal_quality/seed0``).
-Writes ``benchmarks/results/signal_quality.json``.
+Data: ``benchmarks/sq_collect.py --seed S`` evaluates, once, the unrepaired model, every
+single-head knockout and about 60 masks of 2-20 heads (uniform, from low-perplexity-cost
+heads, and annealing candidates on the knockout model); this script only reads them
+(``runs/signal_quality/valid-seed<S>``). Writes ``benchmarks/results/signal_quality.json``.
 
-    .venv/bin/python benchmarks/sq_collect.py        # slow: about 2 h on 2 cores, resumable
-    .venv/bin/python benchmarks/signal_quality.py    # minutes
+    .venv/bin/python benchmarks/sq_collect.py --seed 0        # slow: hours on 2 cores, resumable
+    .venv/bin/python benchmarks/signal_quality.py --seed 0    # minutes
 
-RETIRED AS EVIDENCE: this study measures seed 0's test split (its masks are picked by test
-perplexity, its rankings scored valid -> test), so nothing may be chosen from it. Its result
-file was removed; before it is rerun it must compare two disjoint *validation* parts
-instead (see the README's "Results" section).
+Earlier versions scored against seed 0's test split; their results were withdrawn and the
+defaults they chose are marked as such in the README. Results of this version have not
+been collected yet.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -49,7 +51,8 @@ from attnprune.data.packaged import rank
 from attnprune.stats import BucketDesign, bias_from_means
 from common import write
 
-DATA = Path(__file__).resolve().parent.parent / "runs" / "signal_quality" / "seed0"
+ROOT = Path(__file__).resolve().parent.parent / "runs" / "signal_quality"
+DATA = ROOT / "valid-seed0"  # set by --seed
 TAU = 0.05
 COUNTS = (160, 320, 640, 1000)
 
@@ -76,8 +79,8 @@ def index_of(rows, texts) -> np.ndarray:
 
 
 def nested(n: int, seed: int = 0) -> list[str]:
-    """Texts of the repair's nested stratified validation subset of about ``n`` prompts."""
-    return [p.text for p in hb.subset("gender_and_sex", "valid", n, seed)]
+    """Texts of the repair's stratified subset of about ``n`` prompts of the validation search half."""
+    return [p.text for p in hb.subset("gender_and_sex", "valid", n, seed, part="search")]
 
 
 def halves(rows) -> tuple[list[int], list[int]]:
@@ -103,72 +106,86 @@ def take(rows, pool: list[int], n: int) -> np.ndarray:
     return np.array(out)
 
 
+def per_window_tokens(described: dict) -> float:
+    """Scored tokens per window of a perplexity text (from its ``describe()``)."""
+    return described["tokens_scored"] / described["windows"]
+
+
 def main() -> None:
+    global DATA
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0, help="the development seed sq_collect.py ran on")
+    args = parser.parse_args()
+    DATA = ROOT / f"valid-seed{args.seed}"
     meta, z, sources, attribution = load()
-    v2, te, v1 = meta["v2000"], meta["test1000"], meta["v1000"]
+    v2, held, v1 = meta["v2000"], meta["held1000"], meta["v1000"]
     shares = meta["shares_valid"]
     base, knock, reg = z["base"], z["knockouts"], z["regime"]
-    tok_v, tok_t = meta["ppl_valid"]["window"] - 1, meta["ppl_test"]["window"] - 1
+    tok_v, tok_t = per_window_tokens(meta["ppl_valid"]), per_window_tokens(meta["ppl_held"])
+    n_heads = int(np.prod(meta["shape"]))
     kinds = [sources[k] for k in reg["keys"]]
-    res: dict = {"setup": {"model": "smollm2-135m", "axis": "gender_and_sex", "measure": "likelihood", "seed": 0,
-                           "regime_masks": len(kinds), "kinds": {k: kinds.count(k) for k in set(kinds)},
-                           "valid_prompts": len(v2), "test_prompts": len(te)}}
+    res: dict = {"setup": {"model": "smollm2-135m", "axis": "gender_and_sex", "measure": "likelihood",
+                           "seed": args.seed, "regime_masks": len(kinds), "kinds": {k: kinds.count(k) for k in set(kinds)},
+                           "search_half_prompts": len(v2), "held_half_prompts": len(held),
+                           "search_text": meta["ppl_valid"], "held_text": meta["ppl_held"],
+                           "note": "validation only: the held half is the validation split's confirmation half"}}
 
-    # ---- regime: masks whose test perplexity change is within the budget (where choices are made)
-    base_tppl = base["ppl_test"][0][:16].sum() / (16 * tok_t)
-    reg_tppl = reg["ppl_test"][:, :16].sum(1) / (16 * tok_t)
-    test_change = np.exp(reg_tppl - base_tppl) - 1
-    inside = test_change <= TAU
-    res["setup"]["inside_budget_on_test"] = int(inside.sum())
-    d_te = design_for(te, meta["shares_test"])
-    test_bias = d_te.bias(reg["test1000"])
-    res["setup"]["test_bias_unrepaired"] = float(d_te.bias(base["test1000"][0]))
+    # ---- regime: masks whose held-half perplexity change is within the budget (where choices are made)
+    base_tppl = base["ppl_held"][0].sum() / (base["ppl_held"].shape[1] * tok_t)
+    reg_tppl = reg["ppl_held"].sum(1) / (reg["ppl_held"].shape[1] * tok_t)
+    held_change = np.exp(reg_tppl - base_tppl) - 1
+    inside = held_change <= TAU
+    res["setup"]["inside_budget_on_held"] = int(inside.sum())
+    d_held = design_for(held, meta["shares_held"])
+    held_bias = d_held.bias(reg["held1000"])
+    res["setup"]["held_bias_unrepaired"] = float(d_held.bias(base["held1000"][0]))
 
-    # ---- 1. bias measurement: split-half reliability and valid->test agreement per prompt count
+    # ---- 1. bias measurement: split-half reliability and search->held agreement per prompt count
     rows = []
     half_a, half_b = halves(v2)
     for adjust in ("template", "none"):
-        bt = design_for(te, meta["shares_test"], adjust).bias(reg["test1000"])
+        bt = design_for(held, meta["shares_held"], adjust).bias(reg["held1000"])
         for n in COUNTS:
             ia, ib = take(v2, half_a, n), take(v2, half_b, n)
             da, db = design_for([v2[i] for i in ia], shares, adjust), design_for([v2[i] for i in ib], shares, adjust)
             ba, bb = da.bias(reg["v2000"][:, ia]), db.bias(reg["v2000"][:, ib])
             rows.append({"adjust": adjust, "prompts": int(len(ia)), "split_half_all": rho(ba, bb),
-                         "split_half_regime": rho(ba[inside], bb[inside]), "valid_test_all": rho(ba, bt),
-                         "valid_test_regime": rho(ba[inside], bt[inside])})
+                         "split_half_regime": rho(ba[inside], bb[inside]), "search_held_all": rho(ba, bt),
+                         "search_held_regime": rho(ba[inside], bt[inside])})
         full = design_for(v2, shares, adjust).bias(reg["v2000"])
         rows.append({"adjust": adjust, "prompts": len(v2), "split_half_all": None, "split_half_regime": None,
-                     "valid_test_all": rho(full, bt), "valid_test_regime": rho(full[inside], bt[inside])})
+                     "search_held_all": rho(full, bt), "search_held_regime": rho(full[inside], bt[inside])})
     res["bias_measurement"] = rows
     for r in rows:
         print(f"bias ({r['adjust']:8s}) {r['prompts']:5d} prompts: split-half {r['split_half_regime'] or float('nan'):+.2f} "
-              f"(all {r['split_half_all'] or float('nan'):+.2f}), valid->test {r['valid_test_regime']:+.2f} "
-              f"(all {r['valid_test_all']:+.2f})")
+              f"(all {r['split_half_all'] or float('nan'):+.2f}), search->held {r['search_held_regime']:+.2f} "
+              f"(all {r['search_held_all']:+.2f})")
 
-    # ---- 2. perplexity: change on validation text vs test text
+    # ---- 2. perplexity: change on the search half's text vs the held half's
     ppl_rows = []
     bv = base["ppl_valid"][0]
-    for windows in (4, 8, 11, 22):
+    total_windows = bv.shape[0]
+    for windows in sorted({min(w, total_windows) for w in (4, 8, 16, total_windows)}):
         change = np.exp((reg["ppl_valid"][:, :windows].sum(1) - bv[:windows].sum()) / (windows * tok_v)) - 1
         diffs = (reg["ppl_valid"][:, :windows] - bv[:windows]) / tok_v  # per-window mean NLL change
         se = diffs.std(axis=1, ddof=1) / np.sqrt(windows)
         ucb = np.exp(diffs.mean(1) + 1.645 * se) - 1
         ppl_rows.append({
-            "tokens": windows * tok_v, "spearman_with_test_all": rho(change, test_change),
-            "spearman_with_test_near_budget": rho(change[test_change < 0.15], test_change[test_change < 0.15]),
-            "mean_test_minus_valid": float(np.mean(test_change - change)),
-            "within_budget_on_valid_but_over_on_test": int(((change <= TAU) & (test_change > TAU)).sum()),
+            "tokens": windows * tok_v, "spearman_with_held_all": rho(change, held_change),
+            "spearman_with_held_near_budget": rho(change[held_change < 0.15], held_change[held_change < 0.15]),
+            "mean_held_minus_search": float(np.mean(held_change - change)),
+            "within_budget_on_valid_but_over_on_held": int(((change <= TAU) & (held_change > TAU)).sum()),
             "within_budget_on_valid": int((change <= TAU).sum()),
-            "ucb90_within_budget_but_over_on_test": int(((ucb <= TAU) & (test_change > TAU)).sum()),
+            "ucb90_within_budget_but_over_on_held": int(((ucb <= TAU) & (held_change > TAU)).sum()),
             "ucb90_within_budget": int((ucb <= TAU).sum()),
-            "ucb90_covers_test": float(np.mean(test_change <= ucb)),
+            "ucb90_covers_held": float(np.mean(held_change <= ucb)),
         })
     res["perplexity"] = ppl_rows
     for r in ppl_rows:
-        print(f"ppl {r['tokens']:5d} valid tokens: Spearman with test {r['spearman_with_test_all']:+.2f}, test - valid "
-              f"{100 * r['mean_test_minus_valid']:+.2f} pts, in budget on valid but not test "
-              f"{r['within_budget_on_valid_but_over_on_test']}/{r['within_budget_on_valid']}; UCB90 rule "
-              f"{r['ucb90_within_budget_but_over_on_test']}/{r['ucb90_within_budget']}, covers {r['ucb90_covers_test']:.2f}")
+        print(f"ppl {r['tokens']:5.0f} search tokens: Spearman with held {r['spearman_with_held_all']:+.2f}, held - search "
+              f"{100 * r['mean_held_minus_search']:+.2f} pts, in budget on search text but not held "
+              f"{r['within_budget_on_valid_but_over_on_held']}/{r['within_budget_on_valid']}; UCB90 rule "
+              f"{r['ucb90_within_budget_but_over_on_held']}/{r['ucb90_within_budget']}, covers {r['ucb90_covers_held']:.2f}")
 
     # ---- 0. single-head knockout effects: how reliable, and how well a first-order estimate finds them
     res["knockouts"] = knockout_reliability(meta, base, knock, attribution, shares, tok_v)
@@ -179,26 +196,26 @@ def main() -> None:
     fresh_bias = d_fresh.bias(reg["v2000"][:, fresh])
     res["setup"]["fresh_prompts"] = int(len(fresh))
     k_scores, b_scores = knock["v1000"], base["v1000"][0]
-    bits = np.array([[c == "1" for c in np.unpackbits(np.frombuffer(bytes.fromhex(k), dtype=np.uint8))[:270].astype(str)]
+    bits = np.array([[c == "1" for c in np.unpackbits(np.frombuffer(bytes.fromhex(k), dtype=np.uint8))[:n_heads].astype(str)]
                      for k in reg["keys"]], dtype=float)
     pruned = 1.0 - bits
-    lp0_v = bv.sum() / (22 * tok_v)
-    dlp_k = knock["ppl_valid"].sum(1) / (22 * tok_v) - lp0_v
-    meas_lp_change = reg["ppl_valid"].sum(1) / (22 * tok_v) - lp0_v
+    lp0_v = bv.sum() / (total_windows * tok_v)
+    dlp_k = knock["ppl_valid"].sum(1) / (total_windows * tok_v) - lp0_v
+    meas_lp_change = reg["ppl_valid"].sum(1) / (total_windows * tok_v) - lp0_v
     surr = []
 
     def score(name, pred_bias, pred_lp=None, extra=None):
         row = {"surrogate": name, "fresh_valid_regime": rho(pred_bias[inside], fresh_bias[inside]),
-               "test_regime": rho(pred_bias[inside], test_bias[inside]), "fresh_valid_all": rho(pred_bias, fresh_bias),
-               "test_all": rho(pred_bias, test_bias)}
+               "held_regime": rho(pred_bias[inside], held_bias[inside]), "fresh_valid_all": rho(pred_bias, fresh_bias),
+               "held_all": rho(pred_bias, held_bias)}
         if pred_lp is not None:
             row["log_ppl_valid_all"] = rho(pred_lp, meas_lp_change)
-            row["log_ppl_test_all"] = rho(pred_lp, np.log1p(test_change))
+            row["log_ppl_held_all"] = rho(pred_lp, np.log1p(held_change))
         row.update(extra or {})
         surr.append(row)
-        print(f"{name:36s} bias: fresh valid {row['fresh_valid_regime']:+.2f} test {row['test_regime']:+.2f} "
-              f"(all masks {row['fresh_valid_all']:+.2f} / {row['test_all']:+.2f})"
-              + (f"; log-ppl {row['log_ppl_valid_all']:+.2f} / test {row['log_ppl_test_all']:+.2f}" if pred_lp is not None else ""))
+        print(f"{name:36s} bias: fresh search-half {row['fresh_valid_regime']:+.2f} held {row['held_regime']:+.2f} "
+              f"(all masks {row['fresh_valid_all']:+.2f} / {row['held_all']:+.2f})"
+              + (f"; log-ppl {row['log_ppl_valid_all']:+.2f} / held {row['log_ppl_held_all']:+.2f}" if pred_lp is not None else ""))
 
     for n in (160, 320, 480, 1000):
         idx = index_of(v1, nested(n))
@@ -224,7 +241,7 @@ def main() -> None:
         D = -(d.projection @ g.reshape(len(v1), -1)).T  # removing a head ~ minus its gate gradient
         mu0 = d.means(b_scores)
         pg = attribution["ppl_grad"].reshape(attribution["ppl_grad"].shape[0], -1).sum(0)
-        E = -pg / (22 * tok_v)
+        E = -pg / (total_windows * tok_v)
         score("first-order (gate gradients), all heads", bias_from_means(mu0 + pruned @ D, d.weights), pruned @ E)
         delta_k = d.means(k_scores) - mu0
         res["attribution_vs_knockouts"] = {
@@ -269,16 +286,17 @@ def knockout_reliability(meta, base, knock, attribution, shares, tok_v) -> dict:
         ((shifts[0], a, design_for([v1[i] for i in a], shares)), (shifts[1], b, design_for([v1[i] for i in b], shares)))]
     out["knockout_bias_change_split_half_spearman"] = rho(*halves_change)
     lp = [knock["ppl_valid"][:, w].sum(1) / (len(w) * tok_v) - base["ppl_valid"][0][w].sum() / (len(w) * tok_v)
-          for w in (np.arange(0, 11), np.arange(11, 22))]
+          for w in np.array_split(np.arange(base["ppl_valid"].shape[1]), 2)]
     out["log_ppl_effect_split_half_spearman"] = rho(*lp)
     out["heads_lowering_bias_alone"] = int((change < 0).sum())
     out["knockout_bias_change_quantiles"] = np.percentile(change / bias0, [5, 25, 50, 75, 95]).tolist()
-    dlp = knock["ppl_valid"].sum(1) / (22 * tok_v) - base["ppl_valid"][0].sum() / (22 * tok_v)
+    windows = base["ppl_valid"].shape[1]
+    dlp = knock["ppl_valid"].sum(1) / (windows * tok_v) - base["ppl_valid"][0].sum() / (windows * tok_v)
     out["knockout_ppl_change_quantiles"] = np.expm1(np.percentile(dlp, [5, 25, 50, 75, 95])).tolist()
     if attribution is not None:
         g = attribution["bias_grad"].reshape(len(v1), -1)
         D = -(d.projection @ g).T
-        E = -attribution["ppl_grad"].reshape(attribution["ppl_grad"].shape[0], -1).sum(0) / (22 * tok_v)
+        E = -attribution["ppl_grad"].reshape(attribution["ppl_grad"].shape[0], -1).sum(0) / (windows * tok_v)
         first_change = bias_from_means(mu0 + D, d.weights) - bias0
         out["first_order"] = {
             "bucket_shift_pearson": float(np.corrcoef(D.reshape(-1), delta.reshape(-1))[0, 1]),

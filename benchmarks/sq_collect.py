@@ -1,12 +1,17 @@
 """Collect per-prompt and per-window data for the signal-quality analysis (slow, resumable).
 
-Writes runs/signal_quality/seed<S>/<group>.npz: for every mask of a group, the per-prompt
-likelihood scores on the prompt sets and the per-window NLL sums on the perplexity texts.
+VALIDATION ONLY. The study chooses defaults, so it never reads a test split: the role the
+test split used to play (an independent measurement of the same masks) is taken by the
+*confirmation half* of the validation split, the half a repair confirms on and never
+searches on. Its prompts (``part="confirm"``) and its perplexity text (the odd windows of
+the validation text) are disjoint from the search half (``part="search"``) that the
+knockouts, the regime masks' "search" measurements and the additive model use. Only
+development seeds (0-2) are accepted.
 
-RETIRED AS EVIDENCE: this study measures seed 0's test split (its masks are picked by test
-perplexity, its rankings scored valid -> test), so nothing may be chosen from it. Its result
-file was removed; before it is rerun it must compare two disjoint *validation* parts
-instead (see the README's "Results" section).
+Writes runs/signal_quality/valid-seed<S>/<group>.npz: for every mask of a group, the
+per-prompt likelihood scores on the prompt sets and the per-window NLL sums on the texts.
+
+    .venv/bin/python benchmarks/sq_collect.py --seed 0     # about 2-3 h on 2 cores, resumable
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from attnprune import HeadMask, load_model
 from attnprune.backend import Backend
 from attnprune.measures import get_measure
 from attnprune.search.annealing import anneal
-from attnprune.stats import bias_from_means
 
 ROOT = Path(__file__).resolve().parent.parent / "runs" / "signal_quality"
+DEVELOPMENT_SEEDS = (0, 1, 2)
 
 
 def save(path: Path, masks: list[HeadMask], data: dict[str, list]) -> None:
@@ -64,30 +69,38 @@ def run_group(path: Path, masks: list[HeadMask], measures: dict, every: int = 5)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="a development seed (0-2)")
     ap.add_argument("--regime", type=int, default=20, help="masks per regime group")
+    ap.add_argument("--ppl-tokens", type=int, default=16384, help="perplexity tokens of each validation half")
     args = ap.parse_args()
-    out = ROOT / f"seed{args.seed}"
+    if args.seed not in DEVELOPMENT_SEEDS:
+        raise SystemExit(f"--seed {args.seed}: this study chooses defaults, so it runs on development seeds "
+                         f"({', '.join(map(str, DEVELOPMENT_SEEDS))}) only.")
+    out = ROOT / f"valid-seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2-135m")
     L, H = lm.layout.shape
     backend = Backend(lm)
     s = args.seed
-    v1 = get_measure("likelihood", prompts=1000, seed=s, bootstrap_reps=10).prepare(backend)
-    v2 = get_measure("likelihood", prompts=2000, seed=s, bootstrap_reps=10).prepare(backend)
-    te = get_measure("likelihood", split="test", prompts=1000, seed=s, bootstrap_reps=10).prepare(backend)
-    pv = get_measure("perplexity", max_tokens=10**6).prepare(backend)
-    pt = get_measure("perplexity", split="test", max_tokens=10**6).prepare(backend)
+    # search half of the validation prompts (knockouts and the search's view) and the confirmation half (held out)
+    v1 = get_measure("likelihood", prompts=1000, seed=s, bootstrap_reps=10, part="search").prepare(backend)
+    v2 = get_measure("likelihood", prompts=2000, seed=s, bootstrap_reps=10, part="search").prepare(backend)
+    held = get_measure("likelihood", prompts=1000, seed=s, bootstrap_reps=10, part="confirm").prepare(backend)
+    text = dict(source="xsum", seed=s, max_tokens=args.ppl_tokens)
+    pv = get_measure("perplexity", part="search", **text).prepare(backend)
+    ph = get_measure("perplexity", part="confirm", **text).prepare(backend)
+    assert not {p.text for p in held.prompts_} & {p.text for p in v2.prompts_}, "the two halves must be disjoint"
     meta = {
+        "shape": [L, H], "seed": s,
         "v1000": [(p.text, p.bucket, p.template) for p in v1.prompts_],
         "v2000": [(p.text, p.bucket, p.template) for p in v2.prompts_],
-        "test1000": [(p.text, p.bucket, p.template) for p in te.prompts_],
-        "shares_valid": v1.shares_, "shares_test": te.shares_,
-        "ppl_valid": pv.describe(), "ppl_test": pt.describe(),
+        "held1000": [(p.text, p.bucket, p.template) for p in held.prompts_],
+        "shares_valid": v1.shares_, "shares_held": held.shares_,
+        "ppl_valid": pv.describe(), "ppl_held": ph.describe(),
     }
     (out / "meta.json").write_text(json.dumps(meta))
     base = HeadMask.all_active(L, H)
-    full = {"v2000": ("bias", v2), "ppl_valid": ("ppl", pv), "test1000": ("bias", te), "ppl_test": ("ppl", pt)}
+    full = {"v2000": ("bias", v2), "ppl_valid": ("ppl", pv), "held1000": ("bias", held), "ppl_held": ("ppl", ph)}
     run_group(out / "base.npz", [base], {"v1000": ("bias", v1), **full})
     knock = [HeadMask.from_pruned(L, H, [(l, h)]) for l in range(L) for h in range(H)]
     run_group(out / "knockouts.npz", knock, {"v1000": ("bias", v1), "ppl_valid": ("ppl", pv)})
