@@ -332,6 +332,8 @@ class RepairConfig(SpeedOptions, ModelOptions):
     checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
                       "(comma-separated measures; 'none' to skip); the search never sees them")
     export: bool = opt(True, "write the repaired model to <out>/model")
+    budgets: str = opt("", "(repair) also write the front at these perplexity budgets, comma-separated percent "
+                       "(e.g. 1,2.5,5,10), from the repair's store; the same as `attnprune front` afterwards")
 
     # keys that must match to read an existing store: what its evaluations measured
     STORE_KEYS = ("model", "axis", "bias", "prompts", "ppl_tokens", "corpus", "holisticbias", "seed", "r_min",
@@ -397,6 +399,11 @@ class RepairConfig(SpeedOptions, ModelOptions):
             raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
         if self.axis in split_list(self.guard):
             raise UserError(f"--guard {self.axis} is the axis being repaired (--axis); guard other axes.")
+        if split_list(self.budgets):
+            FrontConfig(run=str(self.out_dir), budgets=self.budgets).validate()  # one sentence on a bad list
+            if self.confirm <= 0:
+                raise UserError("--budgets needs the confirmation (--confirm above 0): the front's points are "
+                                "confirmed on its data.")
         for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
                      "toxicity_prompts", "confirm_prompts", "confirm_ppl_tokens"):
             if getattr(self, name) < 1:
@@ -502,6 +509,9 @@ class CompareConfig(RepairConfig):
             raise UserError(f"--seeds {self.seeds!r} names no seed; give comma-separated integers such as 10,11,12.")
         for seed in seeds:
             check_seed(seed, "--seeds")
+        if split_list(self.budgets):
+            raise UserError("--budgets belongs to `attnprune repair`; a comparison chooses at --tau only (run "
+                            "`attnprune front` on a repair's output for other budgets).")
         return super().validate()
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnprune import labels
-from attnprune.config import RepairConfig, command_line
+from attnprune.config import FrontConfig, RepairConfig, command_line, split_list
+from attnprune.front import front
 from attnprune.heads import HeadMask
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import RepairReport, ValidationPoint, ValidationSummary
@@ -103,4 +104,9 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             report.outputs["model"] = str(model_dir)
         report.timings_s = {**run.timings, "total": time.perf_counter() - t_start}
     write_report(report, out)
+    if split_list(cfg.budgets):
+        t = time.perf_counter()
+        front(FrontConfig(run=str(out), budgets=cfg.budgets), loaded=run.loaded, log=log)
+        report.timings_s["front"] = time.perf_counter() - t
+        write_report(report, out)
     return RepairResult(chosen.mask, report, out, model_dir)
