@@ -147,3 +147,21 @@ def test_every_surrogate_keeps_the_contract(name):
     # an additive world: every surrogate ranks the held-in masks' log-perplexity better than chance
     lp = model.predict_torch(torch.as_tensor(data.bits, dtype=torch.float32))[1].numpy()
     assert np.corrcoef(lp, data.log_ppl)[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("name", __import__("attnprune.measures", fromlist=["measure_names"]).measure_names("bias"))
+def test_every_bias_measure_declares_its_optional_capabilities(name):
+    """Capabilities are declared, not detected: a first-order measure has its own removal estimates and buckets."""
+    from attnprune.measures import accepted_options, get_measure
+    from attnprune.measures.base import BiasMeasure, HolisticBiasMeasure
+
+    measure = get_measure(name, **accepted_options(name, {"prompts": 40}))
+    if measure.first_order:
+        assert type(measure).removal_estimates is not BiasMeasure.removal_estimates
+    projection = measure.bucket_projection()  # from the data alone, no model
+    if isinstance(measure, HolisticBiasMeasure):
+        n = len(measure.prompts_)
+        assert projection.shape[1] == n and np.allclose(projection.sum(axis=1), 1.0)
+        assert measure.bucket_means(np.ones(n)).shape == (projection.shape[0],)
+    else:
+        assert projection is None and measure.bucket_means([0.0]) is None and not measure.first_order

@@ -99,8 +99,7 @@ class Evaluator:
     @property
     def estimates_removals(self) -> bool:
         """Whether :meth:`removal_estimates` works here (a forward-only HolisticBias measure)."""
-        return getattr(self.bias_measure, "removal_estimates", None) is not None and hasattr(self.bias_measure,
-                                                                                                "design_")
+        return self.bias_measure.first_order and self.bias_measure.bucket_projection() is not None
 
     def removal_estimates(self) -> dict:
         """First-order estimates of removing each head (one forward and backward pass for all heads).
@@ -114,7 +113,7 @@ class Evaluator:
             raise UserError(f"First-order screening needs the likelihood bias measure, not "
                             f"{self.bias_measure.card.name}; use --knockouts 1 (every head).")
         per_prompt = self.bias_measure.removal_estimates()  # [n, N]
-        return {"summary": self.bias_measure.design_.means(per_prompt.T),
+        return {"summary": self.bias_measure.bucket_means(per_prompt.T),
                 "log_perplexity": self.ppl_measure.removal_estimates()}
 
     def gate_gradients(self):

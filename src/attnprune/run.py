@@ -345,16 +345,10 @@ class Run:
     def bucket_projection(self) -> np.ndarray | None:
         """The bucket-mean projection ``[B, n]`` of the search's validation prompts (data only, once per run)."""
         from attnprune.measures import get_measure
-        from attnprune.measures.base import HolisticBiasMeasure
 
         if "projection" not in self._derived:
             spec = self.valid_spec
-            measure = get_measure(spec.bias, split=spec.split, **spec.bias_options)
-            if isinstance(measure, HolisticBiasMeasure):
-                measure.prepare_prompts()
-                self._derived["projection"] = measure.design_.projection
-            else:
-                self._derived["projection"] = None
+            self._derived["projection"] = get_measure(spec.bias, split=spec.split, **spec.bias_options).bucket_projection()
         return self._derived["projection"]
 
     # ---- the TEST split ------------------------------------------------------------------

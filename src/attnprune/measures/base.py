@@ -63,11 +63,29 @@ class BiasMeasure(Measure):
     ``score`` results hold ``bias``, ``ci`` and ``per_prompt`` (the per-item scores the
     statistic is computed from); :meth:`paired_difference` compares two masks on the same
     items. Subclasses set ``seed`` and ``bootstrap_reps``.
+
+    Optional capabilities, declared rather than detected (a method asks for them through
+    its context): :attr:`first_order` says :meth:`removal_estimates` works;
+    :meth:`bucket_means` and :meth:`bucket_projection` return None for a measure without
+    identity buckets.
     """
 
     kind = "bias"
     seed: int
     bootstrap_reps: int
+    first_order: bool = False  # True: removal_estimates() gives every head's first-order effect per item
+
+    def removal_estimates(self) -> np.ndarray:
+        """``[n, L*H]`` first-order change of each item's score when each head is removed (when :attr:`first_order`)."""
+        raise UserError(f"{self.card.name} has no first-order removal estimates; use --knockouts 1 (every head).")
+
+    def bucket_means(self, per_item) -> np.ndarray | None:
+        """Bucket means ``[..., B]`` of per-item score rows ``[..., n]`` (the statistic's summary), or None."""
+        return None
+
+    def bucket_projection(self) -> np.ndarray | None:
+        """The ``[B, n]`` matrix that maps per-item scores to bucket means (from the data alone), or None."""
+        return None
 
     @abstractmethod
     def paired_difference(self, scores_a, scores_b) -> dict:
@@ -89,6 +107,9 @@ DEFAULT_PROMPTS = 160
 class HolisticBiasMeasure(BiasMeasure):
     """Base of the measures on HolisticBias prompts of one axis: prompts, bucket design, statistics.
 
+    Fitted by :meth:`prepare_prompts` (``prepare`` calls it): ``prompts_``, ``shares_`` (each
+    bucket's share of the split) and ``design_`` (the :class:`~attnprune.stats.BucketDesign`).
+
     Bias = ``sum_b |mean(axis) - mean(bucket b)|`` over per-prompt scores, with bucket means
     template-adjusted by default (:mod:`attnprune.stats`); every value comes with a
     stratified bootstrap CI and the noise floor.
@@ -100,6 +121,10 @@ class HolisticBiasMeasure(BiasMeasure):
         self.axis, self.split, self.n_prompts, self.seed = axis, split, prompts, seed
         self.data_path, self.bootstrap_reps, self.part = holisticbias, bootstrap_reps, part
         self.adjust = hb.check_adjust(adjust)
+
+    prompts_: list
+    shares_: dict
+    design_: "object"  # attnprune.stats.BucketDesign
 
     @classmethod
     def check_axis(cls, axis: str, holisticbias: str | None = None) -> None:
@@ -120,6 +145,14 @@ class HolisticBiasMeasure(BiasMeasure):
         if self.part != "all":
             out["part"] = self.part
         return out
+
+    def bucket_means(self, per_item) -> np.ndarray:
+        return self.design_.means(np.asarray(per_item, dtype=float))
+
+    def bucket_projection(self) -> np.ndarray:
+        if not hasattr(self, "design_"):  # the prompts alone: no model needed
+            self.prepare_prompts()
+        return self.design_.projection
 
     def bucket_counts(self) -> dict[str, int]:
         """Prompts per bucket."""

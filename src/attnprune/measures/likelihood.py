@@ -55,6 +55,8 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 class LikelihoodBias(HolisticBiasMeasure):
     """Bias from next-token toxic-vs-benign log-odds on HolisticBias prompts."""
 
+    first_order = True  # one last-position score per prompt: its gate gradient is the removal estimate
+
     card = Card(
         name="likelihood",
         measures="How differently the model treats the buckets of a HolisticBias axis: spread across buckets of "
