@@ -86,12 +86,12 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
         + f" ({proposal.evaluations} LLM evaluations, {outcome.seconds:.0f} s)")
     if chosen is not None:
-        outcome.test = run.compare_on_test(cfg.bias, [chosen.mask])[0]
+        outcome.test = run.bench.compare(cfg.bias, [chosen.mask])[0]
         outcome.meets_budget = outcome.test.perplexity_change <= cfg.tau
         for axis in cfg.measured_axes:
-            outcome.transfer[axis] = run.compare_on_test(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
+            outcome.transfer[axis] = run.bench.compare(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
                                                          with_perplexity=False)[0]
-        outcome.checks = run.checks(name, chosen.mask)
+        outcome.checks = run.bench.checks(name, chosen.mask)
     return outcome
 
 
@@ -109,7 +109,7 @@ def paired_with_ap(run: Run, entry: SeedComparison) -> None:
     ap = mask_of(entry.outcomes["ap"])
     for name, o in entry.outcomes.items():
         if name != "ap" and name not in entry.ap_minus:
-            entry.ap_minus[name] = run.paired_relative_difference(labels.paired("ap", name), ap, mask_of(o))
+            entry.ap_minus[name] = run.bench.paired_relative_difference(labels.paired("ap", name), ap, mask_of(o))
 
 
 def pooled_difference(per_seed: list[dict]) -> dict:

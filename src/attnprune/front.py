@@ -110,7 +110,7 @@ def _test_points(run: Run, rcfg: RepairConfig, points: list[dict]) -> dict:
     from attnprune.heads import HeadMask
 
     masks = list(dict.fromkeys(HeadMask.from_dict(p["chosen"]["mask"]) for p in points if p["chosen"]))
-    comparisons = run.compare_on_test(rcfg.bias, masks) if masks else []
+    comparisons = run.bench.compare(rcfg.bias, masks) if masks else []
     out = {}
     for m, comp in zip(masks, comparisons):
         out[m.key] = {"bias": comp.repaired.bias, "ci": list(comp.repaired.ci), "bias_change": comp.bias_change.to_dict(),

@@ -72,7 +72,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         # saved before the test split: the choice survives any failure of the reporting steps
         chosen.mask.save(out / "mask.json", model=run.model_name, source=chosen.source,
                          validation_bias=chosen.bias, validation_perplexity=chosen.perplexity)
-        test = run.test_report(chosen.mask)
+        test = run.bench.report(chosen.mask)
         rows = run.rows()
         report = RepairReport(
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),

@@ -3,8 +3,8 @@
 :class:`Run` is what every method and pipeline works through: ``evaluate(masks, source)``
 puts validation evaluations into the run's store (each committed as it arrives, so an
 interrupted run loses nothing and a rerun skips what is there), ``rows``/``base`` read
-them back, and ``compare_on_test`` measures chosen masks against the unrepaired model on
-the TEST split. All evaluators come from one factory (:meth:`Run.spec`), so the validation
+them back, and :attr:`Run.bench` (:class:`attnprune.bench.TestBench`) measures chosen masks
+against the unrepaired model on the TEST split. All evaluators come from one factory (:meth:`Run.spec`), so the validation
 and the test evaluators differ only in the split and the sizes. A run is a context
 manager: hooks, workers and the store are released on exit, also when a stage raises.
 """
@@ -22,12 +22,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attnprune import labels
+from attnprune.bench import TestBench
 from attnprune.config import RepairConfig, split_list
 from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
-from attnprune.results import Change, Summary, TestComparison, TestReport
 from attnprune.selection import Selection
 from attnprune.store import Store, StoredEvaluation
 
@@ -53,6 +53,7 @@ class Run:
         self._executor: Executor | None = None
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
         self._derived: dict[str, object] = {}  # computed from the run's data once (bucket_projection)
+        self._bench: TestBench | None = None
 
     @classmethod
     def open(cls, cfg: RepairConfig, loaded=None, log: Log = logger.info) -> "Run":
@@ -241,7 +242,7 @@ class Run:
         with self.timed("guard"):
             for axis in split_list(c.guard):
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
-                rows = self._stored(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
+                rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
                 b = rows[base]
                 limit = c.guard_margin * b.bias
                 # one bootstrap for all: the unrepaired row and every mask under the same resamples
@@ -351,43 +352,7 @@ class Run:
             self._derived["projection"] = get_measure(spec.bias, split=spec.split, **spec.bias_options).bucket_projection()
         return self._derived["projection"]
 
-    # ---- the TEST split ------------------------------------------------------------------
-    def compare_on_test(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
-                        prompts: int | None = None, extra: dict | None = None,
-                        with_perplexity: bool = True) -> list[TestComparison]:
-        """Each of ``masks`` vs the unrepaired model on the TEST split, stored and paired on the same items."""
-        c = self.cfg
-        ev, rows = self.test_rows(name, masks, bias, axis, prompts, extra, with_perplexity)
-        base = HeadMask.all_active(*self.shape)
-        out = []
-        for m in masks:
-            b, r = rows[base], rows[m]
-            paired = ev.bias_measure.paired_difference(b.prompt_scores, r.prompt_scores)
-            # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
-            change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
-                            relative=-paired["diff"] / b.bias if b.bias else float("nan"))
-            stats = {k: {"unrepaired": v["a"], "repaired": v["b"], "change": -v["diff"],
-                         "ci": [-v["diff_ci"][1], -v["diff_ci"][0]]} for k, v in paired.get("statistics", {}).items()}
-            out.append(TestComparison(
-                name=name, setup=ev.setup(), card=ev.bias_measure.card.to_dict(),
-                unrepaired=_summary(b, with_perplexity), repaired=_summary(r, with_perplexity), bias_change=change,
-                statistics=stats, **(_perplexity_interval(r, b, c.seed) if with_perplexity else {})))
-        return out
-
-    def test_rows(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
-                  prompts: int | None = None, extra: dict | None = None,
-                  with_perplexity: bool = True) -> tuple[Evaluator, dict[HeadMask, StoredEvaluation]]:
-        """The TEST-split evaluator of a measure and the stored evaluations of ``masks`` and the unrepaired model.
-
-        Each is evaluated once (stored under ``test:{name}``) and read back from the store after.
-        """
-        c = self.cfg
-        spec = self.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
-                         extra=extra)
-        ev, setting = self.evaluator(spec, with_perplexity)
-        return ev, self._stored(ev, setting, "test", labels.test(name), masks, with_perplexity, log_name=name)
-
-    def _stored(self, ev: Evaluator, setting: str, split: str, source: str, masks: Sequence[HeadMask],
+    def stored_rows(self, ev: Evaluator, setting: str, split: str, source: str, masks: Sequence[HeadMask],
                 with_perplexity: bool, log_name: str | None = None) -> dict[HeadMask, StoredEvaluation]:
         """``masks`` and the unrepaired model under ``ev``, each evaluated once (stored under ``source``) and read back.
 
@@ -406,50 +371,13 @@ class Run:
             rows[m] = stored
         return rows
 
-    def paired_relative_difference(self, name: str, a: HeadMask, b: HeadMask) -> dict:
-        """``(bias(a) - bias(b)) / bias(unrepaired)`` on the same TEST prompts, with its paired bootstrap.
-
-        The difference of the two masks' relative bias changes (``a`` minus ``b``, in the
-        units of the comparison tables). Every resample draws the same prompts for the
-        unrepaired model and both masks, so the CI is of the difference itself, not of two
-        point estimates. ``replicates`` keeps the resampled values, for pooling over seeds.
-        """
-        ev, rows = self.test_rows(name, [a, b])
-        base = HeadMask.all_active(*self.shape)
-        scores = [rows[m].prompt_scores for m in (base, a, b)]
-        boot = ev.bias_measure.bootstrap_biases(scores)  # [3, reps], the same resamples for each row
-        point = [rows[m].bias for m in (base, a, b)]
-        reps = (boot[1] - boot[2]) / boot[0]
-        from attnprune.stats import percentile_ci
-
-        return {"difference": (point[1] - point[2]) / point[0], "ci": percentile_ci(reps),
-                "replicates": reps.tolist()}
-
-    def checks(self, name: str, mask: HeadMask) -> dict[str, TestComparison]:
-        """``mask`` vs the unrepaired model on each held-out benchmark of ``cfg.checks`` (TEST split)."""
-        c = self.cfg
-        out = {}
-        for measure in split_list(c.checks):
-            if measure not in (c.bias, "none"):
-                out[measure] = self.compare_on_test(f"{name}/{measure}", [mask], bias=measure,
-                                                    with_perplexity=False)[0]
-        return out
-
-    def test_report(self, chosen: HeadMask) -> TestReport:
-        """Unrepaired vs ``chosen`` on the TEST split: search measure, toxicity second opinion, transfer axes."""
-        c = self.cfg
-        with self.timed("test"):
-            self.log("measuring on the TEST split ...")
-            report = TestReport(search_measure=self.compare_on_test(c.bias, [chosen])[0])
-            if c.second_opinion != "none":
-                report.toxicity = self.compare_on_test(
-                    f"toxicity/{c.second_opinion}", [chosen], bias="toxicity", prompts=c.toxicity_prompts,
-                    extra={"classifier": c.second_opinion}, with_perplexity=False)[0]
-            for axis in c.measured_axes:
-                report.transfer[axis] = self.compare_on_test(f"{c.bias}/{axis}", [chosen], axis=axis,
-                                                             with_perplexity=False)[0]
-            report.checks = self.checks("check", chosen)
-        return report
+    # ---- the TEST split ------------------------------------------------------------------
+    @property
+    def bench(self) -> TestBench:
+        """The run's test bench: chosen masks against the unrepaired model on the TEST split."""
+        if self._bench is None:
+            self._bench = TestBench(self)
+        return self._bench
 
     def close(self) -> None:
         """Remove hooks, stop workers and close the store (safe to call twice)."""
@@ -461,16 +389,6 @@ class Run:
         self._evaluators.clear()
         self._valid = None
         self.store.close()
-
-
-def _perplexity_interval(row: StoredEvaluation, base: StoredEvaluation, seed: int) -> dict:
-    """The test perplexity change of ``row`` against ``base`` with its window-bootstrap interval."""
-    from attnprune.stats import window_bootstrap
-
-    a, b = row.perplexity_result, base.perplexity_result
-    boot = window_bootstrap(a.per_window, b.per_window, a.tokens, seed=seed)
-    return {"perplexity_change": row.perplexity / base.perplexity - 1, "perplexity_change_ci": boot["ci"],
-            "perplexity_change_upper": boot["upper"]}
 
 
 def _extend_design(store: Store, samples: int) -> None:
@@ -489,16 +407,3 @@ def _extend_design(store: Store, samples: int) -> None:
                         f"{samples!r}) and already holds search results ({', '.join(searched[:3])}); rerun with "
                         f"--samples {recorded} or choose a new --out directory.")
     store.update_config(samples=samples)
-
-
-def _summary(row: StoredEvaluation, with_perplexity: bool) -> Summary:
-    detail = row.bias_result
-    extra = {k: detail.extra[k] for k in ("mean_toxicity", "share_toxic", "mean_score") if k in detail.extra}
-    extra.update({k: v["value"] for k, v in detail.statistics.items()})
-    for k, v in (detail.noise_corrected or {}).items():
-        extra[f"noise_corrected_{k}"] = v
-    return Summary(
-        bias=row.bias, ci=list(row.bias_ci), n_pruned=row.mask.n_pruned, noise_floor=detail.noise_floor,
-        buckets=detail.buckets,
-        perplexity=row.perplexity if with_perplexity else None,
-        perplexity_tokens=row.perplexity_result.tokens if with_perplexity else None, extra=extra)
