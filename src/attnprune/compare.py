@@ -25,7 +25,7 @@ from attnprune import labels
 from attnprune.config import CompareConfig
 from attnprune.errors import UserError
 from attnprune.methods import MethodContext, get_method
-from attnprune.results import Comparison, MethodOutcome, SeedComparison
+from attnprune.results import Comparison, MethodOutcome, SeedComparison, read_result
 from attnprune.run import Log, Run
 from attnprune.selection import SelectionPolicy
 
@@ -346,13 +346,10 @@ POOL_FREE = frozenset({
 def read_comparison(path: Path) -> Comparison:
     """``comparison.json`` of a comparison directory (or the file itself), or one sentence saying what is wrong."""
     file = path / "comparison.json" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{path} holds no comparison.json; give the --out directory of an `attnprune compare` run.")
-    try:
-        return Comparison.from_dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{file} is not a comparison written by attnprune ({exc.__class__.__name__}: {exc}); "
-                        "rerun that comparison or leave it out.") from None
+    return read_result(Comparison, file,
+                       f"{path} holds no comparison.json; give the --out directory of an `attnprune compare` run.",
+                       f"{file} is not a comparison of this attnprune version ({{error}}); rerun that comparison "
+                       "(it reuses its stores) or leave it out.")
 
 
 def pool(paths: list[Path], log: Log = logger.info) -> Comparison:

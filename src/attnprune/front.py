@@ -23,7 +23,7 @@ from pathlib import Path
 from attnprune import labels
 from attnprune.config import FrontConfig, RepairConfig
 from attnprune.errors import UserError
-from attnprune.results import RepairReport
+from attnprune.results import RepairReport, read_result
 from attnprune.run import Log, Run
 from attnprune.selection import SelectionPolicy, perplexity_change_bound
 
@@ -35,13 +35,9 @@ FRONT_FILE = "front.json"
 def read_report(run_dir: Path) -> RepairReport:
     """The ``report.json`` of a finished repair, or one sentence saying what to pass instead."""
     src = run_dir / "report.json"
-    if not src.is_file():
-        raise UserError(f"{src} does not exist; pass the output directory of a finished repair.")
-    try:
-        return RepairReport.from_dict(json.loads(src.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{src} is not a report of this attnprune version ({type(exc).__name__}); rerun the repair "
-                        "(it reuses the stored evaluations).") from None
+    return read_result(RepairReport, src, f"{src} does not exist; pass the output directory of a finished repair.",
+                       f"{src} is not a report of this attnprune version ({{error}}); rerun the repair (it reuses the "
+                       "stored evaluations).")
 
 
 def repair_config(report: RepairReport, run_dir: Path) -> RepairConfig:

@@ -42,6 +42,25 @@ def _convert(tp, value):
     return value
 
 
+def read_result(cls, file, missing: str, invalid: str):
+    """``cls`` rebuilt from the JSON file ``file``; a missing file raises ``missing``, an unreadable one ``invalid``.
+
+    Both messages are one sentence for the user; ``invalid`` may use ``{error}`` (the exception's class name).
+    """
+    import json
+    from pathlib import Path
+
+    from attnprune.errors import UserError
+
+    file = Path(file)
+    if not file.is_file():
+        raise UserError(missing)
+    try:
+        return cls.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(invalid.format(error=type(exc).__name__)) from None
+
+
 class Serialisable:
     """Mixin: :meth:`to_dict` and :meth:`from_dict`."""
 
