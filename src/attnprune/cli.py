@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -358,9 +360,18 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _stop(signum, frame):
+    """SIGTERM (a scheduler, `kill`) and SIGINT stop a command the same way: as an interrupt, with its message."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a process started in the background by a shell ignores SIGINT, so `kill` (SIGTERM) is how it is
+    # stopped: end it through the interrupt path (its message; the store has committed every evaluation)
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, _stop)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
