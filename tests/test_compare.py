@@ -339,4 +339,9 @@ def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(t
         pool([a, other_mask])
     with pytest.raises(UserError, match="at least two"):
         pool([a])
+    odd = tmp_path / "{odd}"  # braces in a path must not break the message
+    odd.mkdir()
+    (odd / "comparison.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"is not a comparison of this attnprune version \(JSONDecodeError\)"):
+        pool([a, odd])
     assert main(["pool", "--runs", f"{a},{tmp_path / 'missing'}", "--out", str(tmp_path / "q")]) == 2

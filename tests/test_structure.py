@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnprune.config import RepairConfig
+from attnprune.measures import measure_names
 from attnprune.methods import MethodContext
 from attnprune.methods.samplers import make_sampler, sampler_names
 from attnprune.run import Run
@@ -149,7 +150,7 @@ def test_every_surrogate_keeps_the_contract(name):
     assert np.corrcoef(lp, data.log_ppl)[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("name", __import__("attnprune.measures", fromlist=["measure_names"]).measure_names("bias"))
+@pytest.mark.parametrize("name", measure_names("bias"))
 def test_every_bias_measure_declares_its_optional_capabilities(name):
     """Capabilities are declared, not detected: a first-order measure has its own removal estimates and buckets."""
     from attnprune.measures import accepted_options, get_measure

@@ -20,6 +20,7 @@ from attnprune.results import Change, Summary, TestComparison, TestReport
 from attnprune.stats import percentile_ci, window_bootstrap
 from attnprune.store import StoredEvaluation
 
+
 class Host(Protocol):
     """What the bench needs from the run behind it (:class:`attnprune.run.Run` has it)."""
 
@@ -45,8 +46,8 @@ class TestBench:
         self.run = run
 
     def compare(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
-                        prompts: int | None = None, extra: dict | None = None,
-                        with_perplexity: bool = True) -> list[TestComparison]:
+                prompts: int | None = None, extra: dict | None = None,
+                with_perplexity: bool = True) -> list[TestComparison]:
         """Each of ``masks`` vs the unrepaired model on the TEST split, stored and paired on the same items."""
         c = self.run.cfg
         ev, rows = self.rows(name, masks, bias, axis, prompts, extra, with_perplexity)
@@ -67,15 +68,15 @@ class TestBench:
         return out
 
     def rows(self, name: str, masks: Sequence[HeadMask], bias: str | None = None, axis: str | None = None,
-                  prompts: int | None = None, extra: dict | None = None,
-                  with_perplexity: bool = True) -> tuple[Evaluator, dict[HeadMask, StoredEvaluation]]:
+             prompts: int | None = None, extra: dict | None = None,
+             with_perplexity: bool = True) -> tuple[Evaluator, dict[HeadMask, StoredEvaluation]]:
         """The TEST-split evaluator of a measure and the stored evaluations of ``masks`` and the unrepaired model.
 
         Each is evaluated once (stored under ``test:{name}``) and read back from the store after.
         """
         c = self.run.cfg
-        spec = self.run.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts, ppl_tokens=c.test_ppl_tokens,
-                         extra=extra)
+        spec = self.run.spec("test", bias=bias, axis=axis, prompts=prompts or c.test_prompts,
+                             ppl_tokens=c.test_ppl_tokens, extra=extra)
         ev, setting = self.run.evaluator(spec, with_perplexity)
         return ev, self.run.stored_rows(ev, setting, "test", labels.test(name), masks, with_perplexity, log_name=name)
 
@@ -102,8 +103,7 @@ class TestBench:
         out = {}
         for measure in split_list(c.checks):
             if measure not in (c.bias, "none"):
-                out[measure] = self.compare(f"{name}/{measure}", [mask], bias=measure,
-                                                    with_perplexity=False)[0]
+                out[measure] = self.compare(f"{name}/{measure}", [mask], bias=measure, with_perplexity=False)[0]
         return out
 
     def report(self, chosen: HeadMask) -> TestReport:

@@ -209,7 +209,8 @@ def cmd_repair(cfg: C.RepairConfig) -> None:
               f"{x.repaired.bias:.4f} (change CI [{x.bias_change.ci[0]:+.4f}, {x.bias_change.ci[1]:+.4f}])")
     print(f"\nreport: {result.out_dir / 'report.md'}")
     if C.split_list(cfg.budgets):
-        print(f"front at +{cfg.budgets.replace(',', '%, +')}%: {result.out_dir / 'front.md'} (export a point with "
+        budgets = ", ".join(f"+{b}%" for b in C.split_list(cfg.budgets))
+        print(f"front at {budgets}: {result.out_dir / 'front.md'} (export a point with "
               f"`attnprune export --from {result.out_dir} --budget B --out DIR`)")
     if result.model_dir:
         print(f"repaired model: {result.model_dir}  (loads with transformers.AutoModelForCausalLM.from_pretrained)")

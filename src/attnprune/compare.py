@@ -90,7 +90,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         outcome.meets_budget = outcome.test.perplexity_change <= cfg.tau
         for axis in cfg.measured_axes:
             outcome.transfer[axis] = run.bench.compare(f"{cfg.bias}/{axis}", [chosen.mask], axis=axis,
-                                                         with_perplexity=False)[0]
+                                                       with_perplexity=False)[0]
         outcome.checks = run.bench.checks(name, chosen.mask)
     return outcome
 
@@ -390,11 +390,12 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
                 kept.ap_minus.setdefault(name, d)
             kept.knockouts = kept.knockouts or s.knockouts
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
-    per_seed = [by_seed[k] for k in sorted(by_seed)]
+    seeds = sorted(by_seed)
+    per_seed = [by_seed[k] for k in seeds]
     for s in per_seed:  # keep every seed's rows in one method order
         s.outcomes = {m: s.outcomes[m] for m in methods if m in s.outcomes}
-    result = Comparison(model=first.model, config={**first.config, "seeds": ",".join(map(str, by_seed))},
-                        methods=methods, seeds=sorted(by_seed), rule=first.rule, per_seed=per_seed,
+    result = Comparison(model=first.model, config={**first.config, "seeds": ",".join(map(str, seeds))},
+                        methods=methods, seeds=seeds, rule=first.rule, per_seed=per_seed,
                         seconds=sum(r.seconds for r in runs), sources=[str(p) for p in paths])
     result.summary = summarize(result, first.config["tau"])
     log(f"pooled {len(paths)} comparisons: seeds {', '.join(map(str, result.seeds))}; methods {', '.join(methods)}")

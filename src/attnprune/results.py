@@ -8,10 +8,14 @@ measured on through its ``setup`` (split, sizes, seeds).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
+
+from attnprune.errors import UserError
 
 
 def to_dict(obj) -> dict:
@@ -47,18 +51,13 @@ def read_result(cls, file, missing: str, invalid: str):
 
     Both messages are one sentence for the user; ``invalid`` may use ``{error}`` (the exception's class name).
     """
-    import json
-    from pathlib import Path
-
-    from attnprune.errors import UserError
-
     file = Path(file)
     if not file.is_file():
         raise UserError(missing)
     try:
         return cls.from_dict(json.loads(file.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(invalid.format(error=type(exc).__name__)) from None
+        raise UserError(invalid.replace("{error}", type(exc).__name__)) from None  # not format: paths may hold braces
 
 
 class Serialisable:

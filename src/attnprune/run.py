@@ -3,10 +3,11 @@
 :class:`Run` is what every method and pipeline works through: ``evaluate(masks, source)``
 puts validation evaluations into the run's store (each committed as it arrives, so an
 interrupted run loses nothing and a rerun skips what is there), ``rows``/``base`` read
-them back, and :attr:`Run.bench` (:class:`attnprune.bench.TestBench`) measures chosen masks
-against the unrepaired model on the TEST split. All evaluators come from one factory (:meth:`Run.spec`), so the validation
-and the test evaluators differ only in the split and the sizes. A run is a context
-manager: hooks, workers and the store are released on exit, also when a stage raises.
+them back, and ``Run.bench`` (:class:`attnprune.bench.TestBench`) measures chosen masks
+against the unrepaired model on the TEST split. All evaluators come from one factory
+(:meth:`Run.spec`), so the validation and the test evaluators differ only in the split and
+the sizes. A run is a context manager: hooks, workers and the store are released on exit,
+also when a stage raises.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Run:
         self._executor: Executor | None = None
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
         self._derived: dict[str, object] = {}  # computed from the run's data once (bucket_projection)
-        self._bench: TestBench | None = None
+        self.bench = TestBench(self)  # the TEST split: chosen masks against the unrepaired model
 
     @classmethod
     def open(cls, cfg: RepairConfig, loaded=None, log: Log = logger.info) -> "Run":
@@ -353,7 +354,7 @@ class Run:
         return self._derived["projection"]
 
     def stored_rows(self, ev: Evaluator, setting: str, split: str, source: str, masks: Sequence[HeadMask],
-                with_perplexity: bool, log_name: str | None = None) -> dict[HeadMask, StoredEvaluation]:
+                    with_perplexity: bool, log_name: str | None = None) -> dict[HeadMask, StoredEvaluation]:
         """``masks`` and the unrepaired model under ``ev``, each evaluated once (stored under ``source``) and read back.
 
         With ``log_name``, every evaluation it makes is logged (they take minutes on the test split).
@@ -370,14 +371,6 @@ class Run:
                 stored = self.store.get(m, setting)
             rows[m] = stored
         return rows
-
-    # ---- the TEST split ------------------------------------------------------------------
-    @property
-    def bench(self) -> TestBench:
-        """The run's test bench: chosen masks against the unrepaired model on the TEST split."""
-        if self._bench is None:
-            self._bench = TestBench(self)
-        return self._bench
 
     def close(self) -> None:
         """Remove hooks, stop workers and close the store (safe to call twice)."""
