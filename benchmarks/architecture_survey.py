@@ -102,10 +102,25 @@ def projection_width(proj) -> int:
 def describe(layout) -> str:
     """``rows x heads heads of width(s), path``, and which model layers the rows are in a hybrid."""
     widths = "/".join(str(d) for d in sorted(set(layout.head_dims)))
-    text = f"{layout.n_layers} x {layout.n_heads} heads of {widths}, {layout.layers_path}.<i>.{layout.out_proj_path}"
+    counts = "/".join(str(h) for h in sorted(set(layout.row_heads)))
+    text = f"{layout.n_layers} x {counts} heads of {widths}, {layout.layers_path}.<i>.{layout.out_proj_path}"
     if layout.is_hybrid:
         text += f" (attention in layers {','.join(map(str, layout.layer_ids))} of {layout.n_model_layers})"
     return text
+
+
+def module_heads(model, layout, row: int) -> int:
+    """Query heads of mask row ``row`` as its attention module reshapes them (its own count), else the config's."""
+    attn = layout.attention_module(row)
+    # a differential head (DiffLlama) group-norms two query heads' outputs together: its slice is the norm's width
+    norm = getattr(attn, "groupnorm", None)
+    pair = 2 if norm is not None and tuple(norm.normalized_shape) == (2 * attn.head_dim,) else 1
+    for name in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
+        value = getattr(attn, name, None)
+        if isinstance(value, int) and value > 0:
+            return value // pair
+    config = getattr(model.config, "text_config", None) or model.config
+    return int(config.num_attention_heads) // pair
 
 
 def reference_logits(model, layout, mask, ids) -> torch.Tensor:
@@ -115,7 +130,8 @@ def reference_logits(model, layout, mask, ids) -> torch.Tensor:
         heads = [h for (l, h) in mask.pruned if l == layer]
         if not heads:
             continue
-        d = projection_width(proj) // layout.n_heads  # from the module itself, not from the layout under test
+        # from the modules themselves, not from the layout under test
+        d = projection_width(proj) // module_heads(model, layout, layer)
 
         def hook(module, args, heads=heads, d=d):
             x = args[0].clone()
@@ -172,7 +188,7 @@ def survey_one(model_type: str) -> dict:
         return {"model_type": model_type, "group": "WRONG", "reason": f"crash: {type(exc).__name__}: {exc}"[:300]}
     worst_mask = worst_export = 0.0
     try:
-        for mask in random_masks(3, layout.shape, 0.1, 0.5, seed=1)[1:]:
+        for mask in random_masks(3, layout.shape, 0.1, 0.5, seed=1, heads=layout.heads)[1:]:
             ref = reference_logits(model, layout, mask, ids)
             with torch.no_grad(), apply_mask(model, layout, mask):
                 masked = model(input_ids=ids).logits

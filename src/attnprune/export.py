@@ -24,7 +24,7 @@ import torch
 
 from attnprune import __version__
 from attnprune.errors import UserError
-from attnprune.heads import HeadMask, apply_mask, probe_ids
+from attnprune.heads import HeadMask, apply_mask, check_fits, probe_ids
 from attnprune.models.layouts import HeadLayout, projection_input_axis
 
 MASK_FILE = "attnprune_mask.json"
@@ -83,6 +83,7 @@ def export_repaired(
             **(provenance or {}),
         },
     }
+    check_fits(mask, layout)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     ids = probe_ids(model, 8, next(model.parameters()).device)
@@ -176,7 +177,8 @@ def front_card_lines(point: dict, mask: HeadMask) -> list[str]:
 
 
 def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, license: str = "other",
-               report=None, command: str | None = None, front_point: dict | None = None) -> str:
+               report=None, command: str | None = None, front_point: dict | None = None,
+               total_heads: int | None = None) -> str:
     """A Hugging Face model card (``README.md``) for a repaired model.
 
     YAML front matter (base model, license, tags, ``model-index`` with the TEST-split
@@ -193,7 +195,7 @@ def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, l
     if report is not None:
         meta["model-index"] = model_index(name, report)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             f"`{model_name}` with {mask.n_pruned} of {mask.shape[0] * mask.shape[1]} attention heads pruned by "
+             f"`{model_name}` with {mask.n_pruned} of {total_heads or mask.shape[0] * mask.shape[1]} attention heads pruned by "
              "[attnprune](https://pypi.org/project/attnprune/) to reduce social bias. A head is removed by zeroing its "
              "slice of the attention output projection's input, so this is a standard checkpoint: it loads with plain "
              "`transformers` (`AutoModelForCausalLM.from_pretrained`) and computes exactly what the masked model "

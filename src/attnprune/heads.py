@@ -150,7 +150,10 @@ class HeadMask:
             )
         if not isinstance(data["pruned"], list):
             raise MaskError("The mask file's 'pruned' must be a list of [layer, head] pairs.")
-        return cls.from_pruned(n_layers, n_heads, data["pruned"])
+        mask = cls.from_pruned(n_layers, n_heads, data["pruned"])
+        if layout is not None:
+            check_fits(mask, layout)
+        return mask
 
     def save(self, path: str | Path, model: str | None = None, **metadata) -> Path:
         """Write the mask JSON file."""
@@ -175,6 +178,19 @@ class HeadMask:
         return cls.from_dict(data, layout)
 
 
+def check_fits(mask: HeadMask, layout: HeadLayout) -> None:
+    """Refuse a mask that is not for ``layout``: another grid, or a pruned cell that is no head of the model."""
+    if mask.shape != layout.shape:
+        raise MaskError(f"The mask has {mask.shape[0]} layers x {mask.shape[1]} heads but the model has "
+                        f"{layout.n_layers} x {layout.n_heads}; use a mask made for this model.")
+    if layout.is_ragged:
+        missing = [(l, h) for l, h in mask.pruned if h >= layout.row_heads[l]]
+        if missing:
+            l, h = missing[0]
+            raise MaskError(f"The mask prunes head [{l}, {h}], but layer {l} of this model has only "
+                            f"{layout.row_heads[l]} heads; use a mask made for this model.")
+
+
 def _as_gate_tensor(mask: HeadMask | torch.Tensor | np.ndarray, layout: HeadLayout) -> torch.Tensor:
     """Validate a mask or batch of masks and return it as a float tensor ``([batch,] L, H)``."""
     if isinstance(mask, HeadMask):
@@ -196,6 +212,9 @@ def _as_gate_tensor(mask: HeadMask | torch.Tensor | np.ndarray, layout: HeadLayo
             f"The mask has {t.shape[-2]} layers x {t.shape[-1]} heads but the model has "
             f"{layout.n_layers} x {layout.n_heads}; use a mask made for this model."
         )
+    if layout.is_ragged and not bool(t[..., ~torch.as_tensor(layout.heads)].all()):
+        raise MaskError("The mask prunes a cell past a layer's own heads (this model's layers have "
+                        f"{', '.join(map(str, layout.row_heads))} heads); use a mask made for this model.")
     return t
 
 
@@ -222,7 +241,7 @@ class HeadMasker:
         t = _as_gate_tensor(mask, self.layout)
         gates: list[torch.Tensor | None] = []
         for layer, proj in enumerate(self.layout.out_projs):
-            per_head = t[..., layer, :]  # [(batch,) head]
+            per_head = t[..., layer, :self.layout.row_heads[layer]]  # [(batch,) head]
             if bool(per_head.all()):
                 gates.append(None)
                 continue
@@ -244,7 +263,7 @@ class HeadMasker:
                             f"got {tuple(gates.shape)}.")
         self._gates = []
         for layer, proj in enumerate(self.layout.out_projs):
-            gate = gates[..., layer, :].repeat_interleave(self.layout.head_dims[layer], dim=-1).to(device=proj.weight.device, dtype=proj.weight.dtype)
+            gate = gates[..., layer, :self.layout.row_heads[layer]].repeat_interleave(self.layout.head_dims[layer], dim=-1).to(device=proj.weight.device, dtype=proj.weight.dtype)
             self._gates.append(gate if gate.dim() == 1 else gate.unsqueeze(1))
         return self
 
@@ -297,7 +316,7 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
     """Refuse, in one sentence, a model on which masking a head would not do what it says (checked at load).
 
     On a tiny input, for the first and the last layer and the first of every other head width
-    (Gemma-4's full-attention layers): the output projection, with one head
+    (Gemma-4's full-attention layers) or head count (Laguna): the output projection, with one head
     masked, must see exactly its unmasked input with that head's slice zeroed (so the
     layout's slices are the tensor the projection reads), and the masked model's logits must
     differ from the unmasked ones (so the projection is on the path to the output). Costs
@@ -306,8 +325,10 @@ def check_masking(model: nn.Module, layout: HeadLayout, tokens: int = 4) -> None
     from attnprune.errors import ModelLoadError
 
     ids = probe_ids(model, tokens, layout.out_projs[0].weight.device)
-    first_of_width = {d: row for row, d in reversed(list(enumerate(layout.head_dims)))}
-    checks = sorted({(0, 0), (layout.n_layers - 1, layout.n_heads - 1)} | {(r, 0) for r in first_of_width.values()})
+    first_of_kind = {kind: row for row, kind in reversed(list(enumerate(zip(layout.head_dims, layout.row_heads))))}
+    last = layout.n_layers - 1
+    checks = sorted({(0, 0), (last, layout.row_heads[last] - 1)}
+                    | {(r, layout.row_heads[r] - 1 if layout.is_ragged else 0) for r in first_of_kind.values()})
     seen: dict[int, torch.Tensor] = {}
 
     def capture(layer: int):

@@ -96,7 +96,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
 
             source = run.loaded.source
             card = model_card(chosen.mask, run.model_name, source.get("base_model"), source.get("license", "other"),
-                              report, command_line("repair", cfg))
+                              report, command_line("repair", cfg), total_heads=lay.n_total)
             model_dir = export_repaired(run.loaded.model, run.loaded.tokenizer, lay, chosen.mask, out / "model",
                                         model_name=run.model_name, card=card,
                                         provenance={"method": "attention-pruning", "config": cfg.to_dict(),

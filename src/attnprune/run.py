@@ -29,6 +29,7 @@ from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
+from attnprune.models.layouts import head_cells
 from attnprune.selection import Selection
 from attnprune.store import Store, StoredEvaluation
 
@@ -67,7 +68,7 @@ class Run:
         cfg.check_model(loaded.layout.n_total)
         config = cfg.store_config(loaded.name)
         store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, config,
-                      compatible_keys=[k for k in config if k != "samples"])
+                      compatible_keys=[k for k in config if k != "samples"], row_heads=loaded.layout.row_heads)
         _extend_design(store, cfg.samples)
         run = cls(cfg, loaded, store, log)
         run.timings["load"] = time.perf_counter() - t
@@ -99,9 +100,14 @@ class Run:
         return tuple(self.store.shape)  # type: ignore[return-value]
 
     @property
+    def heads(self) -> np.ndarray:
+        """Bool ``(layers, heads)``: the cells of the mask grid that are heads (all of them unless layers differ)."""
+        return head_cells(self.store.row_heads, self.shape[1])
+
+    @property
     def n_total(self) -> int:
         """Number of maskable heads."""
-        return self.shape[0] * self.shape[1]
+        return sum(self.store.row_heads)
 
     @property
     def bounds(self) -> tuple[int, int]:

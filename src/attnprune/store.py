@@ -16,7 +16,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -94,11 +94,12 @@ class Store:
     """SQLite store of evaluations for one model layout (``n_layers x n_heads``)."""
 
     def __init__(self, path: str | Path, shape: tuple[int, int] | None, config: dict | None = None,
-                 compatible_keys: Iterable[str] | None = None):
+                 compatible_keys: Iterable[str] | None = None, row_heads: Sequence[int] | None = None):
         """Open or create the store at ``path``.
 
         ``shape`` may be None to open an existing store read-side (it is then read from the
-        store). ``config`` is recorded on creation. On reopening, the values under
+        store, with ``row_heads``). ``row_heads`` are the heads of each row for a model whose
+        layers differ (None: ``shape[1]`` in every row). ``config`` is recorded on creation. On reopening, the values under
         ``compatible_keys`` (default: all of ``config``) must be equal, else a
         :class:`~attnprune.errors.UserError` names the differences.
         """
@@ -118,7 +119,10 @@ class Store:
             if row is None:
                 raise UserError(f"Store {self.path} holds no evaluations yet; run `attnprune sample` first.")
             shape = json.loads(row[0])
+            stored = self.db.execute("SELECT value FROM meta WHERE key='row_heads'").fetchone()
+            row_heads = json.loads(stored[0]) if stored else None
         self.shape = tuple(shape)
+        self.row_heads = [int(h) for h in row_heads] if row_heads is not None else [self.shape[1]] * self.shape[0]
         self.check_config(config, compatible_keys)
 
     def check_config(self, config: dict | None, keys: Iterable[str] | None = None) -> None:
@@ -132,12 +136,18 @@ class Store:
                 f"Store {self.path} holds masks for {json.loads(row[0])} heads, not {list(self.shape)}; "
                 "use a new --out directory for this model."
             )
+        heads = self.db.execute("SELECT value FROM meta WHERE key='row_heads'").fetchone()
+        if row and (json.loads(heads[0]) if heads else [self.shape[1]] * self.shape[0]) != self.row_heads:
+            raise UserError(f"Store {self.path} holds masks for another model's heads per layer; use a new --out "
+                            "directory for this model.")
         if config is None:
             return
         stored = self.db.execute("SELECT value FROM meta WHERE key='config'").fetchone()
         if stored is None:
             with self.db:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('shape', ?)", (json.dumps(list(self.shape)),))
+                if len(set(self.row_heads)) > 1:
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('row_heads', ?)", (json.dumps(self.row_heads),))
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, default=str),))
             return
         old = json.loads(stored[0])

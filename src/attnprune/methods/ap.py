@@ -172,14 +172,14 @@ class AttentionPruning(Method):
             bounds = trust_region(rows, policy.budget(ctx.base()), *ctx.bounds)
             # the budget is relative to the surrogate's own prediction for the unrepaired model, so
             # that a constant offset of the surrogate does not put every state over budget
-            base_bias, base_lp = surrogates.predict_torch(torch.ones(1, ctx.n_total))
+            base_bias, base_lp = surrogates.predict_torch(torch.ones(1, ctx.cells))
             bias = np.array([r.bias for r in rows])
             scale = max(float(np.std(bias)), 0.1 * abs(float(base_bias[0])), 1e-6)
             free = self.sampler(ctx).free(ctx)
             results = []
             for j, fraction in enumerate(budgets):
                 cost = policy.cost(surrogates.predict_torch, float(base_lp[0]), scale, tau=fraction * c.tau)
-                results.append(anneal(cost, ctx.n_total, *bounds, chains=c.chains, steps=c.steps,
+                results.append(anneal(cost, ctx.cells, *bounds, chains=c.chains, steps=c.steps,
                                       seed=c.seed + 1000 * (round_ or 0) + 100 * j, t0=c.t0, cooling=c.cooling,
                                       top=max(50, 4 * c.top_k), free=free))
         return results, bounds

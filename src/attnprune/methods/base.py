@@ -34,6 +34,7 @@ class Session(Protocol):
 
     cfg: Any
     shape: tuple[int, int]
+    heads: np.ndarray  # bool (layers, heads): the cells of the mask grid that are heads
     n_total: int
     bounds: tuple[int, int]
     can_evaluate: bool
@@ -63,7 +64,7 @@ ALPHAS = tuple(round(0.02 * i, 2) for i in range(1, 11))
 
 @dataclass
 class Knockouts:
-    """Validation bias and perplexity of every single-head knockout, ``[L, H]`` each."""
+    """Validation bias and perplexity of every single-head knockout, ``[L, H]`` each (NaN where no head is)."""
 
     bias: np.ndarray
     perplexity: np.ndarray
@@ -80,9 +81,10 @@ class Knockouts:
         return float(sum(r.seconds for r in self.rows))
 
 
-def knockout_masks(shape: tuple[int, int]) -> list[HeadMask]:
-    """One mask per head with only that head pruned, in (layer, head) order."""
-    return [HeadMask.from_pruned(*shape, [(l, h)]) for l in range(shape[0]) for h in range(shape[1])]
+def knockout_masks(shape: tuple[int, int], heads: np.ndarray | None = None) -> list[HeadMask]:
+    """One mask per head (of the cells ``heads`` marks, default all) with only that head pruned, in (layer, head) order."""
+    return [HeadMask.from_pruned(*shape, [(l, h)]) for l in range(shape[0]) for h in range(shape[1])
+            if heads is None or heads[l, h]]
 
 
 class MethodContext:
@@ -111,6 +113,22 @@ class MethodContext:
     def n_total(self) -> int:
         """Number of maskable heads."""
         return self._session.n_total
+
+    @property
+    def heads(self) -> np.ndarray:
+        """Bool ``(layers, heads)``: the cells of the mask grid that are heads (all unless the layers differ)."""
+        return self._session.heads
+
+    @property
+    def cells(self) -> int:
+        """Length of a flat mask (``layers * heads`` of the grid): the annealer's and the surrogates' input."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def head_filter(self) -> np.ndarray | None:
+        """Bool ``[cells]`` of the cells that are heads, or None when all are (what the annealer's ``free`` takes)."""
+        heads = self.heads
+        return None if heads.all() else heads.reshape(-1)
 
     @property
     def can_evaluate(self) -> bool:
@@ -218,9 +236,13 @@ class MethodContext:
     def knockouts(self) -> Knockouts:
         """Every single-head knockout on validation (evaluated once per context, reused from the store)."""
         if self._knockouts is None:
-            rows = self.evaluate(knockout_masks(self.shape), labels.KNOCKOUT, "single-head knockouts (valid)")
-            self._knockouts = Knockouts(np.array([r.bias for r in rows]).reshape(self.shape),
-                                        np.array([r.perplexity for r in rows]).reshape(self.shape), rows)
+            rows = self.evaluate(knockout_masks(self.shape, self.heads), labels.KNOCKOUT,
+                                 "single-head knockouts (valid)")
+            bias, perplexity = np.full(self.shape, np.nan), np.full(self.shape, np.nan)
+            for r in rows:
+                (cell,) = r.mask.pruned
+                bias[cell], perplexity[cell] = r.bias, r.perplexity
+            self._knockouts = Knockouts(bias, perplexity, rows)
         return self._knockouts
 
 
@@ -276,7 +298,7 @@ def get_method(name: str) -> Method:
 
 
 def prune_lowest(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> HeadMask:
-    """Prune the ``k`` heads with the lowest ``scores`` ``[L, H]`` (among ``allowed`` heads)."""
+    """Prune the ``k`` heads with the lowest ``scores`` ``[L, H]`` (among ``allowed`` heads: pass ``ctx.heads`` at least)."""
     flat = scores.reshape(-1).astype(float).copy()
     if allowed is not None:
         flat[~allowed.reshape(-1)] = np.inf

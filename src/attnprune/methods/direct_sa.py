@@ -46,8 +46,8 @@ class DirectAnnealing(Method):
 
         cost = ctx.policy.cost(predict, math.log(base.perplexity), scale)
         k_min, k_max = ctx.bounds
-        anneal(lambda s: cost(s).float(), ctx.n_total, k_min, k_max, chains=1, steps=max(1, budget - 1),
-               seed=ctx.seed, t0=0.5 * scale, cooling=cfg.cooling, top=1)
+        anneal(lambda s: cost(s).float(), ctx.cells, k_min, k_max, chains=1, steps=max(1, budget - 1),
+               seed=ctx.seed, t0=0.5 * scale, cooling=cfg.cooling, top=1, free=ctx.head_filter)
         rows = list(seen.values())
         return Proposal(rows, len(rows), float(sum(r.seconds for r in rows)),
                         f"annealing on the real model, {len(rows)} distinct evaluations ({budget} steps)")

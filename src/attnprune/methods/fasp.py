@@ -17,12 +17,18 @@ from attnprune.methods.base import ALPHAS, Method, MethodContext, Proposal, prun
 GAMMAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def fasp_mask(knock_bias: np.ndarray, knock_ppl: np.ndarray, k: int, gamma: float) -> HeadMask:
-    """Prune the ``k`` lowest-bias heads outside the ``gamma`` fraction with the largest knockout perplexity."""
-    n = knock_bias.size
-    protect = np.zeros(n, dtype=bool)
-    protect[np.argsort(-knock_ppl.reshape(-1), kind="stable")[:int(gamma * n)]] = True
-    return prune_lowest(knock_bias, k, allowed=~protect.reshape(knock_bias.shape))
+def fasp_mask(knock_bias: np.ndarray, knock_ppl: np.ndarray, k: int, gamma: float,
+              heads: np.ndarray | None = None) -> HeadMask:
+    """Prune the ``k`` lowest-bias heads outside the ``gamma`` fraction with the largest knockout perplexity.
+
+    ``heads`` (bool ``[L, H]``, default all) marks the cells that are heads.
+    """
+    heads = np.ones(knock_bias.shape, dtype=bool) if heads is None else np.asarray(heads, dtype=bool)
+    n = int(heads.sum())
+    protect = np.zeros(knock_bias.size, dtype=bool)
+    ppl = np.where(heads, knock_ppl, -np.inf).reshape(-1)  # no head is never protected
+    protect[np.argsort(-ppl, kind="stable")[:int(gamma * n)]] = True
+    return prune_lowest(knock_bias, k, allowed=~protect.reshape(knock_bias.shape) & heads)
 
 
 @register_method("fasp")
@@ -34,5 +40,5 @@ class FASP(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         knock = ctx.knockouts()
-        masks = [fasp_mask(knock.bias, knock.perplexity, k, g) for k in ctx.counts(ALPHAS) for g in GAMMAS]
+        masks = [fasp_mask(knock.bias, knock.perplexity, k, g, ctx.heads) for k in ctx.counts(ALPHAS) for g in GAMMAS]
         return self.proposal(ctx, list(dict.fromkeys(masks)))

@@ -17,4 +17,4 @@ class Gradient(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores = ctx.gate_gradients()
-        return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()])
+        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()])

@@ -13,7 +13,7 @@ class KnockoutRanking(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores = getattr(ctx.knockouts(), self.score)
-        return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()])
+        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()])
 
 
 @register_method("bias_only")

@@ -23,12 +23,12 @@ def _linear(module: torch.nn.Module, name: str) -> torch.nn.Linear | None:
 
 def head_magnitudes(layout) -> tuple[np.ndarray, str]:
     """``[L, H]`` L2 norms of each head's weights, and which weights were counted."""
-    H, kv = layout.n_heads, layout.n_kv_heads
-    group = H // kv
+    kv = layout.n_kv_heads
     out = np.zeros(layout.shape)
     with_qkv = 0
     for l, proj in enumerate(layout.out_projs):
-        d = layout.head_dims[l]
+        d, H = layout.head_dims[l], layout.row_heads[l]
+        group = max(1, H // kv)
         w = proj.weight.detach().float()
         if projection_input_axis(proj) == 1:  # nn.Linear [out, H*d]
             sq = (w.reshape(w.shape[0], H, d) ** 2).sum(dim=(0, 2))
@@ -37,13 +37,13 @@ def head_magnitudes(layout) -> tuple[np.ndarray, str]:
         attn = layout.attention_module(l)
         q, k, v = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
         if q is not None and k is not None and v is not None and q.weight.shape[0] == H * d \
-                and k.weight.shape[0] == v.weight.shape[0] == kv * d:  # latent attention: o only
+                and k.weight.shape[0] == v.weight.shape[0] == kv * d and H % kv == 0:  # latent attention: o only
             with_qkv += 1
             sq = sq + (q.weight.detach().float().reshape(H, d, -1) ** 2).sum(dim=(1, 2))
             kv_sq = (k.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2)) + (
                 v.weight.detach().float().reshape(kv, d, -1) ** 2).sum(dim=(1, 2))
             sq = sq + (kv_sq / group).repeat_interleave(group)
-        out[l] = sq.sqrt().numpy()
+        out[l, :H] = sq.sqrt().numpy()
     n = layout.n_layers
     used = "q, k, v, o" if with_qkv == n else "o" if not with_qkv else \
         f"q, k, v, o in {with_qkv} of {n} layers, o elsewhere"
@@ -58,4 +58,4 @@ class Magnitude(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores, used = head_magnitudes(ctx.layout)
-        return self.proposal(ctx, [prune_lowest(scores, k) for k in ctx.counts()], f"weights counted: {used}")
+        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()], f"weights counted: {used}")

@@ -19,4 +19,4 @@ class RandomGrid(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         rng = np.random.default_rng(ctx.seed)
-        return self.proposal(ctx, [prune_lowest(rng.random(ctx.shape), k) for k in ctx.counts()])
+        return self.proposal(ctx, [prune_lowest(rng.random(ctx.shape), k, allowed=ctx.heads) for k in ctx.counts()])

@@ -38,13 +38,14 @@ class RandomSearch(Method):
         rng = np.random.default_rng([ctx.seed, 7919])
         rows, seen = [base], {base.mask.key}
         space = sum(math.comb(ctx.n_total, k) for k in range(k_min, k_max + 1))
+        cells = np.flatnonzero(ctx.heads)
         while len(rows) < min(n_evals, space + 1):
             batch: list[HeadMask] = []
             for _ in range(1000 * BATCH):  # a small space can run out of new masks
                 if len(batch) == min(BATCH, n_evals - len(rows)):
                     break
                 k = int(rng.integers(k_min, hi + 1))
-                heads = rng.choice(ctx.n_total, size=k, replace=False)
+                heads = cells[rng.choice(ctx.n_total, size=k, replace=False)]
                 m = HeadMask.from_pruned(*ctx.shape, [divmod(int(h), ctx.shape[1]) for h in heads])
                 if m.key not in seen:
                     seen.add(m.key)

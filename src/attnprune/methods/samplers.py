@@ -49,7 +49,7 @@ class Sampler:
 
     def free(self, ctx: MethodContext) -> np.ndarray | None:
         """The heads the search may prune (bool ``[L*H]``), or None for all."""
-        return None
+        return ctx.head_filter
 
     def training_rows(self, ctx: MethodContext, rows: list[StoredEvaluation]) -> list[StoredEvaluation]:
         """The rows of ``rows`` that belong to this design (a store may hold other methods' knockouts)."""
@@ -86,9 +86,9 @@ class BoundarySampler(Sampler):
         c = self.options
         base = ctx.base()
         free = self.free(ctx)
-        masks = [m for m in knockout_masks(ctx.shape) if free[head_index(m, ctx.shape)]]
+        masks = [m for m in knockout_masks(ctx.shape, ctx.heads) if free[head_index(m, ctx.shape)]]
         knock = ctx.evaluate(masks, labels.KNOCKOUT, "single-head knockouts (valid)")
-        effect = np.zeros(ctx.n_total)
+        effect = np.zeros(ctx.cells)
         for r in knock:
             effect[head_index(r.mask, ctx.shape)] = math.log(r.perplexity) - math.log(base.perplexity)
         masks = boundary_masks(c.samples, ctx.shape, effect, c.tau, ctx.bounds, c.seed, free=free)
@@ -110,14 +110,15 @@ class BoundarySampler(Sampler):
 
     def _screen(self, ctx: MethodContext) -> np.ndarray:
         n = ctx.n_total
+        heads = ctx.heads.reshape(-1)
         k = self.options.screen_size(n)
         if k >= n:
-            return np.ones(n, dtype=bool)
+            return heads.copy()
         est = first_order(ctx)
         if est is None:
             ctx.log(f"{ctx.measure_name} has no first-order removal estimates to screen with: "
                     f"knocking out every head ({n} evaluations; --knockouts 1 asks for that directly)")
-            return np.ones(n, dtype=bool)
+            return heads.copy()
         summary, log_ppl = np.asarray(est["summary"]), np.asarray(est["log_perplexity"])
         base_summary, _, statistic = summaries_of(ctx, [ctx.base()])
         b0 = base_summary[0]
@@ -125,6 +126,7 @@ class BoundarySampler(Sampler):
             change = (statistic(torch.as_tensor(b0 + summary, dtype=torch.float32))
                       - statistic(torch.as_tensor(b0, dtype=torch.float32)[None])).numpy()
         ratio = np.where(change < 0, change / np.maximum(log_ppl, 1e-4), 0.0)
+        ratio[~heads], change[~heads] = np.inf, np.inf  # cells that are no heads rank last
         keep: list[int] = []
         for order in (np.argsort(ratio, kind="stable")[: k // 2], np.argsort(change, kind="stable")):
             for h in order:
@@ -132,7 +134,7 @@ class BoundarySampler(Sampler):
                     break
                 if int(h) not in keep:
                     keep.append(int(h))
-        free = np.zeros(n, dtype=bool)
+        free = np.zeros(ctx.cells, dtype=bool)
         free[keep] = True
         return free
 
@@ -155,7 +157,7 @@ class PaperSampler(Sampler):
     def design(self, ctx: MethodContext, label: Label) -> list[StoredEvaluation]:
         c = self.options
         ctx.base()
-        masks = random_masks(c.samples, ctx.shape, c.r_min, c.r_max, c.seed)
+        masks = random_masks(c.samples, ctx.shape, c.r_min, c.r_max, c.seed, ctx.heads)
         wanted = {m.key for m in masks}
         done = sum(1 for r in ctx.rows() if r.mask.key in wanted)
         if done > 1:
@@ -182,9 +184,14 @@ def first_order(ctx: MethodContext) -> dict | None:
     return stored
 
 
-def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, seed: int) -> list[HeadMask]:
-    """The all-active mask, then ``n`` random masks; a larger ``n`` extends the same sequence."""
-    total = shape[0] * shape[1]
+def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, seed: int,
+                 heads: np.ndarray | None = None) -> list[HeadMask]:
+    """The all-active mask, then ``n`` random masks; a larger ``n`` extends the same sequence.
+
+    ``heads`` (bool ``shape``, default all) marks the cells that are heads; only they are pruned.
+    """
+    cells = np.flatnonzero(np.ones(shape, dtype=bool) if heads is None else heads)
+    total = len(cells)
     k_lo, k_hi = max(1, int(math.floor(r_min * total))), max(1, int(math.floor(r_max * total)))
     space = sum(math.comb(total, k) for k in range(k_lo, k_hi + 1))
     if n > space:
@@ -197,7 +204,7 @@ def random_masks(n: int, shape: tuple[int, int], r_min: float, r_max: float, see
     seen = {masks[0].key}
     while len(masks) < n + 1:
         k = max(1, int(math.floor(rng.uniform(r_min, r_max) * total)))
-        pruned = rng.choice(total, size=k, replace=False)
+        pruned = cells[rng.choice(total, size=k, replace=False)]
         m = HeadMask.from_pruned(*shape, [divmod(int(i), shape[1]) for i in pruned])
         if m.key not in seen:
             seen.add(m.key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from attnprune.errors import ModelLoadError
@@ -28,6 +29,13 @@ class ArchAdapter:
     """Dotted path of the ``ModuleList`` of decoder layers."""
     out_proj: str
     """Dotted path, inside one layer, of the attention output projection."""
+    query_heads_per_head: int = 1
+    """Query heads whose outputs are combined into one slice of the projection's input (a head of the mask).
+
+    2 for DiffLlama: its differential head ``j`` subtracts query head ``j + H/2``'s attention
+    from query head ``j``'s and group-norms the pair, so the projection reads ``H/2`` slices,
+    each twice a query head's width.
+    """
 
 
 _LLAMA_LIKE = ArchAdapter("model.layers", "self_attn.o_proj")
@@ -48,6 +56,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "biogpt": ArchAdapter("biogpt.layers", "self_attn.out_proj"),
     "mpt": ArchAdapter("transformer.blocks", "attn.out_proj"),
     "gpt_neox_japanese": ArchAdapter("gpt_neox_japanese.layers", "attention.dense"),
+    "diffllama": ArchAdapter("model.layers", "self_attn.o_proj", query_heads_per_head=2),
     # hybrids: the path exists in the attention layers only (Mamba mixers / recurrent blocks elsewhere)
     "nemotron_h": ArchAdapter("model.layers", "mixer.o_proj"),
     "recurrent_gemma": ArchAdapter("model.layers", "temporal_block.o_proj"),
@@ -65,9 +74,6 @@ ADAPTERS: dict[str, ArchAdapter] = {
 # Architectures whose attention output projection does not read one slice per query head:
 # refused in one sentence (why, and what masking them would need) rather than masked wrongly.
 REFUSED: dict[str, str] = {
-    "diffllama": "its output projection reads differential heads (two query heads' attention maps subtracted and "
-                 "group-normed together, twice a head's width), so zeroing one query head's slice removes half of a "
-                 "differential head; masking it needs a layout of differential heads",
     "deepseek_v4": "its attention output is a grouped projection (heads mixed in groups before the last projection), "
                    "so no slice of one projection's input is one head; masking it needs a per-group adapter",
     "longcat_flash": "each decoder layer holds two attention blocks, and a mask row per layer cannot address both; "
@@ -79,13 +85,16 @@ REFUSED: dict[str, str] = {
 class HeadLayout:
     """The attention heads of a loaded model: counts, widths and the output-projection modules.
 
-    A mask row is one *attention layer*: ``n_layers`` rows of ``n_heads`` query heads each,
+    A mask row is one *attention layer*: ``n_layers`` rows of up to ``n_heads`` query heads,
     ``n_kv_heads`` key/value heads per layer (equal to ``n_heads`` without grouped-query
-    attention). Row ``r`` is decoder layer ``layer_ids[r]`` of the model, and its heads are
-    ``head_dims[r]`` wide. For most models every decoder layer has attention and every head
-    the same width, so rows are layers and ``head_dims`` is constant; a hybrid (Jamba,
-    Qwen3-Next, ...) has rows only for its attention layers, and Gemma-4 has wider heads in
-    its full-attention layers.
+    attention). Row ``r`` is decoder layer ``layer_ids[r]`` of the model, it has
+    ``row_heads[r]`` query heads, and they are ``head_dims[r]`` wide. For most models every
+    decoder layer has attention with the same heads, so rows are layers and ``row_heads`` and
+    ``head_dims`` are constant; a hybrid (Jamba, Qwen3-Next, ...) has rows only for its
+    attention layers, Gemma-4 has wider heads in its full-attention layers, and Laguna has
+    more heads in some layers than in others. Masks keep one ``(n_layers, n_heads)`` grid:
+    the cells past a row's own heads (:attr:`heads` is False there) are no heads, always
+    active, never pruned.
     """
 
     model_type: str
@@ -102,17 +111,31 @@ class HeadLayout:
     """Model layer index of each mask row (empty: row ``r`` is layer ``r``)."""
     head_dims: list[int] = field(default_factory=list)
     """Head width of each mask row (empty: ``head_dim`` everywhere)."""
+    row_heads: list[int] = field(default_factory=list)
+    """Query heads of each mask row (empty: ``n_heads`` everywhere; ``n_heads`` is the largest)."""
 
     def __post_init__(self):
         if not self.layer_ids:
             self.layer_ids = list(range(self.n_layers))
         if not self.head_dims:
             self.head_dims = [self.head_dim] * self.n_layers
+        if not self.row_heads:
+            self.row_heads = [self.n_heads] * self.n_layers
 
     @property
     def n_total(self) -> int:
-        """Number of maskable heads, ``n_layers * n_heads``."""
-        return self.n_layers * self.n_heads
+        """Number of maskable heads (``n_layers * n_heads`` unless the rows differ)."""
+        return sum(self.row_heads)
+
+    @property
+    def is_ragged(self) -> bool:
+        """Whether the rows have different head counts (some cells of the mask grid are no heads)."""
+        return len(set(self.row_heads)) > 1
+
+    @property
+    def heads(self) -> np.ndarray:
+        """Bool ``(n_layers, n_heads)``: which cells of the mask grid are heads of the model."""
+        return head_cells(self.row_heads, self.n_heads)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -144,7 +167,11 @@ class HeadLayout:
 
     def summary(self) -> str:
         """One line: rows x heads = total, and for a hybrid which decoder layers have the attention."""
-        text = f"{self.n_layers} layers x {self.n_heads} heads = {self.n_total}"
+        if self.is_ragged:
+            text = (f"{self.n_layers} layers x {min(self.row_heads)}-{self.n_heads} heads = {self.n_total} "
+                    f"(heads per layer: {', '.join(map(str, self.row_heads))})")
+        else:
+            text = f"{self.n_layers} layers x {self.n_heads} heads = {self.n_total}"
         if self.is_hybrid:
             text += (f" (attention in {self.n_layers} of {self.n_model_layers} decoder layers: "
                      f"{', '.join(map(str, self.layer_ids))}; mask row r is the r-th of them)")
@@ -164,10 +191,18 @@ class HeadLayout:
         }
         if len(set(self.head_dims)) > 1:
             out["head_dims"] = list(self.head_dims)
+        if self.is_ragged:
+            out["heads_by_layer"] = list(self.row_heads)
         if self.is_hybrid:
             out["model_layers"] = self.n_model_layers
             out["attention_layers"] = list(self.layer_ids)
         return out
+
+
+def head_cells(row_heads: list[int], n_heads: int | None = None) -> np.ndarray:
+    """Bool ``(len(row_heads), n_heads)``: cell ``[r, h]`` is a head when ``h < row_heads[r]``."""
+    width = max(row_heads) if n_heads is None else n_heads
+    return np.arange(width)[None, :] < np.asarray(row_heads)[:, None]
 
 
 def projection_in_features(module: nn.Module) -> int:
@@ -258,9 +293,8 @@ def _declared_width(module: nn.Module | None) -> int | None:
 def head_layout(model: nn.Module) -> HeadLayout:
     """Derive the :class:`HeadLayout` of a loaded causal LM.
 
-    Raises :class:`~attnprune.errors.ModelLoadError` when the architecture cannot be mapped,
-    or when its layers differ in a way a mask of equal rows cannot address (per-layer head
-    counts), in one sentence that says so.
+    Raises :class:`~attnprune.errors.ModelLoadError`, in one sentence that says why, when
+    the architecture cannot be mapped or its heads' slices cannot be told apart.
     """
     config = _text_config(model.config)
     model_type = getattr(model.config, "model_type", "unknown")
@@ -280,7 +314,8 @@ def head_layout(model: nn.Module) -> HeadLayout:
     if model_type in REFUSED:
         raise ModelLoadError(f"attnprune cannot mask model type '{model_type}': {REFUSED[model_type]}.")
     candidates = [(model_type, ADAPTERS[model_type])] if model_type in ADAPTERS else []
-    candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type]
+    # an adapter that regroups query heads describes its own architecture only
+    candidates += [(k, a) for k, a in ADAPTERS.items() if k != model_type and a.query_heads_per_head == 1]
     # an adapter that finds the projection in every layer wins over one that finds it in some (a hybrid)
     resolved = [(a, found) for _, a in candidates if (found := _resolve(model, a, n_layers)) is not None]
     resolved.sort(key=lambda item: sum(p is None for p in item[1][1]))
@@ -289,20 +324,15 @@ def head_layout(model: nn.Module) -> HeadLayout:
         projs = [all_projs[i] for i in rows]
         widths = [projection_in_features(p) for p in projs]
         attns = [_parent(layer_modules[i], adapter.out_proj) for i in rows]
-        heads = [_row_heads(a, n_heads) for a in attns]
+        heads = [_row_heads(a, n_heads) // adapter.query_heads_per_head for a in attns]
         if any(w % h for w, h in zip(widths, heads)):
             if adapter is ADAPTERS.get(model_type):
                 raise ModelLoadError(_shape_sentence(model_type, "its output projection widths", widths, heads, rows))
             continue
-        if len(set(heads)) > 1:
-            odd = next(i for i, h in enumerate(heads) if h != heads[0])
-            raise ModelLoadError(
-                f"Model type '{model_type}' has different head counts per layer (layer {rows[0]}: {heads[0]}, layer "
-                f"{rows[odd]}: {heads[odd]} query heads), which attnprune does not mask yet: its masks have the same "
-                "number of heads in every layer.")
         dims = [w // h for w, h in zip(widths, heads)]
         for i, (attn, d) in enumerate(zip(attns, dims)):
             declared = _declared_width(attn)
+            declared = declared * adapter.query_heads_per_head if declared is not None else None
             if declared is not None and declared != d and len(set(dims)) > 1:
                 raise ModelLoadError(
                     f"Layer {rows[i]} of model type '{model_type}' declares heads {declared} wide, but its output "
@@ -311,7 +341,7 @@ def head_layout(model: nn.Module) -> HeadLayout:
         return HeadLayout(
             model_type=model_type,
             n_layers=len(rows),
-            n_heads=heads[0],
+            n_heads=max(heads),
             n_kv_heads=int(n_kv),
             head_dim=dims[0],
             layers_path=adapter.layers,
@@ -320,6 +350,7 @@ def head_layout(model: nn.Module) -> HeadLayout:
             layer_modules=layer_modules,
             layer_ids=rows,
             head_dims=dims,
+            row_heads=heads,
         )
     tried = sorted({f"{a.layers}.<i>.{a.out_proj}" for a in ADAPTERS.values()})
     raise ModelLoadError(
