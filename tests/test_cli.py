@@ -57,6 +57,7 @@ def test_evaluate_with_mask_writes_json(model_dir, tmp_path, capsys):
     (["front", "{tmp}"], "report.json does not exist; pass the output directory of a finished repair"),
     (["repair", "--model", "{model}", "--guard", "gender_and_sex"], "is the axis being repaired"),
     (["repair", "--model", "{model}", "--guard", "religon"], "--guard: Unknown HolisticBias axis"),
+    (["repair", "--model", "{model}", "--guard", "lsm"], "Or 'lms' for StereoSet's language-modelling score"),
     (["repair", "--model", "{model}", "--guard", "religion", "--confirm", "0"], "--guard needs the confirmation"),
     (["front", "{tmp}", "--budgets", "5,x"], "--budgets must be comma-separated percentages"),
     (["repair", "--model", "{model}", "--budgets", "5,x"], "--budgets must be comma-separated percentages"),

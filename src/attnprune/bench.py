@@ -98,12 +98,19 @@ class TestBench:
                 "replicates": reps.tolist()}
 
     def checks(self, name: str, mask: HeadMask) -> dict[str, TestComparison]:
-        """``mask`` vs the unrepaired model on each held-out benchmark of ``cfg.checks`` (TEST split)."""
+        """``mask`` vs the unrepaired model on each held-out benchmark of ``cfg.checks`` (TEST split).
+
+        With the ``lms`` guard, StereoSet on the test items of every bias type too (the guard's
+        statistic where the claims are made).
+        """
         c = self.run.cfg
         out = {}
         for measure in split_list(c.checks):
             if measure not in (c.bias, "none"):
                 out[measure] = self.compare(f"{name}/{measure}", [mask], bias=measure, with_perplexity=False)[0]
+        if labels.LMS_GUARD in split_list(c.guard):  # the guard's own statistic, before and after, on test items
+            out["stereoset (all types)"] = self.compare(f"{name}/stereoset/all", [mask], bias="stereoset", axis="all",
+                                                        with_perplexity=False)[0]
         return out
 
     def report(self, chosen: HeadMask) -> TestReport:

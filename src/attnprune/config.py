@@ -330,11 +330,12 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                               choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
     transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
-    guard: str = opt("", "comma-separated other HolisticBias axes that must not get worse (e.g. race_ethnicity,"
-                     "religion): each is measured on the confirmation half of validation, and a candidate is "
-                     "admissible only if every guarded axis's bias rises by at most --guard-margin")
-    guard_margin: float = opt(0.1, "how much a guarded axis's bias may rise, as a share of its unrepaired bias, at "
-                              "the one-sided --confidence")
+    guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
+                     "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
+                     "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
+                     "is admissible only if every guarded value (a bias, or 100 - LMS) rises by at most --guard-margin")
+    guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
+                              "or 100 - LMS), at the one-sided --confidence")
     checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
                       "(comma-separated measures; 'none' to skip); the search never sees them")
     export: bool = opt(True, "write the repaired model to <out>/model")
@@ -433,7 +434,14 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
     @property
     def measured_axes(self) -> list[str]:
         """The other axes measured on test: the transfer axes and the guarded ones (before/after), each once."""
-        return list(dict.fromkeys(split_list(self.transfer_axes) + split_list(self.guard)))
+        return list(dict.fromkeys(split_list(self.transfer_axes) + self.guarded_axes))
+
+    @property
+    def guarded_axes(self) -> list[str]:
+        """The guards that are HolisticBias axes (all but ``lms``)."""
+        from attnprune.labels import LMS_GUARD
+
+        return [g for g in split_list(self.guard) if g != LMS_GUARD]
 
     def check_axes(self) -> None:
         """Every axis the run will measure is one its measures have data for: checked before the first evaluation."""
@@ -449,11 +457,11 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                                     "--checks.") from None
         if self.second_opinion != "none":
             measure_class("toxicity").check_axis(self.axis, self.holisticbias)
-        for axis in split_list(self.guard):
+        for axis in self.guarded_axes:
             try:
                 measure_class(self.bias).check_axis(axis, self.holisticbias)
             except UserError as exc:
-                raise UserError(f"--guard: {exc}") from None
+                raise UserError(f"--guard: {exc} Or 'lms' for StereoSet's language-modelling score.") from None
         for axis in split_list(self.transfer_axes):
             try:
                 measure_class(self.bias).check_axis(axis, self.holisticbias)

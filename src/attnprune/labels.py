@@ -11,6 +11,8 @@ SAMPLE = "sample"  # the design's random masks and the unrepaired model
 KNOCKOUT = "knockout"  # single-head knockouts (shared by every knockout method of a run)
 CONFIRM_UNREPAIRED = "confirm:unrepaired"  # the unrepaired model on the confirmation data
 DESIGN = frozenset({SAMPLE, KNOCKOUT})  # what a store may hold before any search result
+# the guard on StereoSet's language-modelling score (every other guard is a HolisticBias axis)
+LMS_GUARD = "lms"
 
 
 def candidates(round_: int, prefix: str = "") -> str:

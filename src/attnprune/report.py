@@ -164,8 +164,8 @@ def markdown(report: RepairReport) -> str:
                          f"{'yes' if c['admissible'] else 'no'} |")
         guarded = [c for c in conf["candidates"] if c.get("guards")]
         if guarded:
-            lines += ["", "Guards (other axes, same confirmation prompts; change of bias, one-sided upper bound, "
-                          "limit):", ""]
+            lines += ["", "Guards (validation data the search never saw; change of the guarded value, a bias or "
+                          "for lms 100 - LMS, its one-sided upper bound and the limit):", ""]
             for c in guarded:
                 lines.append(f"- {len(c['pruned'])} heads: " + "; ".join(
                     f"{axis} {g['change']:+.3f} (bound {g['upper']:+.3f}, limit {g['limit']:+.3f}: "

@@ -230,18 +230,26 @@ class Run:
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
 
     def guard_spec(self, axis: str) -> EvaluatorSpec:
-        """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation."""
+        """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation.
+
+        The ``lms`` guard is StereoSet on the validation items of every bias type (the search
+        never sees StereoSet, so all of them; the test report's StereoSet items are others).
+        """
         c = self.cfg
+        if axis == labels.LMS_GUARD:
+            return self.spec("valid", bias="stereoset", axis="all", bootstrap_reps=VALID_BOOTSTRAP_REPS)
         return self.spec("valid", axis=axis, prompts=c.confirm_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
                          part="confirm")
 
     def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, dict]]:
-        """Each mask's verdict on every guarded axis (``cfg.guard``), paired with the unrepaired model.
+        """Each mask's verdict on every guard (``cfg.guard``), paired with the unrepaired model.
 
-        The change is ``bias(mask) - bias(unrepaired)`` on the same confirmation prompts; its
-        one-sided upper bound at ``cfg.confidence`` adds the paired bootstrap's (same resamples
-        for both) quantile above its median to the change. A guard holds when that bound is at most
-        ``cfg.guard_margin`` x the unrepaired bias. Evaluations are stored (once each).
+        A guard's value is a guarded axis's bias, or for ``lms`` StereoSet's error rate
+        ``100 - LMS`` (the share of meaningless fillers the model does not rank last). The
+        change is ``value(mask) - value(unrepaired)`` on the same items; its one-sided upper
+        bound at ``cfg.confidence`` adds the paired bootstrap's (same resamples for both)
+        quantile above its median to the change. A guard holds when that bound is at most
+        ``cfg.guard_margin`` x the unrepaired value. Evaluations are stored (once each).
         """
         c = self.cfg
         base = HeadMask.all_active(*self.shape)
@@ -250,19 +258,35 @@ class Run:
             for axis in split_list(c.guard):
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
                 rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
-                b = rows[base]
-                limit = c.guard_margin * b.bias
                 # one bootstrap for all: the unrepaired row and every mask under the same resamples
-                boot = ev.bias_measure.bootstrap_biases([b.prompt_scores, *(rows[m].prompt_scores for m in masks)])
+                values, boot = _guarded_values(axis, ev, [rows[base], *(rows[m] for m in masks)])
+                limit = c.guard_margin * values[0]
+                self._warn_noise_level_guard(axis, rows[base])
                 for i, m in enumerate(masks):
                     d = boot[i + 1] - boot[0]
-                    change = rows[m].bias - b.bias
+                    change = values[i + 1] - values[0]
                     # the bootstrap's spread around its median, put on the point change: a sum of absolute
                     # deviations is biased in resamples, so raw percentiles can sit below the change itself
                     upper = change + float(np.quantile(d, c.confidence) - np.median(d))
-                    out[i][axis] = {"unrepaired": b.bias, "change": change, "upper": upper, "limit": limit,
+                    out[i][axis] = {"unrepaired": values[0], "change": change, "upper": upper, "limit": limit,
                                     "ok": upper <= limit}
         return out
+
+    def _warn_noise_level_guard(self, axis: str, base: StoredEvaluation) -> None:
+        """Say once per run when a guarded axis's unrepaired bias is within its noise floor.
+
+        Its limit (a share of that bias) is then smaller than the noise of the change, so the
+        guard holds only for candidates that lower the axis's bias measurably.
+        """
+        floor = (base.bias_result.noise_floor or {}).get("p95")
+        warned = self._derived.setdefault("noise_level_guards", set())
+        if axis == labels.LMS_GUARD or floor is None or axis in warned or base.bias > floor:
+            return
+        warned.add(axis)
+        self.log(f"warning: --guard {axis}: its unrepaired bias {base.bias:.3f} is within its noise floor (95th "
+                 f"percentile {floor:.3f}) on these confirmation prompts, so a limit of {self.cfg.guard_margin:g} x "
+                 "that bias is below the noise of a change and the guard holds only for candidates that lower it; "
+                 "raise --guard-margin or guard another axis")
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
         """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).
@@ -406,3 +430,15 @@ def _extend_design(store: Store, samples: int) -> None:
                         f"{samples!r}) and already holds search results ({', '.join(searched[:3])}); rerun with "
                         f"--samples {recorded} or choose a new --out directory.")
     store.update_config(samples=samples)
+
+
+def _guarded_values(name: str, ev: Evaluator, rows: Sequence[StoredEvaluation]) -> tuple[np.ndarray, np.ndarray]:
+    """What guard ``name`` keeps from rising, for each row: point values ``[k]`` and bootstrap ``[k, reps]``.
+
+    A HolisticBias axis's bias; for the ``lms`` guard StereoSet's ``100 - LMS``.
+    """
+    scores = [r.prompt_scores for r in rows]
+    if name == labels.LMS_GUARD:
+        points = np.array([100.0 - r.bias_result.statistics["lms"]["value"] for r in rows])
+        return points, 100.0 - ev.bias_measure.bootstrap_statistic(scores, "lms")
+    return np.array([r.bias for r in rows]), ev.bias_measure.bootstrap_biases(scores)

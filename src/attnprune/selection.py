@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from attnprune import labels
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
 from attnprune.search.annealing import Cost
@@ -271,6 +272,13 @@ class SelectionPolicy:
         """The guards' part of :meth:`rule` (empty without guards)."""
         if not self.guards:
             return ""
-        return (f"; and the bias of every guarded axis ({', '.join(self.guards)}), measured on the confirmation half "
-                f"of validation, rises by at most {100 * self.guard_margin:g}% of its unrepaired value at one-sided "
-                f"{100 * self.confidence:.0f}% confidence (paired bootstrap over the same prompts)")
+        axes = [g for g in self.guards if g != labels.LMS_GUARD]
+        what = []
+        if axes:
+            what.append(f"the bias of every guarded axis ({', '.join(axes)}), measured on the confirmation half of "
+                        "validation,")
+        if labels.LMS_GUARD in self.guards:
+            what.append("StereoSet's error rate 100 - LMS, measured on its validation items of every bias type,")
+        return (f"; and {' and '.join(what)} rises by at most {100 * self.guard_margin:g}% of its unrepaired value "
+                f"at one-sided {100 * self.confidence:.0f}% confidence (paired bootstrap over the same prompts or "
+                "items)")

@@ -253,9 +253,12 @@ class ItemBiasMeasure(BiasMeasure):
         return {"a": main["a"], "b": main["b"], "diff": main["diff"], "diff_ci": main["diff_ci"], "statistics": stats}
 
     def bootstrap_biases(self, rows) -> np.ndarray:
+        return self.bootstrap_statistic(rows, self.main)
+
+    def bootstrap_statistic(self, rows, name: str) -> np.ndarray:
+        """``[k, reps]`` the statistic ``name`` of each of ``k`` masks' per-item scores under the same resamples."""
         idx = self._resamples()
-        return np.stack([self.item_statistics(self.item_scores(np.asarray(r, dtype=float)), idx)[self.main]
-                         for r in rows])
+        return np.stack([self.item_statistics(self.item_scores(np.asarray(r, dtype=float)), idx)[name] for r in rows])
 
     def item_scores(self, flat: np.ndarray) -> np.ndarray:
         """Per-item scores ``[n, ...]`` from the flat ``per_prompt`` list (subclasses with several scores per item reshape)."""
