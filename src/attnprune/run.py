@@ -54,7 +54,7 @@ class Run:
         self._valid: Evaluator | None = None
         self._executor: Executor | None = None
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
-        self._derived: dict[str, object] = {}  # computed from the run's data once (bucket_projection)
+        self._derived: dict[str, object] = {}  # computed once per run (bucket_projection, warned guards)
         self.bench = TestBench(self)  # the TEST split: chosen masks against the unrepaired model
 
     @classmethod

@@ -228,6 +228,13 @@ class MethodContext:
         k_min, k_max = self.bounds
         return sorted({min(k_max, max(k_min, max(1, int(r * self.n_total)))) for r in ratios})
 
+    def lowest_masks(self, scores: np.ndarray) -> list[HeadMask]:
+        """At each count of :meth:`counts`, the mask pruning the heads with the lowest ``scores`` ``[L, H]``.
+
+        Only cells that are heads are pruned (:attr:`heads`), so a ranking method cannot pick one that is not.
+        """
+        return [prune_lowest(scores, k, allowed=self.heads) for k in self.counts()]
+
     @property
     def knockouts_done(self) -> bool:
         """Whether the knockouts were evaluated in this context."""

@@ -26,7 +26,7 @@ def fasp_mask(knock_bias: np.ndarray, knock_ppl: np.ndarray, k: int, gamma: floa
     heads = np.ones(knock_bias.shape, dtype=bool) if heads is None else np.asarray(heads, dtype=bool)
     n = int(heads.sum())
     protect = np.zeros(knock_bias.size, dtype=bool)
-    ppl = np.where(heads, knock_ppl, -np.inf).reshape(-1)  # no head is never protected
+    ppl = np.where(heads, knock_ppl, -np.inf).reshape(-1)  # a cell that is no head is never protected
     protect[np.argsort(-ppl, kind="stable")[:int(gamma * n)]] = True
     return prune_lowest(knock_bias, k, allowed=~protect.reshape(knock_bias.shape) & heads)
 

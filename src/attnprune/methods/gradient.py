@@ -6,7 +6,7 @@ all gates at 1 (computed by the backend through the masking hooks).
 
 from __future__ import annotations
 
-from attnprune.methods.base import Method, MethodContext, Proposal, prune_lowest, register_method
+from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 
 
 @register_method("gradient")
@@ -17,4 +17,4 @@ class Gradient(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores = ctx.gate_gradients()
-        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()])
+        return self.proposal(ctx, ctx.lowest_masks(scores))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnprune.methods.base import Method, MethodContext, Proposal, prune_lowest, register_method
+from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 
 
 class KnockoutRanking(Method):
@@ -13,7 +13,7 @@ class KnockoutRanking(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores = getattr(ctx.knockouts(), self.score)
-        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()])
+        return self.proposal(ctx, ctx.lowest_masks(scores))
 
 
 @register_method("bias_only")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnprune.methods.base import Method, MethodContext, Proposal, prune_lowest, register_method
+from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 from attnprune.models.layouts import projection_input_axis
 
 
@@ -58,4 +58,4 @@ class Magnitude(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         scores, used = head_magnitudes(ctx.layout)
-        return self.proposal(ctx, [prune_lowest(scores, k, allowed=ctx.heads) for k in ctx.counts()], f"weights counted: {used}")
+        return self.proposal(ctx, ctx.lowest_masks(scores), f"weights counted: {used}")

@@ -19,4 +19,5 @@ class RandomGrid(Method):
 
     def propose(self, ctx: MethodContext) -> Proposal:
         rng = np.random.default_rng(ctx.seed)
+        # a fresh draw per count (one shared draw would nest the masks)
         return self.proposal(ctx, [prune_lowest(rng.random(ctx.shape), k, allowed=ctx.heads) for k in ctx.counts()])
