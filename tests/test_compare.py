@@ -180,6 +180,10 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
     assert pooled["seeds"] == 2 and pooled["ci_seeds"] is not None and pooled["ci_prompts"] is not None
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Seed 0" in md and "## Seed 1" in md and "## Over seeds" in md
+    # the change's CI is shown in the relative change's unit (over the unrepaired bias), the absolute beside it
+    o = next(o for s in result.per_seed for o in s.outcomes.values() if o.test is not None)
+    ch, u = o.test.bias_change, o.test.unrepaired.bias
+    assert f"[{100 * ch.ci[0] / u:+.1f}%, {100 * ch.ci[1] / u:+.1f}%] (abs [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}])" in md
     # a rerun evaluates nothing new
     again = compare(cfg, loaded=lm, log=lambda s: None)
     assert sum(o.new_evaluations for s in again.per_seed for o in s.outcomes.values()) == 0

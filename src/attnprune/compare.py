@@ -187,6 +187,12 @@ def summarize(result: Comparison, tau: float) -> dict:
     return out
 
 
+def _relative_ci(ch, unrepaired: float) -> str:
+    """The paired CI of the absolute change over the unrepaired bias (the relative change's unit) and, as measured, absolute."""
+    rel = ", ".join(_pct(v / unrepaired) for v in ch.ci) if unrepaired > 0 else "-"
+    return f"[{rel}] (abs [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}])"
+
+
 def _bound_kept(t, tau: float) -> str:
     return "" if t.perplexity_change_upper is None else ("; yes" if t.perplexity_change_upper <= tau else "; no")
 
@@ -218,7 +224,7 @@ def markdown(result: Comparison) -> str:
             lines += [f"Test split: {cfg['bias']} bias on {bi['axis']}, {bi['prompts']} prompts (seed "
                       f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens. "
                       f"Unrepaired: bias {u.bias:.3f} [{u.ci[0]:.3f}, {u.ci[1]:.3f}], perplexity {u.perplexity:.2f}.", ""]
-        lines += ["| method | heads | test bias | 95% CI | bias change | paired CI of change | test ppl | ppl change "
+        lines += ["| method | heads | test bias | 95% CI | bias change | paired 95% CI of change | test ppl | ppl change "
                   "[95% CI] | in budget (point; one-sided 95% bound) | LLM evals | eval s | new evals | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, o in s.outcomes.items():
@@ -229,7 +235,7 @@ def markdown(result: Comparison) -> str:
             t, ch = o.test, o.test.bias_change
             lines.append(
                 f"| {name} | {o.valid['n_pruned']} | {t.repaired.bias:.3f} | [{t.repaired.ci[0]:.3f}, "
-                f"{t.repaired.ci[1]:.3f}] | {_pct(ch.relative)} | [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}] | "
+                f"{t.repaired.ci[1]:.3f}] | {_pct(ch.relative)} | {_relative_ci(ch, t.unrepaired.bias)} | "
                 f"{t.repaired.perplexity:.2f} | {_pct(t.perplexity_change)}{_ppl_ci(t)} | {'yes' if o.meets_budget else '**no**'}{_bound_kept(t, cfg['tau'])} | "
                 f"{tail}")
         axes = sorted({a for o in s.outcomes.values() for a in o.transfer})
