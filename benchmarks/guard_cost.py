@@ -60,8 +60,8 @@ def main() -> None:
                       else list(unrepaired.bias_ci))
                 row = {"guard": name, "inputs": ev.bias_measure.describe(), "seconds_per_mask": seconds,
                        "unrepaired_value": value, "unrepaired_ci": ci, "limit": cfg.guard_margin * value,
-                       "bound_minus_change_3_head_mask": verdict["upper"] - verdict["change"],
-                       "change_3_head_mask": verdict["change"],
+                       "bound_minus_change_3_head_mask": verdict.upper - verdict.change,
+                       "change_3_head_mask": verdict.change,
                        "most_seconds_per_repair": (cfg.confirm + 1) * seconds["3_heads_from_layer_4"]}
                 rows.append(row)
                 size = row["inputs"].get("prompts", row["inputs"].get("items"))

@@ -152,7 +152,7 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
                 continue
             found += 1
             assert o.test.setup.split == "test" and o.test.setup.bias_inputs["prompt_seed"] == s.seed
-            assert o.valid["perplexity"] <= s.validation["budget"]
+            assert o.valid.perplexity <= s.validation.budget
             assert o.meets_budget == (o.test.perplexity_change <= cfg.tau) and "religion" in o.transfer
     assert found >= 4, "most methods must find a mask on this easy budget"
     # the two seeds use different prompts
@@ -297,7 +297,7 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
 def _written_comparison(path, seeds: dict, config=None):
     """A hand-made comparison.json: ``seeds`` maps seed -> {method: (relative change, mask key)}."""
     from attnprune.compare import write_comparison
-    from attnprune.results import Comparison, SeedComparison
+    from attnprune.results import Choice, Comparison, Measured, SeedComparison, SeedValidation
 
     config = {"bias": "likelihood", "tau": 0.05, "test_prompts": 10000, "seeds": "", **(config or {})}
     result = Comparison(model="m", config=config, methods=[], seeds=sorted(seeds), rule="r")
@@ -306,9 +306,11 @@ def _written_comparison(path, seeds: dict, config=None):
         for name, (relative, key) in rows.items():
             outcomes[name] = _outcome(name, seed, relative, 0.02, 100, 50.0)
             outcomes[name].mask = {"pruned": key}
-            outcomes[name].valid = {"n_pruned": len(key)}
+            outcomes[name].valid = Choice(bias=0.5, perplexity=20.0, n_pruned=len(key), source="x")
         ap = rows.get("ap", (0.0, None))[0]
-        result.per_seed.append(SeedComparison(seed=seed, validation={}, outcomes=outcomes, ap_minus={
+        validation = SeedValidation(setup=outcomes[next(iter(rows))].test.setup, unrepaired=Measured(1.0, 20.0),
+                                    budget=21.0)
+        result.per_seed.append(SeedComparison(seed=seed, validation=validation, outcomes=outcomes, ap_minus={
             n: {"difference": ap - rel, "ci": [ap - rel - 0.1, ap - rel + 0.1], "replicates": [ap - rel] * 10}
             for n, (rel, _) in rows.items() if n != "ap"}))
         result.methods = list(dict.fromkeys(result.methods + list(rows)))

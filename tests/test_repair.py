@@ -129,11 +129,11 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     result = repair(cfg, log=lambda s: None)
     r = result.report
     assert result.mask.n_pruned >= 1
-    assert r.validation.chosen["bias"] < r.validation.unrepaired["bias"]
-    assert r.validation.chosen["perplexity"] <= r.validation.budget
+    assert r.validation.chosen.bias < r.validation.unrepaired.bias
+    assert r.validation.chosen.perplexity <= r.validation.budget
     assert r.test.search_measure.setup.split == "test"
-    assert r.llm_evaluations["validation"] == 1 + 12 + 24 + len(r.search.candidates)  # base, knockouts, samples
-    assert r.validation.confirmation and r.llm_evaluations["confirmation"] >= 2
+    assert r.llm_evaluations.validation == 1 + 12 + 24 + len(r.search.candidates)  # base, knockouts, samples
+    assert r.validation.confirmation and r.llm_evaluations.confirmation >= 2
     assert set(r.test.checks) == {"crows_pairs", "stereoset"} and "icat" in r.test.checks["stereoset"].statistics
     for check in r.test.checks.values():
         for stat in check.statistics.values():
@@ -159,7 +159,7 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     fr = json.loads((result.out_dir / "front.json").read_text())
     at = {round(100 * p["budget"]): p for p in fr["points"]}
     assert at[50]["new_confirmations"] == 0 and at[50]["chosen"]["key"] == result.mask.key
-    assert at[50]["chosen"]["confirmed"]["bias"] == pytest.approx(r.validation.chosen["confirmed"]["bias"])
+    assert at[50]["chosen"]["confirmed"]["bias"] == pytest.approx(r.validation.chosen.confirmed.bias)
     for p in fr["points"]:
         if p["chosen"]:
             assert p["chosen"]["confirmed"]["perplexity_change_bound"] <= p["budget"] + 1e-12
@@ -173,7 +173,7 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     assert "perplexity budget of +50%" in card and "Guards (other axes or benchmarks that must not get worse): none" in card
     # a rerun reuses every stored evaluation: no new LLM evaluation
     again = repair(cfg, log=lambda s: None)
-    assert again.report.llm_evaluations["new_this_run"] == 0
+    assert again.report.llm_evaluations.new_this_run == 0
     assert again.mask == result.mask
 
 
@@ -230,8 +230,8 @@ def test_lms_guard_keeps_stereoset_error_rate_on_validation_items_of_every_type(
     error = [100 - r.bias_result.statistics["lms"]["value"] for r in (base, *rows)]
     for v, e in zip(verdicts, error[1:]):
         g = v["lms"]
-        assert g["unrepaired"] == pytest.approx(error[0]) and g["change"] == pytest.approx(e - error[0])
-        assert g["limit"] == pytest.approx(0.2 * error[0]) and g["ok"] == (g["upper"] <= g["limit"])
+        assert g.unrepaired == pytest.approx(error[0]) and g.change == pytest.approx(e - error[0])
+        assert g.limit == pytest.approx(0.2 * error[0]) and g.ok == (g.upper <= g.limit)
         assert set(v) == {"lms", "religion"}
     assert "100 - LMS" in SelectionPolicy.of(cfg).rule() and "religion" in SelectionPolicy.of(cfg).rule()
     test = checks["stereoset (all types)"]
@@ -256,9 +256,9 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
         base, *rows = (ev.evaluate([m], with_perplexity=False)[0] for m in [HeadMask.all_active(3, 4), *masks])
     for v, r in zip(verdicts, rows):
         g = v["religion"]
-        assert g["change"] == pytest.approx(r.bias - base.bias)
-        assert g["limit"] == pytest.approx(0.2 * base.bias) and g["ok"] == (g["upper"] <= g["limit"])
-        assert g["upper"] >= g["change"]  # a one-sided bound at 80% is above the point change
+        assert g.change == pytest.approx(r.bias - base.bias)
+        assert g.limit == pytest.approx(0.2 * base.bias) and g.ok == (g.upper <= g.limit)
+        assert g.upper >= g.change  # a one-sided bound at 80% is above the point change
     # an axis whose unrepaired bias is within its noise floor is named once (its guard can hardly hold)
     warned = [n for n in notes if "within its noise floor" in n]
     assert len(warned) == (base.bias <= base.bias_result.noise_floor["p95"]) and all("religion" in n for n in warned)

@@ -1,8 +1,11 @@
 """The shared selection policy on hand-made evaluations (no model)."""
 
+import dataclasses
+
 import pytest
 
 from attnprune.heads import HeadMask
+from attnprune.results import ConfirmedCandidate, GuardVerdict
 from attnprune.selection import SHORTLIST_LEVELS, SelectionPolicy
 from attnprune.store import StoredEvaluation
 
@@ -38,8 +41,12 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
 
     base = row([], 1.0, 100.0)
     # search said +1% and +2%; confirmation said +4% and +5% (bounds +5% and +6%): a 3% gap, a 1% margin
-    candidates = [{"valid_perplexity": 101.0, "confirmed_perplexity_change": 0.04, "confirmed_perplexity_change_bound": 0.05},
-                  {"valid_perplexity": 102.0, "confirmed_perplexity_change": 0.05, "confirmed_perplexity_change_bound": 0.06}]
+    def candidate(valid_perplexity, change, bound):
+        return ConfirmedCandidate(pruned=[[0, 0]], source="x", valid_bias=0.5, valid_perplexity=valid_perplexity,
+                                  confirmed_bias=0.5, confirmed_perplexity_change=change,
+                                  confirmed_perplexity_change_bound=bound, admissible=False)
+
+    candidates = [candidate(101.0, 0.04, 0.05), candidate(102.0, 0.05, 0.06)]
 
     policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2)
 
@@ -57,17 +64,18 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     cal = ap.calibrated_budget(FakeRun())
     gap = (math.log(1.04 / 1.01) + math.log(1.05 / 1.02)) / 2
     margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
-    assert cal["gap"] == pytest.approx(math.expm1(gap)) and cal["margin"] == pytest.approx(math.expm1(margin))
-    assert cal["search_budget"] == pytest.approx(math.expm1(math.log(1.05) - gap - margin))
+    assert cal.gap == pytest.approx(math.expm1(gap)) and cal.margin == pytest.approx(math.expm1(margin))
+    assert cal.search_budget == pytest.approx(math.expm1(math.log(1.05) - gap - margin))
     # candidates that failed on bias only (bounds within tau): a lower budget would not help
-    bias_only = [{**c, "confirmed_perplexity_change": 0.01, "confirmed_perplexity_change_bound": 0.02} for c in candidates]
+    bias_only = [dataclasses.replace(c, confirmed_perplexity_change=0.01, confirmed_perplexity_change_bound=0.02)
+                 for c in candidates]
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only))
     assert ap.calibrated_budget(FakeRun()) is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
     # a gap larger than tau leaves no room; a chosen candidate needs no calibration
     for c in candidates:
-        c["confirmed_perplexity_change"], c["confirmed_perplexity_change_bound"] = 0.2, 0.21
-    assert ap.calibrated_budget(FakeRun())["search_budget"] is None
+        c.confirmed_perplexity_change, c.confirmed_perplexity_change_bound = 0.2, 0.21
+    assert ap.calibrated_budget(FakeRun()).search_budget is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
     assert ap.calibrated_budget(FakeRun()) is None
 
@@ -110,16 +118,16 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
 
     def guard(masks):
         asked.extend(masks)
-        return [{"religion": {"unrepaired": 0.5, "change": 0.2 if m == best.mask else 0.0,
-                              "upper": 0.25 if m == best.mask else 0.02, "limit": 0.05,
-                              "ok": m != best.mask}} for m in masks]
+        return [{"religion": GuardVerdict(unrepaired=0.5, change=0.2 if m == best.mask else 0.0,
+                                          upper=0.25 if m == best.mask else 0.02, limit=0.05, ok=m != best.mask)}
+                for m in masks]
 
     policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=3, guards=("religion",), guard_margin=0.1)
     sel = policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c), "x", guard)
     assert sel.chosen.mask == second.mask, "the lowest confirmed bias fails its guard"
     assert set(asked) == {best.mask, second.mask}, "over the budget: no guard evaluation spent on it"
-    by_mask = {tuple(map(tuple, c["pruned"])): c for c in sel.candidates}
-    assert by_mask[((0, 0),)]["guards"]["religion"]["ok"] is False and not by_mask[((0, 0),)]["admissible"]
+    by_mask = {tuple(map(tuple, c.pruned)): c for c in sel.candidates}
+    assert by_mask[((0, 0),)].guards["religion"].ok is False and not by_mask[((0, 0),)].admissible
     assert "religion" in policy.rule() and "10% of its unrepaired value" in policy.rule()
     # without the guard the same policy takes the lowest confirmed bias
     assert policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c),

@@ -269,8 +269,8 @@ def cmd_export(cfg: C.ExportConfig) -> None:
         point = front_point(Path(cfg.from_run), cfg.budget)  # before loading: a missing point is one sentence
     loaded = cfg.load()
     if point is not None:
-        mask = HeadMask.from_dict(point["chosen"]["mask"], loaded.layout)
-        report, provenance = None, {"front": str(Path(cfg.from_run).resolve()), "budget": point["budget"]}
+        mask = HeadMask.from_dict(point[0].chosen.mask, loaded.layout)
+        report, provenance = None, {"front": str(Path(cfg.from_run).resolve()), "budget": point[0].budget}
     else:
         mask = HeadMask.load(cfg.mask, loaded.layout)
         report, provenance = _report_of(mask, Path(cfg.mask).parent), {"mask_file": str(Path(cfg.mask).resolve())}

@@ -25,7 +25,7 @@ from attnprune import labels
 from attnprune.config import CompareConfig
 from attnprune.errors import UserError
 from attnprune.methods import MethodContext, get_method
-from attnprune.results import Comparison, MethodOutcome, SeedComparison, read_result
+from attnprune.results import Comparison, MethodOutcome, SeedComparison, SeedValidation, measured, read_result
 from attnprune.run import Log, Run
 from attnprune.selection import SelectionPolicy
 
@@ -47,8 +47,8 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
             base = run.base()
             log(f"seed {seed}: unrepaired (valid) bias {base.bias:.3f}, perplexity {base.perplexity:.2f}; "
                 f"budget {policy.budget(base).limit:.2f}")
-            entry = SeedComparison(seed=seed, validation={"setup": run.valid.describe(), "unrepaired": {
-                "bias": base.bias, "perplexity": base.perplexity}, "budget": policy.budget(base).limit})
+            entry = SeedComparison(seed=seed, validation=SeedValidation(
+                setup=run.valid.setup(), unrepaired=measured(base), budget=policy.budget(base).limit))
             result.per_seed.append(entry)
             ctx = MethodContext(run, policy, seed)
             for name in methods:
@@ -80,7 +80,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         evaluation_seconds=proposal.seconds + confirm_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
         notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
-        valid=selection.summary(), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
+        valid=selection.summary(policy.confidence), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
         confirmation=selection.candidates)
     log(f"{name}: " + ("no candidate within the budget" if chosen is None else
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
@@ -234,7 +234,7 @@ def markdown(result: Comparison) -> str:
                 continue
             t, ch = o.test, o.test.bias_change
             lines.append(
-                f"| {name} | {o.valid['n_pruned']} | {t.repaired.bias:.3f} | [{t.repaired.ci[0]:.3f}, "
+                f"| {name} | {o.valid.n_pruned} | {t.repaired.bias:.3f} | [{t.repaired.ci[0]:.3f}, "
                 f"{t.repaired.ci[1]:.3f}] | {_pct(ch.relative)} | {_relative_ci(ch, t.unrepaired.bias)} | "
                 f"{t.repaired.perplexity:.2f} | {_pct(t.perplexity_change)}{_ppl_ci(t)} | {'yes' if o.meets_budget else '**no**'}{_bound_kept(t, cfg['tau'])} | "
                 f"{tail}")

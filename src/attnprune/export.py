@@ -26,6 +26,7 @@ from attnprune import __version__
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, apply_mask, check_fits, probe_ids
 from attnprune.models.layouts import HeadLayout, projection_input_axis
+from attnprune.results import Front, FrontPoint
 
 MASK_FILE = "attnprune_mask.json"
 
@@ -146,30 +147,29 @@ def model_index(name: str, report) -> list[dict]:
     return [{"name": name, "results": results}]
 
 
-def front_card_lines(point: dict, mask: HeadMask) -> list[str]:
+def front_card_lines(point: FrontPoint, front: Front, mask: HeadMask) -> list[str]:
     """The card's numbers for a point of a repair's front (``attnprune front``): its budget, guards and data."""
-    front = point["front"]
-    k = point["chosen"]["confirmed"]
-    conf = front["confirmation"]
-    bi, pi = conf["setup"]["bias_inputs"], conf["setup"]["perplexity_inputs"]
-    u = conf["unrepaired"]
+    k = point.chosen.confirmed
+    conf = front.confirmation
+    pi = conf.setup.perplexity_inputs
+    u = conf.unrepaired
     lines = [
-        f"## Chosen at a perplexity budget of +{100 * point['budget']:g}% (a point of a front of repaired models)", "",
-        f"The repair's selection rule at this budget, on the validation evaluations of `{front['run']}` (its search "
-        f"aimed at +{100 * front['search_budget']:g}%). Guards (other axes or benchmarks that must not get worse): "
-        + (", ".join(front["guards"]) if front["guards"] else "none") + ".", "",
-        f"Confirmation data ({bi.get('prompts')} fresh validation prompts, axis {bi.get('axis')}; "
+        f"## Chosen at a perplexity budget of +{100 * point.budget:g}% (a point of a front of repaired models)", "",
+        f"The repair's selection rule at this budget, on the validation evaluations of `{front.run}` (its search "
+        f"aimed at +{100 * front.search_budget:g}%). Guards (other axes or benchmarks that must not get worse): "
+        + (", ".join(front.guards) if front.guards else "none") + ".", "",
+        f"Confirmation data ({conf.setup.prompts} fresh validation prompts, axis {conf.setup.bias_inputs.get('axis')}; "
         f"{pi.get('tokens_scored')} tokens of {pi.get('corpus')} {pi.get('split')}):", "",
         "| model | bias | 95% CI | perplexity change |", "|---|---|---|---|",
-        f"| unrepaired | {u['bias']:.3f} | [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}] | - |",
-        f"| this model | {k['bias']:.3f} | [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | {100 * k['perplexity_change']:+.1f}% "
-        f"(one-sided {100 * front['confidence']:.0f}% bound {100 * k['perplexity_change_bound']:+.1f}%) |", ""]
-    test = (front.get("test") or {}).get(mask.key)
+        f"| unrepaired | {u.bias:.3f} | [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | - |",
+        f"| this model | {k.bias:.3f} | [{k.ci[0]:.3f}, {k.ci[1]:.3f}] | {100 * k.perplexity_change:+.1f}% "
+        f"(one-sided {100 * front.confidence:.0f}% bound {100 * k.perplexity_change_bound:+.1f}%) |", ""]
+    test = (front.test or {}).get(mask.key)
     if test:
-        ch = test["bias_change"]
-        lines += [f"On the held-out TEST split: bias {test['unrepaired_bias']:.3f} -> {test['bias']:.3f} "
-                  f"({100 * ch['relative']:+.1f}%, paired 95% CI of the change [{ch['ci'][0]:+.3f}, {ch['ci'][1]:+.3f}]), "
-                  f"perplexity change {100 * test['perplexity_change']:+.1f}%.", ""]
+        ch = test.bias_change
+        lines += [f"On the held-out TEST split: bias {test.unrepaired_bias:.3f} -> {test.bias:.3f} "
+                  f"({100 * ch.relative:+.1f}%, paired 95% CI of the change [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}]), "
+                  f"perplexity change {100 * test.perplexity_change:+.1f}%.", ""]
     else:
         lines += ["These are validation numbers; the held-out test split was not measured for this point (`attnprune "
                   "front RUN_DIR --test` measures it).", ""]
@@ -177,7 +177,7 @@ def front_card_lines(point: dict, mask: HeadMask) -> list[str]:
 
 
 def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, license: str = "other",
-               report=None, command: str | None = None, front_point: dict | None = None,
+               report=None, command: str | None = None, front_point: tuple[FrontPoint, Front] | None = None,
                total_heads: int | None = None) -> str:
     """A Hugging Face model card (``README.md``) for a repaired model.
 
@@ -218,7 +218,7 @@ def model_card(mask: HeadMask, model_name: str, base_model: str | None = None, l
 
         lines += check_lines(report.test.checks)
     elif front_point is not None:
-        lines += front_card_lines(front_point, mask)
+        lines += front_card_lines(*front_point, mask)
     else:
         lines += ["No measurements were attached to this export: measure it with `attnprune evaluate --mask "
                   "attnprune_mask.json --split test --bias likelihood,crows_pairs,stereoset`.", ""]

@@ -23,9 +23,10 @@ from pathlib import Path
 from attnprune import labels
 from attnprune.config import FrontConfig, RepairConfig
 from attnprune.errors import UserError
-from attnprune.results import RepairReport, read_result
+from attnprune.results import (ConfirmationSummary, Front, FrontPoint, FrontTest, RepairReport, measured,
+                               read_result)
 from attnprune.run import Log, Run
-from attnprune.selection import SelectionPolicy, perplexity_change_bound
+from attnprune.selection import SelectionPolicy
 
 logger = logging.getLogger("attnprune")
 
@@ -47,7 +48,7 @@ def repair_config(report: RepairReport, run_dir: Path) -> RepairConfig:
     return RepairConfig(**{**values, "out": str(run_dir), "export": False})
 
 
-def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> dict:
+def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> Front:
     """The front of ``cfg.run`` at ``cfg.budgets``; writes ``front.json``, ``front.md`` and ``front.png`` there."""
     cfg.validate()
     run_dir = Path(cfg.run)
@@ -68,156 +69,145 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> dict:
             t = time.perf_counter()
             selection = dataclasses.replace(policy, tau=budget).select(rows, base, run.confirm, source,
                                                                        guard=run.guard)
-            point = {"budget": budget, "new_confirmations": run.store.count() - before,
-                     "seconds": time.perf_counter() - t, "chosen": None}
-            if selection.chosen is not None:
-                c, b = selection.confirmed, selection.base_confirmed
-                change, bound = perplexity_change_bound(c, b, policy.confidence)
-                point["chosen"] = {
-                    "mask": selection.chosen.mask.to_dict(run.model_name), "n_pruned": selection.chosen.mask.n_pruned,
-                    "key": selection.chosen.mask.key, "source": selection.chosen.source,
-                    "validation": {"bias": selection.chosen.bias, "perplexity": selection.chosen.perplexity},
-                    "confirmed": {"bias": c.bias, "ci": list(c.bias_ci), "perplexity": c.perplexity,
-                                  "perplexity_change": change, "perplexity_change_bound": bound}}
+            chosen = selection.summary(policy.confidence)
+            if chosen is not None:
+                chosen.mask, chosen.key = selection.chosen.mask.to_dict(run.model_name), selection.chosen.mask.key
+            point = FrontPoint(budget=budget, new_confirmations=run.store.count() - before,
+                               seconds=time.perf_counter() - t, chosen=chosen)
             points.append(point)
-            log(f"budget +{100 * budget:g}%: " + ("no admissible mask" if point["chosen"] is None else
-                f"{point['chosen']['n_pruned']} heads, confirmed bias {c.bias:.3f} [{c.bias_ci[0]:.3f}, "
-                f"{c.bias_ci[1]:.3f}], perplexity {100 * change:+.1f}% (bound {100 * bound:+.1f}%)")
-                + f" ({point['new_confirmations']} new confirmations)")
+            k = chosen.confirmed if chosen is not None else None
+            log(f"budget +{100 * budget:g}%: " + ("no admissible mask" if chosen is None else
+                f"{chosen.n_pruned} heads, confirmed bias {k.bias:.3f} [{k.ci[0]:.3f}, {k.ci[1]:.3f}], perplexity "
+                f"{100 * k.perplexity_change:+.1f}% (bound {100 * k.perplexity_change_bound:+.1f}%)")
+                + f" ({point.new_confirmations} new confirmations)")
         _, base_c = run.confirm([], source)
-        result = {
-            "model": run.model_name, "run": str(run_dir), "search_budget": rcfg.tau, "rule": policy.rule(),
-            "confidence": policy.confidence, "candidates": len(rows),
-            "confirmation": {"setup": run.evaluator(run.confirm_spec)[0].describe(),
-                             "unrepaired": {"bias": base_c.bias, "ci": list(base_c.bias_ci),
-                                            "perplexity": base_c.perplexity}},
-            "guards": list(policy.guards), "guard_margin": policy.guard_margin, "points": points, "test": None,
-            "seconds": {"confirmations": sum(p["seconds"] for p in points)},
-        }
+        result = Front(
+            model=run.model_name, run=str(run_dir), search_budget=rcfg.tau, rule=policy.rule(),
+            confidence=policy.confidence, candidates=len(rows),
+            confirmation=ConfirmationSummary(setup=run.evaluator(run.confirm_spec)[0].setup(),
+                                             unrepaired=measured(base_c)),
+            guards=list(policy.guards), guard_margin=policy.guard_margin, points=points,
+            seconds={"confirmations": sum(p.seconds for p in points)})
         if cfg.test:
-            result["test"] = _test_points(run, rcfg, points)
-        result["seconds"]["total"] = time.perf_counter() - t_all
+            result.test = _test_points(run, rcfg, points)
+        result.seconds["total"] = time.perf_counter() - t_all
     write_front(result, run_dir)
     return result
 
 
-def _test_points(run: Run, rcfg: RepairConfig, points: list[dict]) -> dict:
+def _test_points(run: Run, rcfg: RepairConfig, points: list[FrontPoint]) -> dict[str, FrontTest]:
     """Each distinct chosen mask against the unrepaired model on the TEST split (claims, never choices)."""
     from attnprune.heads import HeadMask
 
-    masks = list(dict.fromkeys(HeadMask.from_dict(p["chosen"]["mask"]) for p in points if p["chosen"]))
+    masks = list(dict.fromkeys(HeadMask.from_dict(p.chosen.mask) for p in points if p.chosen))
     comparisons = run.bench.compare(rcfg.bias, masks) if masks else []
-    out = {}
-    for m, comp in zip(masks, comparisons):
-        out[m.key] = {"bias": comp.repaired.bias, "ci": list(comp.repaired.ci), "bias_change": comp.bias_change.to_dict(),
-                      "perplexity_change": comp.perplexity_change, "perplexity_change_ci": comp.perplexity_change_ci,
-                      "unrepaired_bias": comp.unrepaired.bias, "setup": comp.setup.to_dict()}
-    return out
+    return {m.key: FrontTest(bias=comp.repaired.bias, ci=list(comp.repaired.ci), bias_change=comp.bias_change,
+                             unrepaired_bias=comp.unrepaired.bias, setup=comp.setup,
+                             perplexity_change=comp.perplexity_change, perplexity_change_ci=comp.perplexity_change_ci)
+            for m, comp in zip(masks, comparisons)}
 
 
-def write_front(result: dict, out: Path) -> dict[str, Path]:
+def write_front(result: Front, out: Path) -> dict[str, Path]:
     """``front.json``, ``front.md`` and ``front.png`` in ``out``."""
     paths = {"json": out / FRONT_FILE, "md": out / "front.md", "png": out / "front.png"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     paths["md"].write_text(markdown(result))
     plot(result, paths["png"])
     return paths
 
 
-def markdown(result: dict) -> str:
+def markdown(result: Front) -> str:
     """The front as a table, with what it was measured on."""
-    conf = result["confirmation"]
-    bi = conf["setup"]["bias_inputs"]
-    pi = conf["setup"]["perplexity_inputs"]
-    u = conf["unrepaired"]
+    conf = result.confirmation
+    pi = conf.setup.perplexity_inputs
+    u = conf.unrepaired
     lines = [
-        f"# Front of repaired models: {result['model']}", "",
-        f"The repair's selection rule at each budget, applied to the {result['candidates']} validation evaluations of "
-        f"`{result['run']}` (its search aimed at +{100 * result['search_budget']:g}%). Numbers are on the "
-        f"confirmation data ({bi.get('prompts')} fresh validation prompts, {pi.get('tokens_scored')} tokens of "
+        f"# Front of repaired models: {result.model}", "",
+        f"The repair's selection rule at each budget, applied to the {result.candidates} validation evaluations of "
+        f"`{result.run}` (its search aimed at +{100 * result.search_budget:g}%). Numbers are on the "
+        f"confirmation data ({conf.setup.prompts} fresh validation prompts, {pi.get('tokens_scored')} tokens of "
         f"{pi.get('corpus')} {pi.get('split')}), never seen by the search. Guards: "
-        + (f"{', '.join(result['guards'])} (each may rise by at most {100 * result['guard_margin']:g}% of its unrepaired "
-           "bias)" if result["guards"] else "none") + ".", "",
+        + (f"{', '.join(result.guards)} (each may rise by at most {100 * result.guard_margin:g}% of its unrepaired "
+           "bias)" if result.guards else "none") + ".", "",
         f"Rule, as written for the search budget (each row applies it with its own budget in place of "
-        f"+{100 * result['search_budget']:g}%): {result['rule']}.", "",
+        f"+{100 * result.search_budget:g}%): {result.rule}.", "",
         "| budget | heads | confirmed bias [95% CI] | perplexity change | one-sided "
-        f"{100 * result['confidence']:.0f}% bound | new confirmations |",
+        f"{100 * result.confidence:.0f}% bound | new confirmations |",
         "|---|---|---|---|---|---|",
-        f"| unrepaired | 0 | {u['bias']:.3f} [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}] | - | - | - |",
+        f"| unrepaired | 0 | {u.bias:.3f} [{u.ci[0]:.3f}, {u.ci[1]:.3f}] | - | - | - |",
     ]
-    for p in result["points"]:
-        c = p["chosen"]
+    for p in result.points:
+        c = p.chosen
         if c is None:
-            lines.append(f"| +{100 * p['budget']:g}% | - | no admissible mask | - | - | {p['new_confirmations']} |")
+            lines.append(f"| +{100 * p.budget:g}% | - | no admissible mask | - | - | {p.new_confirmations} |")
             continue
-        k = c["confirmed"]
-        lines.append(f"| +{100 * p['budget']:g}% | {c['n_pruned']} | {k['bias']:.3f} [{k['ci'][0]:.3f}, "
-                     f"{k['ci'][1]:.3f}] | {100 * k['perplexity_change']:+.1f}% | "
-                     f"{100 * k['perplexity_change_bound']:+.1f}% | {p['new_confirmations']} |")
-    lines += ["", f"Confirmations took {result['seconds']['confirmations']:.0f} s; the whole command "
-                  f"{result['seconds']['total']:.0f} s.", ""]
-    if result.get("test"):
+        k = c.confirmed
+        lines.append(f"| +{100 * p.budget:g}% | {c.n_pruned} | {k.bias:.3f} [{k.ci[0]:.3f}, {k.ci[1]:.3f}] | "
+                     f"{100 * k.perplexity_change:+.1f}% | {100 * k.perplexity_change_bound:+.1f}% | "
+                     f"{p.new_confirmations} |")
+    lines += ["", f"Confirmations took {result.seconds['confirmations']:.0f} s; the whole command "
+                  f"{result.seconds['total']:.0f} s.", ""]
+    if result.test:
         lines += ["## TEST split (claims; the choices above used validation only)", "",
                   "| budget | heads | test bias [95% CI] | bias change [paired 95% CI] | perplexity change [95% CI] |",
                   "|---|---|---|---|---|"]
-        for p in result["points"]:
-            c = p["chosen"]
-            t = result["test"].get(c["key"]) if c else None
+        for p in result.points:
+            c = p.chosen
+            t = result.test.get(c.key) if c else None
             if t is None:
                 continue
-            ch = t["bias_change"]
-            ppl_ci = t.get("perplexity_change_ci")
-            ppl = f"{100 * t['perplexity_change']:+.1f}%" + (
+            ch, ppl_ci = t.bias_change, t.perplexity_change_ci
+            ppl = f"{100 * t.perplexity_change:+.1f}%" + (
                 f" [{100 * ppl_ci[0]:+.1f}%, {100 * ppl_ci[1]:+.1f}%]" if ppl_ci else "")
-            lines.append(f"| +{100 * p['budget']:g}% | {c['n_pruned']} | {t['bias']:.3f} [{t['ci'][0]:.3f}, "
-                         f"{t['ci'][1]:.3f}] | {100 * ch['relative']:+.1f}% [{ch['ci'][0]:+.3f}, {ch['ci'][1]:+.3f}] "
-                         f"| {ppl} |")
+            lines.append(f"| +{100 * p.budget:g}% | {c.n_pruned} | {t.bias:.3f} [{t.ci[0]:.3f}, {t.ci[1]:.3f}] | "
+                         f"{100 * ch.relative:+.1f}% [{ch.ci[0]:+.3f}, {ch.ci[1]:+.3f}] | {ppl} |")
         lines.append("")
     lines += ["Export a point: `attnprune export --from RUN_DIR --budget B --out DIR` (B in percent).", ""]
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: Front, path: Path) -> None:
     """Confirmed bias (95% CI) against confirmed perplexity change, the front's points joined in budget order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    u = result["confirmation"]["unrepaired"]
-    chosen = [p for p in result["points"] if p["chosen"]]
-    xs = [0.0] + [100 * p["chosen"]["confirmed"]["perplexity_change"] for p in chosen]
-    ys = [u["bias"]] + [p["chosen"]["confirmed"]["bias"] for p in chosen]
-    lo = [u["ci"][0]] + [p["chosen"]["confirmed"]["ci"][0] for p in chosen]
-    hi = [u["ci"][1]] + [p["chosen"]["confirmed"]["ci"][1] for p in chosen]
+    u = result.confirmation.unrepaired
+    chosen = [p for p in result.points if p.chosen]
+    xs = [0.0] + [100 * p.chosen.confirmed.perplexity_change for p in chosen]
+    ys = [u.bias] + [p.chosen.confirmed.bias for p in chosen]
+    lo = [u.ci[0]] + [p.chosen.confirmed.ci[0] for p in chosen]
+    hi = [u.ci[1]] + [p.chosen.confirmed.ci[1] for p in chosen]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], fmt="o-",
                 capsize=3, color="tab:blue", label="front (confirmation data)")
     ax.annotate("unrepaired", (xs[0], ys[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for p, x, y in zip(chosen, xs[1:], ys[1:]):
-        ax.annotate(f"+{100 * p['budget']:g}% ({p['chosen']['n_pruned']} heads)", (x, y), textcoords="offset points",
+        ax.annotate(f"+{100 * p.budget:g}% ({p.chosen.n_pruned} heads)", (x, y), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
     ax.set_xlabel("perplexity change on confirmation text (%)")
     ax.set_ylabel("bias on confirmation prompts")
-    ax.set_title(f"{result['model']}: bias vs perplexity budget", fontsize=10)
+    ax.set_title(f"{result.model}: bias vs perplexity budget", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def front_point(run_dir: Path, budget_percent: float) -> dict:
-    """The point of ``run_dir``'s front at ``budget_percent``, or one sentence saying how to get it."""
+def front_point(run_dir: Path, budget_percent: float) -> tuple[FrontPoint, Front]:
+    """The point of ``run_dir``'s front at ``budget_percent`` and the front, or one sentence saying how to get it."""
     path = run_dir / FRONT_FILE
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; run `attnprune front {run_dir} --budgets {budget_percent:g}` first.")
-    result = json.loads(path.read_text())
-    for p in result["points"]:
-        if abs(100 * p["budget"] - budget_percent) < 1e-9:
-            if p["chosen"] is None:
-                raise UserError(f"The front of {run_dir} has no admissible mask at +{budget_percent:g}%; choose "
-                                "another budget of front.md.")
-            return {**p, "front": result}
-    have = ", ".join(f"{100 * p['budget']:g}" for p in result["points"])
-    raise UserError(f"The front of {run_dir} has no point at +{budget_percent:g}% (it has {have}); run "
-                    f"`attnprune front {run_dir} --budgets {budget_percent:g}` to add it.")
+    result = read_result(Front, path, f"{path} does not exist; run `attnprune front {run_dir} --budgets "
+                                      f"{budget_percent:g}` first.",
+                         f"{path} is not a front of this attnprune version ({{error}}); run `attnprune front {run_dir} "
+                         f"--budgets {budget_percent:g}` again (it reuses the stored confirmations).")
+    point = result.point(budget_percent / 100)
+    if point is None:
+        have = ", ".join(f"{100 * p.budget:g}" for p in result.points)
+        raise UserError(f"The front of {run_dir} has no point at +{budget_percent:g}% (it has {have}); run "
+                        f"`attnprune front {run_dir} --budgets {budget_percent:g}` to add it.")
+    if point.chosen is None:
+        raise UserError(f"The front of {run_dir} has no admissible mask at +{budget_percent:g}%; choose "
+                        "another budget of front.md.")
+    return point, result

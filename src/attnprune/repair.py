@@ -18,21 +18,21 @@ from attnprune.config import FrontConfig, RepairConfig, command_line, split_list
 from attnprune.front import front
 from attnprune.heads import HeadMask
 from attnprune.methods import MethodContext, get_method
-from attnprune.results import RepairReport, ValidationPoint, ValidationSummary
+from attnprune.results import (ConfirmationSummary, EvaluationCounts, RepairReport, ValidationPoint,
+                               ValidationSummary, measured)
 from attnprune.run import Log, Run
 from attnprune.selection import Selection, SelectionPolicy
 
 logger = logging.getLogger("attnprune")
 
 
-def confirmation_summary(run: Run, selection: Selection) -> dict | None:
+def confirmation_summary(run: Run, selection: Selection) -> ConfirmationSummary | None:
     """What the confirmation measured: its setup, the unrepaired model and every confirmed candidate."""
     if selection.base_confirmed is None:
         return None
-    ev, _ = run.evaluator(run.confirm_spec)
-    b = selection.base_confirmed
-    return {"setup": ev.describe(), "unrepaired": {"bias": b.bias, "ci": list(b.bias_ci), "perplexity": b.perplexity},
-            "candidates": selection.candidates, "evaluation_seconds": selection.confirmation_seconds}
+    return ConfirmationSummary(setup=run.evaluator(run.confirm_spec)[0].setup(),
+                               unrepaired=measured(selection.base_confirmed), candidates=selection.candidates,
+                               evaluation_seconds=selection.confirmation_seconds)
 
 
 @dataclass
@@ -66,7 +66,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
             f"{chosen.perplexity:.2f} (from {chosen.source})"
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "
-               f"{selection.base_confirmed.bias:.3f}, perplexity {100 * selection.summary()['confirmed']['perplexity_change']:+.1f}%"
+               f"{selection.base_confirmed.bias:.3f}, perplexity {100 * selection.summary().confirmed.perplexity_change:+.1f}%"
                if selection.confirmed is not None else ""))
         out = cfg.out_dir
         # saved before the test split: the choice survives any failure of the reporting steps
@@ -78,17 +78,17 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),
             validation=ValidationSummary(
                 setup=run.valid.setup(),
-                unrepaired={"bias": base.bias, "ci": list(base.bias_ci), "perplexity": base.perplexity},
-                chosen={"ci": list(chosen.bias_ci), **selection.summary()},
+                unrepaired=measured(base), chosen=selection.summary(policy.confidence),
                 budget=budget.limit, rule=policy.rule(),
                 points=[ValidationPoint(r.mask.n_pruned, r.bias, r.perplexity, r.source, r.mask.key) for r in rows],
                 confirmation=confirmation_summary(run, selection)),
             search=proposal.details, chosen_mask=chosen.mask.to_dict(run.model_name), test=test,
-            llm_evaluations={"validation": len(proposal.rows), "confirmation": n_confirmed + (
-                                 1 if selection.base_confirmed is not None else 0),
-                             "new_this_run": run.store.count() - evals_before, "in_store": run.store.count(),
-                             "evaluation_seconds": proposal.seconds + confirm_seconds + (
-                                 selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)},
+            llm_evaluations=EvaluationCounts(
+                validation=len(proposal.rows),
+                confirmation=n_confirmed + (1 if selection.base_confirmed is not None else 0),
+                new_this_run=run.store.count() - evals_before, in_store=run.store.count(),
+                evaluation_seconds=proposal.seconds + confirm_seconds + (
+                    selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None})
         model_dir = None
         if cfg.export:

@@ -124,14 +124,14 @@ def markdown(report: RepairReport) -> str:
         "",
         "## Search (validation split)",
         "",
-        f"- unrepaired: bias {v.unrepaired['bias']:.3f}, perplexity {v.unrepaired['perplexity']:.2f}; "
+        f"- unrepaired: bias {v.unrepaired.bias:.3f}, perplexity {v.unrepaired.perplexity:.2f}; "
         f"budget {v.budget:.2f}",
-        f"- chosen: bias {v.chosen['bias']:.3f}, perplexity {v.chosen['perplexity']:.2f} (from {v.chosen['source']})",
+        f"- chosen: bias {v.chosen.bias:.3f}, perplexity {v.chosen.perplexity:.2f} (from {v.chosen.source})",
         f"- rule: {v.rule}",
-        f"- LLM evaluations: {ev['validation']} on validation ({ev['new_this_run']} new in this run)",
-        *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c['gap']:.1f}% "
-          f"and the rule's margin is {100 * c['margin']:.1f}% (means over {c['confirmed']} confirmed candidates): "
-          + (f"searched again at {100 * c['search_budget']:+.2f}% on the search text" if c["search_budget"] is not None
+        f"- LLM evaluations: {ev.validation} on validation ({ev.new_this_run} new in this run)",
+        *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c.gap:.1f}% "
+          f"and the rule's margin is {100 * c.margin:.1f}% (means over {c.confirmed} confirmed candidates): "
+          + (f"searched again at {100 * c.search_budget:+.2f}% on the search text" if c.search_budget is not None
              else "no room left within the budget") for i, c in enumerate(report.search.calibration)],
         "",
         "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "
@@ -151,25 +151,24 @@ def markdown(report: RepairReport) -> str:
                          f"{m['spearman']:.2f} | {m['n']} |")
     conf = v.confirmation
     if conf:
-        cb = conf["unrepaired"]
-        ci = conf["setup"]["bias_inputs"]
-        lines += ["", f"Confirmation on validation data the search never saw ({ci['prompts']} prompts of the other "
-                      f"half of the validation split, {conf['setup']['perplexity_inputs']['tokens_scored']} perplexity "
-                      f"tokens): unrepaired bias {cb['bias']:.3f}, perplexity {cb['perplexity']:.2f}.", "",
+        cb = conf.unrepaired
+        lines += ["", f"Confirmation on validation data the search never saw ({conf.setup.prompts} prompts of the other "
+                      f"half of the validation split, {conf.setup.perplexity_inputs['tokens_scored']} perplexity "
+                      f"tokens): unrepaired bias {cb.bias:.3f}, perplexity {cb.perplexity:.2f}.", "",
                   "| heads | from | search bias | confirmed bias | confirmed ppl change | upper bound | admissible |",
                   "|---|---|---|---|---|---|---|"]
-        for c in conf["candidates"]:
-            lines.append(f"| {len(c['pruned'])} | {c['source']} | {c['valid_bias']:.3f} | {c['confirmed_bias']:.3f} | "
-                         f"{_pct(c['confirmed_perplexity_change'])} | {_pct(c['confirmed_perplexity_change_bound'])} | "
-                         f"{'yes' if c['admissible'] else 'no'} |")
-        guarded = [c for c in conf["candidates"] if c.get("guards")]
+        for c in conf.candidates:
+            lines.append(f"| {len(c.pruned)} | {c.source} | {c.valid_bias:.3f} | {c.confirmed_bias:.3f} | "
+                         f"{_pct(c.confirmed_perplexity_change)} | {_pct(c.confirmed_perplexity_change_bound)} | "
+                         f"{'yes' if c.admissible else 'no'} |")
+        guarded = [c for c in conf.candidates if c.guards]
         if guarded:
             lines += ["", "Guards (validation data the search never saw; change of the guarded value, a bias or "
                           "for lms 100 - LMS, its one-sided upper bound and the limit):", ""]
             for c in guarded:
-                lines.append(f"- {len(c['pruned'])} heads: " + "; ".join(
-                    f"{axis} {g['change']:+.3f} (bound {g['upper']:+.3f}, limit {g['limit']:+.3f}: "
-                    f"{'holds' if g['ok'] else 'fails'})" for axis, g in c["guards"].items()))
+                lines.append(f"- {len(c.pruned)} heads: " + "; ".join(
+                    f"{axis} {g.change:+.3f} (bound {g.upper:+.3f}, limit {g.limit:+.3f}: "
+                    f"{'holds' if g.ok else 'fails'})" for axis, g in c.guards.items()))
     lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |",
               "|---|---|---|---|---|---|"]
     for c in report.search.candidates:
@@ -198,8 +197,8 @@ def plots(report: RepairReport, out: Path) -> list[Path]:
     ax.scatter(xs[cand], ys[cand], s=22, marker="s", label="search candidates")
     front = pareto_front(list(zip(xs.tolist(), ys.tolist())))
     ax.plot(xs[front], ys[front], "k--", lw=1, label="Pareto front")
-    ax.scatter([v.unrepaired["perplexity"]], [v.unrepaired["bias"]], c="red", marker="*", s=150, label="unrepaired")
-    ax.scatter([v.chosen["perplexity"]], [v.chosen["bias"]], c="green", marker="*", s=150, label="chosen")
+    ax.scatter([v.unrepaired.perplexity], [v.unrepaired.bias], c="red", marker="*", s=150, label="unrepaired")
+    ax.scatter([v.chosen.perplexity], [v.chosen.bias], c="green", marker="*", s=150, label="chosen")
     ax.axvline(v.budget, color="gray", lw=0.8, ls=":", label="perplexity budget")
     ax.set_xscale("log")
     ax.set_xlabel("validation perplexity")

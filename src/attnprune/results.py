@@ -224,13 +224,156 @@ class AnnealingSummary(Serialisable):
 
 
 @dataclass
+class Calibration(Serialisable):
+    """One lowering of AP's search budget after its confirmed candidates missed the budget.
+
+    ``gap``: how much the search text's perplexity change under-stated the confirmed change;
+    ``margin``: what the choice rule's one-sided bound adds (both means over ``confirmed``
+    candidates); ``search_budget``: the budget searched again (None: no room left).
+    """
+
+    gap: float
+    margin: float
+    search_budget: float | None
+    confirmed: int
+
+
+@dataclass
 class SearchDetails(Serialisable):
     """What Attention Pruning's search did: surrogate accuracy, annealing runs, validated candidates."""
 
     surrogates: list[dict] = field(default_factory=list)
     annealing: list[AnnealingSummary] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
-    calibration: list[dict] = field(default_factory=list)  # search budgets lowered after failed confirmations
+    calibration: list[Calibration] = field(default_factory=list)  # search budgets lowered after failed confirmations
+
+
+@dataclass
+class Measured(Serialisable):
+    """Bias [95% CI] and perplexity of one mask on one evaluator's data."""
+
+    bias: float
+    perplexity: float
+    ci: list[float] | None = None
+
+
+def measured(row) -> Measured:
+    """The :class:`Measured` numbers of a stored evaluation (anything with ``bias``, ``bias_ci``, ``perplexity``)."""
+    return Measured(bias=row.bias, perplexity=row.perplexity, ci=list(row.bias_ci))
+
+
+@dataclass
+class ConfirmedValues(Serialisable):
+    """A chosen mask on the confirmation data: bias [95% CI], perplexity, and its change over the unrepaired model's.
+
+    ``perplexity_change_bound``: the one-sided upper bound of that change at the policy's confidence.
+    """
+
+    bias: float
+    perplexity: float
+    perplexity_change: float
+    ci: list[float] | None = None
+    perplexity_change_bound: float | None = None
+
+
+@dataclass
+class Choice(Serialisable):
+    """A chosen mask's validation numbers (the search's data) and, when the rule confirms, its confirmation.
+
+    ``mask`` / ``key`` are filled where the choice travels without its mask file (a front's points).
+    """
+
+    bias: float
+    perplexity: float
+    n_pruned: int
+    source: str
+    ci: list[float] | None = None
+    confirmed: ConfirmedValues | None = None
+    mask: dict | None = None
+    key: str | None = None
+
+
+@dataclass
+class GuardVerdict(Serialisable):
+    """One guard on one candidate (confirmation data): the unrepaired value, the change, its one-sided bound, the limit."""
+
+    unrepaired: float
+    change: float
+    upper: float
+    limit: float
+    ok: bool
+
+
+@dataclass
+class ConfirmedCandidate(Serialisable):
+    """A screened candidate re-measured on the confirmation data, and whether the rule admits it."""
+
+    pruned: list[list[int]]
+    source: str
+    valid_bias: float
+    valid_perplexity: float
+    confirmed_bias: float
+    confirmed_perplexity_change: float
+    confirmed_perplexity_change_bound: float
+    admissible: bool
+    guards: dict[str, GuardVerdict] | None = None  # measured only for candidates that pass the budget and lower bias
+
+
+@dataclass
+class ConfirmationSummary(Serialisable):
+    """What the confirmation measured: its setup, the unrepaired model on its data, every confirmed candidate."""
+
+    setup: EvaluatorSetup
+    unrepaired: Measured
+    candidates: list[ConfirmedCandidate] = field(default_factory=list)
+    evaluation_seconds: float | None = None
+
+
+@dataclass
+class FrontTest(Serialisable):
+    """A front point's mask against the unrepaired model on the TEST split (claims, never choices)."""
+
+    __test__ = False  # not a pytest test class
+
+    bias: float
+    ci: list[float]
+    bias_change: Change
+    unrepaired_bias: float
+    setup: EvaluatorSetup
+    perplexity_change: float | None = None
+    perplexity_change_ci: list[float] | None = None
+
+
+@dataclass
+class FrontPoint(Serialisable):
+    """The repair's rule at one perplexity budget: its choice (None: no admissible mask) and what it cost."""
+
+    budget: float
+    new_confirmations: int
+    seconds: float
+    chosen: Choice | None = None
+
+
+@dataclass
+class Front(Serialisable):
+    """A front of repaired models from one repair's store (``front.json``)."""
+
+    model: str
+    run: str
+    search_budget: float
+    rule: str
+    confidence: float
+    candidates: int
+    confirmation: ConfirmationSummary
+    guards: list[str] = field(default_factory=list)
+    guard_margin: float = 0.0
+    points: list[FrontPoint] = field(default_factory=list)
+    test: dict[str, FrontTest] | None = None  # mask key -> its test numbers (``attnprune front --test``)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def point(self, budget: float) -> FrontPoint | None:
+        """The point at ``budget`` (a fraction), if the front has it."""
+        return next((p for p in self.points if abs(p.budget - budget) < 1e-9), None)
 
 
 @dataclass
@@ -249,12 +392,24 @@ class ValidationSummary(Serialisable):
     """The search's split: setup, unrepaired, chosen, budget, every evaluated mask."""
 
     setup: EvaluatorSetup
-    unrepaired: dict
-    chosen: dict
+    unrepaired: Measured
+    chosen: Choice
     budget: float
     rule: str
     points: list[ValidationPoint] = field(default_factory=list)
-    confirmation: dict | None = None  # setup, unrepaired and the confirmed candidates, when the rule confirms
+    confirmation: ConfirmationSummary | None = None  # when the rule confirms
+
+
+@dataclass
+class EvaluationCounts(Serialisable):
+    """A repair's real-model evaluations: on the search's validation data, on the confirmation data (the unrepaired
+    model's included), new in this run, in the store, and the seconds of the search's and confirmation's."""
+
+    validation: int
+    confirmation: int
+    new_this_run: int
+    in_store: int
+    evaluation_seconds: float
 
 
 @dataclass
@@ -268,7 +423,7 @@ class RepairReport(Serialisable):
     search: SearchDetails
     chosen_mask: dict
     test: TestReport
-    llm_evaluations: dict
+    llm_evaluations: EvaluationCounts
     timings_s: dict
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -286,13 +441,22 @@ class MethodOutcome(Serialisable):
     candidates: int
     validation_evaluations: int = 0  # LLM evaluations on the search's validation data (confirmations not counted)
     notes: str = ""
-    valid: dict | None = None
+    valid: Choice | None = None
     mask: dict | None = None
     test: TestComparison | None = None
     meets_budget: bool | None = None
     transfer: dict[str, TestComparison] = field(default_factory=dict)
     checks: dict[str, TestComparison] = field(default_factory=dict)
-    confirmation: list[dict] = field(default_factory=list)
+    confirmation: list[ConfirmedCandidate] = field(default_factory=list)
+
+
+@dataclass
+class SeedValidation(Serialisable):
+    """One seed's search data: its setup, the unrepaired model on it, and the perplexity budget (a limit)."""
+
+    setup: EvaluatorSetup
+    unrepaired: Measured
+    budget: float
 
 
 @dataclass
@@ -300,7 +464,7 @@ class SeedComparison(Serialisable):
     """All methods on one seed (its own split, sampling and search), one store, one budget."""
 
     seed: int
-    validation: dict
+    validation: SeedValidation
     outcomes: dict[str, MethodOutcome] = field(default_factory=dict)
     knockouts: dict | None = None
     # AP minus each method on the same test prompts: difference of relative bias changes, paired CI, replicates

@@ -30,6 +30,7 @@ from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
 from attnprune.models.layouts import head_cells
+from attnprune.results import GuardVerdict
 from attnprune.selection import Selection
 from attnprune.store import Store, StoredEvaluation
 
@@ -241,7 +242,7 @@ class Run:
         return self.spec("valid", axis=axis, prompts=c.confirm_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
                          part="confirm")
 
-    def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, dict]]:
+    def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, GuardVerdict]]:
         """Each mask's verdict on every guard (``cfg.guard``), paired with the unrepaired model.
 
         A guard's value is a guarded axis's bias, or for ``lms`` StereoSet's error rate
@@ -253,7 +254,7 @@ class Run:
         """
         c = self.cfg
         base = HeadMask.all_active(*self.shape)
-        out: list[dict[str, dict]] = [{} for _ in masks]
+        out: list[dict[str, GuardVerdict]] = [{} for _ in masks]
         with self.timed("guard"):
             for axis in split_list(c.guard):
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
@@ -268,8 +269,8 @@ class Run:
                     # the bootstrap's spread around its median, put on the point change: a sum of absolute
                     # deviations is biased in resamples, so raw percentiles can sit below the change itself
                     upper = change + float(np.quantile(d, c.confidence) - np.median(d))
-                    out[i][axis] = {"unrepaired": values[0], "change": change, "upper": upper, "limit": limit,
-                                    "ok": upper <= limit}
+                    out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
+                                                ok=upper <= limit)
         return out
 
     def _warn_noise_level_guard(self, axis: str, base: StoredEvaluation) -> None:

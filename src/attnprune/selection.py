@@ -25,6 +25,7 @@ import torch
 from attnprune import labels
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
+from attnprune.results import Choice, ConfirmedCandidate, ConfirmedValues, GuardVerdict
 from attnprune.search.annealing import Cost
 from attnprune.store import StoredEvaluation
 
@@ -99,19 +100,26 @@ class Selection:
     chosen: StoredEvaluation | None
     confirmed: StoredEvaluation | None
     base_confirmed: StoredEvaluation | None
-    candidates: list[dict] = field(default_factory=list)
+    candidates: list[ConfirmedCandidate] = field(default_factory=list)
     confirmation_seconds: float = 0.0
     shortlist: list[HeadMask] = field(default_factory=list)  # the confirmed masks, in the order of ``candidates``
 
-    def summary(self) -> dict | None:
-        """Validation numbers of the choice (screening and, when confirmed, confirmation)."""
+    def summary(self, confidence: float | None = None) -> Choice | None:
+        """Validation numbers of the choice (screening and, when confirmed, confirmation).
+
+        ``confidence``: also the one-sided bound of the confirmed perplexity change.
+        """
         if self.chosen is None:
             return None
-        out = {"bias": self.chosen.bias, "perplexity": self.chosen.perplexity, "n_pruned": self.chosen.mask.n_pruned,
-               "source": self.chosen.source}
+        c = self.chosen
+        out = Choice(bias=c.bias, perplexity=c.perplexity, n_pruned=c.mask.n_pruned, source=c.source,
+                     ci=list(c.bias_ci))
         if self.confirmed is not None:
-            out["confirmed"] = {"bias": self.confirmed.bias, "perplexity": self.confirmed.perplexity,
-                                "perplexity_change": self.confirmed.perplexity / self.base_confirmed.perplexity - 1}
+            k, b = self.confirmed, self.base_confirmed
+            change = k.perplexity / b.perplexity - 1
+            bound = perplexity_change_bound(k, b, confidence)[1] if confidence is not None else None
+            out.confirmed = ConfirmedValues(bias=k.bias, perplexity=k.perplexity, perplexity_change=change,
+                                            ci=list(k.bias_ci), perplexity_change_bound=bound)
         return out
 
 
@@ -119,9 +127,9 @@ class Selection:
 Confirm = Callable[[list[HeadMask], str], tuple[list[StoredEvaluation], StoredEvaluation]]
 
 
-# masks -> for each mask, every guard's verdict on the confirmation data:
-# {guard name: {"unrepaired", "change", "upper", "limit", "ok"}} (see :meth:`attnprune.run.Run.guard`)
-Guard = Callable[[list[HeadMask]], list[dict[str, dict]]]
+# masks -> for each mask, every guard's verdict on the confirmation data, by guard name
+# (see :meth:`attnprune.run.Run.guard`)
+Guard = Callable[[list[HeadMask]], list[dict[str, GuardVerdict]]]
 
 
 # validation perplexity changes (x tau) at which the confirmation shortlist takes its lowest bias
@@ -221,19 +229,18 @@ class SelectionPolicy:
         candidates, best, best_c = [], None, None
         bounds = [perplexity_change_bound(conf, base_c, self.confidence) for conf in confirmed]
         primary = [bound <= self.tau and conf.bias < base_c.bias for conf, (_, bound) in zip(confirmed, bounds)]
-        verdicts: list[dict | None] = [None] * len(shortlist)
+        verdicts: list[dict[str, GuardVerdict] | None] = [None] * len(shortlist)
         if self.guards and guard is not None and any(primary):
             passing = [i for i, ok in enumerate(primary) if ok]
             for i, v in zip(passing, guard([shortlist[i].mask for i in passing])):
                 verdicts[i] = v
         for screened, conf, (change, bound), ok, verdict in zip(shortlist, confirmed, bounds, primary, verdicts):
             if verdict is not None:
-                ok = ok and all(g["ok"] for g in verdict.values())
-            candidates.append({"pruned": [list(p) for p in screened.mask.pruned], "source": screened.source,
-                               "valid_bias": screened.bias, "valid_perplexity": screened.perplexity,
-                               "confirmed_bias": conf.bias, "confirmed_perplexity_change": change,
-                               "confirmed_perplexity_change_bound": bound, "admissible": ok,
-                               **({"guards": verdict} if verdict is not None else {})})
+                ok = ok and all(g.ok for g in verdict.values())
+            candidates.append(ConfirmedCandidate(
+                pruned=[list(p) for p in screened.mask.pruned], source=screened.source, valid_bias=screened.bias,
+                valid_perplexity=screened.perplexity, confirmed_bias=conf.bias, confirmed_perplexity_change=change,
+                confirmed_perplexity_change_bound=bound, admissible=ok, guards=verdict))
             if ok and (best_c is None or conf.bias < best_c.bias):
                 best, best_c = screened, conf
         return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed), [r.mask for r in shortlist])

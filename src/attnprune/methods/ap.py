@@ -34,7 +34,7 @@ from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, register_method
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
-from attnprune.results import AnnealingSummary, Candidate, SearchDetails
+from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import trust_region
 from attnprune.store import StoredEvaluation, fingerprint
@@ -213,7 +213,7 @@ class AttentionPruning(Method):
                 for m, r, b, lp in zip(picked, rows, pb, plp)]
 
     # ---- calibration ---------------------------------------------------------------------
-    def calibrated_budget(self, ctx: MethodContext) -> dict | None:
+    def calibrated_budget(self, ctx: MethodContext) -> Calibration | None:
         """When no shortlisted candidate holds the budget on confirmation data: a lower search budget, or None.
 
         The confirmation measures how much the search's perplexity under-states the change on
@@ -228,17 +228,17 @@ class AttentionPruning(Method):
             return None
         base = ctx.base()
         selection = ctx.select(self.training_data(ctx), labels.confirm(self.name))
-        if selection.chosen is not None or not any(x["confirmed_perplexity_change_bound"] > policy.tau
+        if selection.chosen is not None or not any(x.confirmed_perplexity_change_bound > policy.tau
                                                    for x in selection.candidates):
             return None  # chosen, nothing confirmed, or the candidates failed on bias: a lower budget will not help
-        gap = float(np.mean([math.log1p(x["confirmed_perplexity_change"]) - math.log(x["valid_perplexity"] / base.perplexity)
+        gap = float(np.mean([math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                              for x in selection.candidates]))
-        margin = float(np.mean([math.log1p(x["confirmed_perplexity_change_bound"])
-                                - math.log1p(x["confirmed_perplexity_change"]) for x in selection.candidates]))
+        margin = float(np.mean([math.log1p(x.confirmed_perplexity_change_bound)
+                                - math.log1p(x.confirmed_perplexity_change) for x in selection.candidates]))
         log_budget = min(math.log1p(policy.tau), math.log1p(policy.tau) - gap - margin)
-        out = {"gap": math.expm1(gap), "margin": math.expm1(margin), "search_budget": math.expm1(log_budget),
-               "confirmed": len(selection.candidates)}
-        return out if log_budget > 0 else {**out, "search_budget": None}
+        return Calibration(gap=math.expm1(gap), margin=math.expm1(margin),
+                           search_budget=math.expm1(log_budget) if log_budget > 0 else None,
+                           confirmed=len(selection.candidates))
 
     # ---- the method ---------------------------------------------------------------------
     def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None) -> None:
@@ -267,22 +267,22 @@ class AttentionPruning(Method):
             self.round(ctx, r, details)
         # kept: a rerun repeats the same rounds (from the store); keyed by every option the budgets depend on
         depends = {k: getattr(c, k) for k in c.DECISION_KEYS}
-        stored = list(ctx.cached("calibration", depends) or [])
+        stored = [Calibration.from_dict(d) for d in ctx.cached("calibration", depends) or []]
         for j in range(c.calibrate):
             cal = stored[j] if j < len(stored) else self.calibrated_budget(ctx)
             if cal is None:
                 break
             details.calibration.append(cal)
             if j >= len(stored):
-                ctx.keep("calibration", details.calibration, depends)
-            if cal["search_budget"] is None:
-                ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal['gap']:.1f}% "
-                        f"and the choice rule adds {100 * cal['margin']:.1f}%: no room left within the budget")
+                ctx.keep("calibration", [x.to_dict() for x in details.calibration], depends)
+            if cal.search_budget is None:
+                ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
+                        f"and the choice rule adds {100 * cal.margin:.1f}%: no room left within the budget")
                 break
-            ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal['gap']:.1f}% and "
-                    f"the choice rule adds {100 * cal['margin']:.1f}%; searching again at "
-                    f"{100 * cal['search_budget']:+.2f}% on the search text")
-            scale = cal["search_budget"] / c.tau
+            ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% and "
+                    f"the choice rule adds {100 * cal.margin:.1f}%; searching again at "
+                    f"{100 * cal.search_budget:+.2f}% on the search text")
+            scale = cal.search_budget / c.tau
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder))
         rows = self.training_data(ctx)
         knocked = sum(r.source == labels.KNOCKOUT for r in rows)
