@@ -364,8 +364,11 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
     The runs must agree on the model and on every option that shapes a choice or a test
     number (everything but :data:`POOL_FREE`); options only one run records are not
     compared. A seed found in two runs is merged method by method: the same method must
-    have chosen the same mask in both (AP is deterministic given the seed), and its first
-    row is kept; AP-minus rows are kept from whichever run measured them.
+    have chosen the same mask in both, and its first row is kept; AP-minus rows are kept
+    from whichever run measured them. AP is deterministic given the seed on one machine,
+    but not across machines: float rounding in the evaluations (about 1e-6 relative) can
+    send the search to other candidates, so two machines' runs of one seed may refuse to pool.
+    
     """
     if len(paths) < 2:
         raise UserError("--runs needs at least two comparison directories, comma-separated.")
@@ -391,7 +394,8 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
                     kept.outcomes[name] = o
                 elif kept.outcomes[name].mask != o.mask:
                     raise UserError(f"Seed {s.seed}: {name} chose different masks in two of the runs ({path} is "
-                                    "one); were they run with different code? Pool runs of one version.")
+                                    "one): different code, or another machine's float rounding; pool runs that "
+                                    "share no seed, or rerun all of that seed's methods in one comparison.")
             for name, d in s.ap_minus.items():
                 kept.ap_minus.setdefault(name, d)
             kept.knockouts = kept.knockouts or s.knockouts
