@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, Sequence
 
 from attnprune import labels
-from attnprune.config import split_list
+from attnprune.config import TestedRunConfig, split_list
 from attnprune.evaluation import Evaluator
 from attnprune.heads import HeadMask
 from attnprune.results import Change, Summary, TestComparison, TestReport
@@ -24,7 +24,7 @@ from attnprune.store import StoredEvaluation
 class Host(Protocol):
     """What the bench needs from the run behind it (:class:`attnprune.run.Run` has it)."""
 
-    cfg: Any
+    cfg: TestedRunConfig
     shape: tuple[int, int]
 
     def log(self, message: str) -> None: ...

@@ -121,7 +121,7 @@ def cmd_evaluate(cfg: C.EvaluateConfig) -> None:
     _write_json(cfg.json, out)
 
 
-def cmd_sample(cfg: C.RepairConfig) -> None:
+def cmd_sample(cfg: C.RunConfig) -> None:
     """Evaluate random masks into the run's store (resumable)."""
     from attnprune.methods import MethodContext
     from attnprune.methods.ap import AttentionPruning
@@ -154,7 +154,7 @@ def cmd_fit(cfg: C.FitConfig) -> None:
     _write_json(cfg.json, metrics)
 
 
-def cmd_search(cfg: C.RepairConfig) -> None:
+def cmd_search(cfg: C.RunConfig) -> None:
     """Anneal on surrogates fitted from the store; print and save the best candidate masks."""
     import torch
 
@@ -306,9 +306,9 @@ COMMANDS = (
     ("evaluate", cmd_evaluate, C.EvaluateConfig, "measure bias (with CI) and perplexity, optionally with a head mask"),
     ("repair", cmd_repair, C.RepairConfig,
      "run the whole Attention Pruning repair (defaults: packaged model, offline, on a CPU)"),
-    ("sample", cmd_sample, C.RepairConfig, "evaluate random masks into the run's store (resumable)"),
+    ("sample", cmd_sample, C.RunConfig, "evaluate random masks into the run's store (resumable)"),
     ("fit", cmd_fit, C.FitConfig, "fit surrogates from the store and print their cross-validated accuracy"),
-    ("search", cmd_search, C.RepairConfig, "anneal on the surrogates and save the best candidate masks"),
+    ("search", cmd_search, C.RunConfig, "anneal on the surrogates and save the best candidate masks"),
     ("compare", cmd_compare, C.CompareConfig,
      "compare AP with FASP and the baselines over seeds, on one budget; results on the test split"),
     ("pool", cmd_pool, C.PoolConfig,

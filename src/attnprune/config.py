@@ -269,22 +269,30 @@ class EvaluateConfig(DataOptions, SpeedOptions, ModelOptions):
 
 
 @dataclass
-class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
-    """Everything a repair run needs; defaults repair the packaged model on a 2-core CPU."""
+class ExecutorOptions(Options):
+    """Where validation evaluations run (never what they measure)."""
 
-    out: str | None = opt(None, "output directory (default runs/repair-<model>)")
-    # measurement
-    bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
-    prompts: int = opt(320, "validation prompts per evaluation (search)")
-    ppl_tokens: int = opt(2816, "validation perplexity tokens per evaluation (search; with --confirm, spread over "
-                          "the search half of the text: all of it on the offline corpus)")
-    # where evaluations run
     executor: str = opt("local", "where mask evaluations run", choices=["local", "ray"])
     address: str | None = opt(None, "Ray cluster address (default: start a local Ray instance)")
     workers: int = opt(2, "Ray workers (actors), each with its own copy of the model")
     worker_cpus: float = opt(1.0, "CPUs per Ray worker (also its torch threads)")
     worker_gpus: float = opt(0.0, "GPUs per Ray worker (use with --device cuda)")
-    # sampling
+
+    def validate(self):
+        super().validate()
+        if self.workers < 1 or self.worker_cpus <= 0 or self.worker_gpus < 0:
+            raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
+        return self
+
+
+@dataclass
+class SearchOptions(Options):
+    """What the search measures on validation, the masks it samples and how it anneals."""
+
+    bias: str = opt("likelihood", "bias measure used by the search", choices=_bias_measures)
+    prompts: int = opt(320, "validation prompts per evaluation (search)")
+    ppl_tokens: int = opt(2816, "validation perplexity tokens per evaluation (search; with --confirm, spread over "
+                          "the search half of the text: all of it on the offline corpus)")
     sampler: str = opt("boundary", "first data of the search: 'boundary' = every single-head knockout, then random "
                        "masks whose knockout-predicted perplexity lies near the budget; 'paper' = random masks with "
                        "r ~ U(r_min, r_max) of the heads pruned (the paper's)", choices=_samplers)
@@ -295,7 +303,6 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                        "them; the paper used about 120)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
     r_max: float = opt(0.20, "largest pruning ratio of random masks and of the search")
-    # surrogates and search
     surrogate: str = opt("additive", "surrogate: 'additive' (knockout effects on bucket means and log-perplexity, "
                          "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
                          choices=_surrogates)
@@ -304,7 +311,6 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                               "many prompts of the search half (default: all of it; one extra evaluation), and only "
                               "the masks' paired shifts from the search prompts, so the search cannot chase the noise "
                               "of the unrepaired model's own means on its few prompts (0: off)")
-    tau: float = opt(0.05, "perplexity budget: at most (1 + tau) x the unrepaired perplexity")
     penalty: float = opt(10.0, "cost of exceeding the budget, in bias std units per tau of excess")
     chains: int = opt(512, "annealing chains run as one batch")
     steps: int = opt(3000, "annealing steps per chain")
@@ -314,33 +320,88 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
     rounds: int = opt(3, "search rounds; each refits the surrogates with the validated candidates")
     calibrate: int = opt(2, "extra rounds when no confirmed candidate holds the budget: the search budget is lowered "
                          "by how much the search's perplexity under-stated the confirmed change (0: none)")
-    # the choice
+
+    def bounds(self, n_total: int) -> tuple[int, int]:
+        """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
+        return max(1, int(math.floor(self.r_min * n_total))), max(1, int(math.floor(self.r_max * n_total)))
+
+    def screen_size(self, n_total: int) -> int:
+        """Heads the boundary sampler's screen keeps (and the search may prune) of ``n_total``."""
+        if self.sampler != "boundary" or self.knockouts >= 1:
+            return n_total
+        return min(n_total, max(MIN_KNOCKOUTS, int(math.ceil(self.knockouts * n_total))))
+
+    def validate(self):
+        super().validate()
+        if not 0 <= self.r_min <= self.r_max <= 1:
+            raise UserError("Need 0 <= --r-min <= --r-max <= 1.")
+        if self.sampler == "paper" and self.samples < 10:
+            raise UserError("--samples must be at least 10 to fit surrogates on the paper's samples alone.")
+        if not 0 < self.knockouts <= 1:
+            raise UserError("--knockouts must be a share of the heads in (0, 1].")
+        if self.samples < 0:
+            raise UserError("--samples must be >= 0.")
+        if self.anchor_prompts < 0:
+            raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
+        for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.rounds < 1:
+            raise UserError("--rounds must be at least 1.")
+        if self.calibrate < 0:
+            raise UserError("--calibrate must be 0 or more rounds.")
+        return self
+
+
+@dataclass
+class SelectionOptions(Options):
+    """The choice: the perplexity budget, the confirmation of candidates on fresh validation data, the guards."""
+
+    tau: float = opt(0.05, "perplexity budget: at most (1 + tau) x the unrepaired perplexity")
     confirm: int = opt(6, "candidates re-measured on confirmation data before choosing (0: choose on the search's "
                        "validation numbers)")
     confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
     confirm_ppl_tokens: int = opt(8192, "confirmation perplexity tokens, evenly spread over the half of the validation "
                                   "text the search never sees (32 windows)")
     confidence: float = opt(0.8, "one-sided confidence that a confirmed perplexity change is within the budget")
-    # reporting on the test split
-    test_prompts: int = opt(10000, "test prompts for the final bias numbers (claims need thousands: the bias "
-                            "statistic's noise floor falls with the prompt count)")
-    test_ppl_tokens: int = opt(16384, "test perplexity tokens for the final numbers (64 windows of a seeded sample of "
-                               "the test documents)")
-    second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
-                              choices=lambda: _classifiers() + ["none"])
-    toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
-    transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
                      "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
                      "is admissible only if every guarded value (a bias, or 100 - LMS) rises by at most --guard-margin")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
-    checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
-                      "(comma-separated measures; 'none' to skip); the search never sees them")
-    export: bool = opt(True, "write the repaired model to <out>/model")
-    budgets: str = opt("", "(repair) also write the front at these perplexity budgets, comma-separated percent "
-                       "(e.g. 1,2.5,5,10), from the repair's store; the same as `attnprune front` afterwards")
+
+    @property
+    def guarded_axes(self) -> list[str]:
+        """The guards that are HolisticBias axes (all but ``lms``)."""
+        from attnprune.labels import LMS_GUARD
+
+        return [g for g in split_list(self.guard) if g != LMS_GUARD]
+
+    def validate(self):
+        super().validate()
+        if self.confirm < 0:
+            raise UserError("--confirm must be >= 0.")
+        if not 0.5 <= self.confidence < 1:
+            raise UserError("--confidence must be in [0.5, 1).")
+        if self.tau < 0:
+            raise UserError("--tau must be >= 0.")
+        if self.guard_margin < 0:
+            raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
+        if split_list(self.guard) and self.confirm <= 0:
+            raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
+        for name in ("confirm_prompts", "confirm_ppl_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        return self
+
+
+@dataclass
+class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, SpeedOptions, ModelOptions):
+    """A run's store, search and choice on validation: ``sample``, ``fit`` and ``search``, and the base of
+    ``repair`` and ``compare``, which add the test split."""
+
+    out: str | None = opt(None, "output directory (default runs/repair-<model>)")
 
     # keys that must match to read an existing store: what its evaluations measured
     STORE_KEYS = ("model", "axis", "bias", "prompts", "ppl_tokens", "corpus", "holisticbias", "seed", "r_min",
@@ -365,16 +426,6 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
             out["model"] = model_name
         return out
 
-    def bounds(self, n_total: int) -> tuple[int, int]:
-        """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
-        return max(1, int(math.floor(self.r_min * n_total))), max(1, int(math.floor(self.r_max * n_total)))
-
-    def screen_size(self, n_total: int) -> int:
-        """Heads the boundary sampler's screen keeps (and the search may prune) of ``n_total``."""
-        if self.sampler != "boundary" or self.knockouts >= 1:
-            return n_total
-        return min(n_total, max(MIN_KNOCKOUTS, int(math.ceil(self.knockouts * n_total))))
-
     def check_model(self, n_total: int) -> None:
         """Refuse options that cannot work on a model of ``n_total`` heads (checked after loading, before any evaluation)."""
         k_min, _ = self.bounds(n_total)
@@ -384,70 +435,68 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                             f"(--knockouts {self.knockouts:g}) leaves {free} of the model's {n_total} heads to prune; "
                             "lower --r-min or raise --knockouts.")
 
-    def validate(self) -> "RepairConfig":
+    def validate(self):
         super().validate()
-        if not 0 <= self.r_min <= self.r_max <= 1:
-            raise UserError("Need 0 <= --r-min <= --r-max <= 1.")
-        if self.sampler == "paper" and self.samples < 10:
-            raise UserError("--samples must be at least 10 to fit surrogates on the paper's samples alone.")
-        if not 0 < self.knockouts <= 1:
-            raise UserError("--knockouts must be a share of the heads in (0, 1].")
-        if self.samples < 0 or self.confirm < 0:
-            raise UserError("--samples and --confirm must be >= 0.")
-        if not 0.5 <= self.confidence < 1:
-            raise UserError("--confidence must be in [0.5, 1).")
-        if self.tau < 0:
-            raise UserError("--tau must be >= 0.")
-        if self.anchor_prompts < 0:
-            raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
-        if self.guard_margin < 0:
-            raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
-        if split_list(self.guard) and self.confirm <= 0:
-            raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
         if self.axis in split_list(self.guard):
             raise UserError(f"--guard {self.axis} is the axis being repaired (--axis); guard other axes.")
-        if split_list(self.budgets):
-            FrontConfig(run=str(self.out_dir), budgets=self.budgets).validate()  # one sentence on a bad list
-            if self.confirm <= 0:
-                raise UserError("--budgets needs the confirmation (--confirm above 0): the front's points are "
-                                "confirmed on its data.")
-        for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k", "test_prompts", "test_ppl_tokens",
-                     "toxicity_prompts", "confirm_prompts", "confirm_ppl_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.rounds < 1:
-            raise UserError("--rounds must be at least 1.")
-        if self.calibrate < 0:
-            raise UserError("--calibrate must be 0 or more rounds.")
-        if self.workers < 1 or self.worker_cpus <= 0 or self.worker_gpus < 0:
-            raise UserError("Need --workers >= 1, --worker-cpus > 0 and --worker-gpus >= 0.")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is an existing file; name a directory.")
-        known = _bias_measures()
-        unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
-        if unknown:
-            raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
         self.check_axes()
         check_writable(self.out_dir, "--out")
         return self
-
-    @property
-    def measured_axes(self) -> list[str]:
-        """The other axes measured on test: the transfer axes and the guarded ones (before/after), each once."""
-        return list(dict.fromkeys(split_list(self.transfer_axes) + self.guarded_axes))
-
-    @property
-    def guarded_axes(self) -> list[str]:
-        """The guards that are HolisticBias axes (all but ``lms``)."""
-        from attnprune.labels import LMS_GUARD
-
-        return [g for g in split_list(self.guard) if g != LMS_GUARD]
 
     def check_axes(self) -> None:
         """Every axis the run will measure is one its measures have data for: checked before the first evaluation."""
         from attnprune.measures import measure_class
 
         measure_class(self.bias).check_axis(self.axis, self.holisticbias)
+        for axis in self.guarded_axes:
+            try:
+                measure_class(self.bias).check_axis(axis, self.holisticbias)
+            except UserError as exc:
+                raise UserError(f"--guard: {exc} Or 'lms' for StereoSet's language-modelling score.") from None
+
+
+@dataclass
+class TestOptions(Options):
+    """What is measured on the test split after the choice (the claims; the choice never sees them)."""
+
+    test_prompts: int = opt(10000, "test prompts for the final bias numbers (claims need thousands: the bias "
+                            "statistic's noise floor falls with the prompt count)")
+    test_ppl_tokens: int = opt(16384, "test perplexity tokens for the final numbers (64 windows of a seeded sample of "
+                               "the test documents)")
+    second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
+                              choices=lambda: _classifiers() + ["none"])
+    toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")
+    transfer_axes: str = opt("", "comma-separated other axes measured on test (e.g. race_ethnicity,religion)")
+    checks: str = opt("crows_pairs,stereoset", "held-out bias benchmarks measured before/after on test "
+                      "(comma-separated measures; 'none' to skip); the search never sees them")
+
+    def validate(self):
+        # before the run's own checks, which measure the axes and create --out
+        for name in ("test_prompts", "test_ppl_tokens", "toxicity_prompts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        known = _bias_measures()
+        unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
+        if unknown:
+            raise UserError(f"Unknown --checks measure(s) {', '.join(unknown)}; choose from {', '.join(known)} or none.")
+        return super().validate()
+
+
+@dataclass
+class TestedRunConfig(TestOptions, RunConfig):
+    """A run whose choice is then measured on the test split (``repair``, ``compare``)."""
+
+    @property
+    def measured_axes(self) -> list[str]:
+        """The other axes measured on test: the transfer axes and the guarded ones (before/after), each once."""
+        return list(dict.fromkeys(split_list(self.transfer_axes) + self.guarded_axes))
+
+    def check_axes(self) -> None:
+        super().check_axes()
+        from attnprune.measures import measure_class
+
         for measure in split_list(self.checks):
             if measure != "none":
                 try:
@@ -457,11 +506,6 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
                                     "--checks.") from None
         if self.second_opinion != "none":
             measure_class("toxicity").check_axis(self.axis, self.holisticbias)
-        for axis in self.guarded_axes:
-            try:
-                measure_class(self.bias).check_axis(axis, self.holisticbias)
-            except UserError as exc:
-                raise UserError(f"--guard: {exc} Or 'lms' for StereoSet's language-modelling score.") from None
         for axis in split_list(self.transfer_axes):
             try:
                 measure_class(self.bias).check_axis(axis, self.holisticbias)
@@ -470,7 +514,24 @@ class RepairConfig(DataOptions, SpeedOptions, ModelOptions):
 
 
 @dataclass
-class FitConfig(RepairConfig):
+class RepairConfig(TestedRunConfig):
+    """Everything a repair run needs; defaults repair the packaged model on a 2-core CPU."""
+
+    export: bool = opt(True, "write the repaired model to <out>/model")
+    budgets: str = opt("", "(repair) also write the front at these perplexity budgets, comma-separated percent "
+                       "(e.g. 1,2.5,5,10), from the repair's store; the same as `attnprune front` afterwards")
+
+    def validate(self) -> "RepairConfig":
+        if split_list(self.budgets):
+            FrontConfig(run=str(self.out_dir), budgets=self.budgets).validate()  # one sentence on a bad list
+            if self.confirm <= 0:
+                raise UserError("--budgets needs the confirmation (--confirm above 0): the front's points are "
+                                "confirmed on its data.")
+        return super().validate()
+
+
+@dataclass
+class FitConfig(RunConfig):
     """``attnprune fit``: surrogates from a run's store."""
 
     json: str | None = opt(None, "write the metrics to this JSON file")
@@ -486,7 +547,7 @@ DEFAULT_TRANSFER = "race_ethnicity,religion,sexual_orientation,nationality"
 
 
 @dataclass
-class CompareConfig(RepairConfig):
+class CompareConfig(TestedRunConfig):
     """``attnprune compare``: methods x seeds on one budget, measured on the test split."""
 
     methods: str = opt("ap,fasp,random_search,ap_paper",
@@ -521,9 +582,6 @@ class CompareConfig(RepairConfig):
             raise UserError(f"--seeds {self.seeds!r} names no seed; give comma-separated integers such as 10,11,12.")
         for seed in seeds:
             check_seed(seed, "--seeds")
-        if split_list(self.budgets):
-            raise UserError("--budgets belongs to `attnprune repair`; a comparison chooses at --tau only (run "
-                            "`attnprune front` on a repair's output for other budgets).")
         return super().validate()
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from attnprune import labels
 from attnprune.bench import TestBench
-from attnprune.config import RepairConfig, split_list
+from attnprune.config import RunConfig, split_list
 from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
@@ -45,7 +45,7 @@ VALID_BOOTSTRAP_REPS = 200
 class Run:
     """An open run (see module docstring); use as ``with Run.open(cfg) as run: ...``."""
 
-    def __init__(self, cfg: RepairConfig, loaded, store: Store, log: Log = logger.info):
+    def __init__(self, cfg: RunConfig, loaded, store: Store, log: Log = logger.info):
         self.cfg = cfg
         self.loaded = loaded
         self.store = store
@@ -59,7 +59,7 @@ class Run:
         self.bench = TestBench(self)  # the TEST split: chosen masks against the unrepaired model
 
     @classmethod
-    def open(cls, cfg: RepairConfig, loaded=None, log: Log = logger.info) -> "Run":
+    def open(cls, cfg: RunConfig, loaded=None, log: Log = logger.info) -> "Run":
         """Load the model (unless given) and open or create the run's store."""
         cfg.validate()
         t = time.perf_counter()
@@ -76,7 +76,7 @@ class Run:
         return run
 
     @classmethod
-    def from_store(cls, cfg: RepairConfig, log: Log = logger.info) -> "Run":
+    def from_store(cls, cfg: RunConfig, log: Log = logger.info) -> "Run":
         """Open an existing run's store without loading the model (fit and search need only the store)."""
         store = Store(cfg.out_dir / "store.sqlite", None)
         # fit and search only read: the measurement keys must match, decision options may differ

@@ -101,7 +101,7 @@ class MethodContext:
     # ---- what the method works on -------------------------------------------------------
     @property
     def options(self):
-        """The run's options (a :class:`~attnprune.config.RepairConfig`; read them, never change them)."""
+        """The run's options (a :class:`~attnprune.config.RunConfig`; read them, never change them)."""
         return self._session.cfg
 
     @property
