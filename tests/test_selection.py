@@ -78,6 +78,15 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     assert ap.calibrated_budget(FakeRun()).search_budget is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
     assert ap.calibrated_budget(FakeRun()) is None
+    # the seed-11 case: the search's candidates miss on perplexity and a knockout is admissible;
+    # the knockout must not stop the calibration, and a chosen search candidate must
+    searched = [dataclasses.replace(c, source="candidate-r0") for c in candidates]
+    knockout = dataclasses.replace(base, source="knockout")
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(knockout, knockout, base, searched))
+    assert ap.calibrated_budget(FakeRun()) is not None
+    found = dataclasses.replace(base, source="ap_paper:candidate-r1")
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(found, found, base, searched))
+    assert ap.calibrated_budget(FakeRun()) is None
 
 
 def test_perplexity_change_bound_on_hand_made_windows():

@@ -15,9 +15,17 @@ DESIGN = frozenset({SAMPLE, KNOCKOUT})  # what a store may hold before any searc
 LMS_GUARD = "lms"
 
 
+CANDIDATE = "candidate-r"  # the stem of every round's label
+
+
 def candidates(round_: int, prefix: str = "") -> str:
     """AP's validated candidates of round ``round_`` (a variant's labels carry its ``prefix``)."""
-    return f"{prefix}candidate-r{round_}"
+    return f"{prefix}{CANDIDATE}{round_}"
+
+
+def is_candidate(source: str) -> bool:
+    """Whether ``source`` labels masks the search proposed (any round, any variant), not the design's."""
+    return CANDIDATE in source
 
 
 def method(name: str) -> str:

@@ -214,23 +214,27 @@ class AttentionPruning(Method):
 
     # ---- calibration ---------------------------------------------------------------------
     def calibrated_budget(self, ctx: MethodContext) -> Calibration | None:
-        """When no shortlisted candidate holds the budget on confirmation data: a lower search budget, or None.
+        """When none of the search's own candidates holds the budget on confirmation data: a lower search budget, or None.
 
         The confirmation measures how much the search's perplexity under-states the change on
         fresh text (the search picks heads whose removal happens to be cheap on the text it
         measures) and the margin the choice rule adds; the search budget is ``tau`` less both
         (in log-perplexity, averaged over the confirmed candidates; never above ``tau``). None
-        when a candidate already holds, nothing was confirmed or the candidates failed on
-        bias only; ``search_budget`` None when the calibrated budget leaves no room.
+        when a search candidate is chosen, nothing was confirmed or the candidates failed on
+        bias only; ``search_budget`` None when the calibrated budget leaves no room. A chosen
+        knockout or design sample does not stop it when a search candidate missed the budget on
+        perplexity: that one knockout holds says nothing about the search's own budget.
         """
         policy = ctx.policy
         if policy.confirm <= 0:
             return None
         base = ctx.base()
         selection = ctx.select(self.training_data(ctx), labels.confirm(self.name))
-        if selection.chosen is not None or not any(x.confirmed_perplexity_change_bound > policy.tau
-                                                   for x in selection.candidates):
-            return None  # chosen, nothing confirmed, or the candidates failed on bias: a lower budget will not help
+        missed = [x for x in selection.candidates if x.confirmed_perplexity_change_bound > policy.tau]
+        chosen = selection.chosen
+        if not missed or (chosen is not None and (labels.is_candidate(chosen.source)
+                                                  or not any(labels.is_candidate(x.source) for x in missed))):
+            return None  # a search candidate holds, or none missed on perplexity: a lower budget will not help
         gap = float(np.mean([math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                              for x in selection.candidates]))
         margin = float(np.mean([math.log1p(x.confirmed_perplexity_change_bound)
