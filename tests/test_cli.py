@@ -62,7 +62,7 @@ def test_evaluate_with_mask_writes_json(model_dir, tmp_path, capsys):
     (["front", "{tmp}", "--budgets", "5,x"], "--budgets must be comma-separated percentages"),
     (["repair", "--model", "{model}", "--budgets", "5,x"], "--budgets must be comma-separated percentages"),
     (["repair", "--model", "{model}", "--budgets", "5", "--confirm", "0"], "--budgets needs the confirmation"),
-    (["compare", "--model", "{model}", "--budgets", "5"], "Unrecognized arguments: --budgets 5"),
+    (["compare", "--model", "{model}", "--budgets", "5"], "Unrecognized arguments: --budgets 5; see `attnprune compare --help`"),
     (["pool", "--runs", "{tmp}/a,{tmp}/b", "--out", "{tmp}/p"], "holds no comparison.json"),
     (["pool", "--out", "{tmp}/p"], "--runs is required"),
     (["evaluate", "--model", "{model}", "--config", "{bad_yaml}"], "unknown options promts"),

@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, cls, help_ in COMMANDS:
         p = sub.add_parser(name, help=help_, description=help_)
         C.add_config_flags(p, cls)
-        p.set_defaults(func=func, config_class=cls)
+        p.set_defaults(func=func, config_class=cls, command_parser=p)
     return parser
 
 
@@ -375,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # refused by the subcommand, so the message names its own --help
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, or a flag argparse refused (already printed in one line)
         return int(exc.code or 0)
     if not getattr(args, "func", None):
