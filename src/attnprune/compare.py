@@ -368,7 +368,6 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
     from whichever run measured them. AP is deterministic given the seed on one machine,
     but not across machines: float rounding in the evaluations (about 1e-6 relative) can
     send the search to other candidates, so two machines' runs of one seed may refuse to pool.
-    
     """
     if len(paths) < 2:
         raise UserError("--runs needs at least two comparison directories, comma-separated.")

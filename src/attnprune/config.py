@@ -126,6 +126,12 @@ class Options:
         """JSON-ready values."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def check_at_least_one(self, *names: str) -> None:
+        """Refuse any of the integer options ``names`` below 1, naming its flag."""
+        for name in names:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+
     def validate(self):
         """Refuse values that cannot work, with one sentence each (subclasses extend)."""
         for f in fields(self):  # type: ignore[arg-type]
@@ -187,8 +193,7 @@ class SpeedOptions(Options):
 
     def validate(self):
         super().validate()
-        if self.mask_batch < 1:
-            raise UserError("--mask-batch must be at least 1.")
+        self.check_at_least_one("mask_batch")
         if self.layer_cache_mb < 0:
             raise UserError("--layer-cache-mb must be >= 0 (0 turns the reuse off).")
         return self
@@ -254,9 +259,7 @@ class EvaluateConfig(DataOptions, SpeedOptions, ModelOptions):
 
     def validate(self):
         super().validate()
-        for name in ("generations", "ppl_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        self.check_at_least_one("generations", "ppl_tokens")
         if self.prompts is not None and self.prompts < 1:
             raise UserError("--prompts must be at least 1.")
         from attnprune.measures import measure_class
@@ -318,8 +321,9 @@ class SearchOptions(Options):
     t0: float | None = opt(None, "initial temperature (default: estimated from a 0.75 acceptance ratio)")
     top_k: int = opt(8, "candidates per round validated on the real model")
     rounds: int = opt(3, "search rounds; each refits the surrogates with the validated candidates")
-    calibrate: int = opt(2, "extra rounds when no confirmed candidate holds the budget: the search budget is lowered "
-                         "by how much the search's perplexity under-stated the confirmed change (0: none)")
+    calibrate: int = opt(2, "extra rounds when none of the search's confirmed candidates holds the budget: the "
+                         "search budget is lowered by how much the search's perplexity under-stated the confirmed "
+                         "change (0: none)")
 
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
@@ -343,11 +347,7 @@ class SearchOptions(Options):
             raise UserError("--samples must be >= 0.")
         if self.anchor_prompts < 0:
             raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
-        for name in ("prompts", "ppl_tokens", "chains", "steps", "top_k"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.rounds < 1:
-            raise UserError("--rounds must be at least 1.")
+        self.check_at_least_one("prompts", "ppl_tokens", "chains", "steps", "top_k", "rounds")
         if self.calibrate < 0:
             raise UserError("--calibrate must be 0 or more rounds.")
         return self
@@ -390,9 +390,7 @@ class SelectionOptions(Options):
             raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
         if split_list(self.guard) and self.confirm <= 0:
             raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
-        for name in ("confirm_prompts", "confirm_ppl_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        self.check_at_least_one("confirm_prompts", "confirm_ppl_tokens")
         return self
 
 
@@ -474,9 +472,7 @@ class TestOptions(Options):
 
     def validate(self):
         # before the run's own checks, which measure the axes and create --out
-        for name in ("test_prompts", "test_ppl_tokens", "toxicity_prompts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        self.check_at_least_one("test_prompts", "test_ppl_tokens", "toxicity_prompts")
         known = _bias_measures()
         unknown = [m for m in split_list(self.checks) if m not in known and m != "none"]
         if unknown:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprune import labels
 from attnprune.results import RepairReport, TestComparison
 
 
@@ -192,7 +193,7 @@ def plots(report: RepairReport, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     xs = np.array([p.perplexity for p in pts])
     ys = np.array([p.bias for p in pts])
-    cand = np.array([p.source.startswith("candidate") for p in pts])
+    cand = np.array([labels.is_candidate(p.source) for p in pts])
     ax.scatter(xs[~cand], ys[~cand], s=12, alpha=0.6, label="random masks")
     ax.scatter(xs[cand], ys[cand], s=22, marker="s", label="search candidates")
     front = pareto_front(list(zip(xs.tolist(), ys.tolist())))

@@ -214,7 +214,7 @@ class AttentionPruning(Method):
 
     # ---- calibration ---------------------------------------------------------------------
     def calibrated_budget(self, ctx: MethodContext) -> Calibration | None:
-        """When none of the search's own candidates holds the budget on confirmation data: a lower search budget, or None.
+        """When none of the search's own candidates holds the budget on confirmation data: a lower search budget.
 
         The confirmation measures how much the search's perplexity under-states the change on
         fresh text (the search picks heads whose removal happens to be cheap on the text it
@@ -231,10 +231,12 @@ class AttentionPruning(Method):
         base = ctx.base()
         selection = ctx.select(self.training_data(ctx), labels.confirm(self.name))
         missed = [x for x in selection.candidates if x.confirmed_perplexity_change_bound > policy.tau]
+        if not missed:
+            return None  # nothing confirmed, or the candidates failed on bias: a lower budget will not help
         chosen = selection.chosen
-        if not missed or (chosen is not None and (labels.is_candidate(chosen.source)
-                                                  or not any(labels.is_candidate(x.source) for x in missed))):
-            return None  # a search candidate holds, or none missed on perplexity: a lower budget will not help
+        if chosen is not None and (labels.is_candidate(chosen.source)
+                                   or not any(labels.is_candidate(x.source) for x in missed)):
+            return None  # a search candidate holds, or only design masks missed on perplexity
         gap = float(np.mean([math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                              for x in selection.candidates]))
         margin = float(np.mean([math.log1p(x.confirmed_perplexity_change_bound)
