@@ -448,11 +448,17 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
         from attnprune.measures import measure_class
 
         measure_class(self.bias).check_axis(self.axis, self.holisticbias)
-        for axis in self.guarded_axes:
+        self.check_other_axes(self.guarded_axes, "--guard", " Or 'lms' for StereoSet's language-modelling score.")
+
+    def check_other_axes(self, axes: list[str], flag: str, hint: str = "") -> None:
+        """Every one of ``axes`` (given through ``flag``) has data for the bias measure; ``hint`` ends the sentence."""
+        from attnprune.measures import measure_class
+
+        for axis in axes:
             try:
                 measure_class(self.bias).check_axis(axis, self.holisticbias)
             except UserError as exc:
-                raise UserError(f"--guard: {exc} Or 'lms' for StereoSet's language-modelling score.") from None
+                raise UserError(f"{flag}: {exc}{hint}") from None
 
 
 @dataclass
@@ -502,11 +508,7 @@ class TestedRunConfig(TestOptions, RunConfig):
                                     "--checks.") from None
         if self.second_opinion != "none":
             measure_class("toxicity").check_axis(self.axis, self.holisticbias)
-        for axis in split_list(self.transfer_axes):
-            try:
-                measure_class(self.bias).check_axis(axis, self.holisticbias)
-            except UserError as exc:
-                raise UserError(f"--transfer-axes: {exc}") from None
+        self.check_other_axes(split_list(self.transfer_axes), "--transfer-axes")
 
 
 @dataclass
