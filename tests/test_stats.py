@@ -57,6 +57,25 @@ def test_template_adjustment_removes_template_composition():
     assert floor["mean"] < 0.05 and boot["ci"][0] < d.bias(biased) < boot["ci"][1] + 1e-9
 
 
+def test_noise_floor_equals_refitting_every_shuffle_from_its_own_labels():
+    """The one shared solve (a within-template shuffle keeps every cell count) is each shuffle's own fit."""
+    rng = np.random.default_rng(5)
+    n = 90
+    buckets, templates = rng.choice(["a", "b", "c", "d"], size=n), rng.integers(0, 6, size=n)
+    values = rng.normal(size=n) + (buckets == "c")
+    for strata in (None, templates):
+        d = stats.BucketDesign(buckets, strata=strata)
+        shuffle = np.random.default_rng(11)
+        sims = []
+        for _ in range(30):
+            labels = buckets.copy()
+            for where in ([np.arange(n)] if strata is None else [np.nonzero(templates == t)[0] for t in range(6)]):
+                labels[where] = shuffle.permutation(labels[where])
+            sims.append(float(stats.BucketDesign(labels, shares=dict(zip(d.names, d.weights)), strata=strata)
+                              .bias(values)))
+        assert d.noise_floor(values, reps=30, seed=11)["mean"] == pytest.approx(np.mean(sims), rel=1e-9)
+
+
 def test_noise_corrected_spread_removes_the_noise_and_keeps_the_signal():
     """Lum et al.'s correction: about 0 without bucket effects, the true spread with them, at any size."""
     rng = np.random.default_rng(0)

@@ -171,22 +171,37 @@ class BucketDesign:
         return boot
 
     def noise_floor(self, values, reps: int = 200, seed: int = 0) -> dict:
-        """The bias when bucket labels are shuffled (within strata when adjusted): noise alone."""
+        """The bias when bucket labels are shuffled (within strata when adjusted): noise alone.
+
+        A shuffle within strata keeps every (bucket, template) cell count, so all shuffles share
+        the unrepaired labels' normal equations: one solve serves every replicate.
+        """
         values = np.asarray(values, dtype=float)
         rng = np.random.default_rng(seed)
-        sims = np.empty(reps)
         levels = [] if self.strata is None else sorted(set(self.strata.tolist()))  # a fixed order in every process
         groups = None if self.strata is None else [np.nonzero(self.strata == s)[0] for s in levels]
+        labels = np.empty((reps, len(values)), dtype=self.bucket_index_.dtype)
         for r in range(reps):
-            labels = self.buckets.copy()
             if groups is None:
-                labels = rng.permutation(labels)
+                labels[r] = rng.permutation(self.bucket_index_)
             else:
+                labels[r] = self.bucket_index_
                 for where in groups:
-                    labels[where] = rng.permutation(labels[where])
-            index = np.searchsorted(np.array(self.names), labels)
-            sims[r] = bias_from_means(self._fit(np.ones((1, len(values))), values[None], index)[0, 0], self.weights)
+                    labels[r, where] = rng.permutation(self.bucket_index_[where])
+        sims = bias_from_means(self._shuffled_means(values, labels), self.weights)
         return {"mean": float(sims.mean()), "p95": float(np.percentile(sims, 95)), "reps": reps}
+
+    def _shuffled_means(self, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Bucket means ``[reps, B]`` of ``values [n]`` under each row of shuffled bucket ``labels [reps, n]``."""
+        B, reps = len(self.names), len(labels)
+        rows = np.repeat(np.arange(reps), labels.shape[1])
+        rb = np.bincount(rows * B + labels.ravel(), weights=np.tile(values, reps), minlength=reps * B).reshape(reps, B)
+        A = self._normal_equations(np.ones((1, len(values))), self.bucket_index_)[0]
+        if self.strata is None:
+            return rb / np.maximum(A, 1e-300)
+        rt = _group_sums(values[None], self.template_index_, self.n_templates_)[0, 1:]
+        rhs = np.concatenate([rb, np.broadcast_to(rt, (reps, len(rt)))], axis=-1)  # [reps, P]
+        return (rhs @ np.linalg.pinv(A, hermitian=True).T)[:, :B]
 
 
 def _group_sums(x: np.ndarray, index: np.ndarray, groups: int) -> np.ndarray:
