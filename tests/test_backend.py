@@ -1,5 +1,7 @@
 """The backend: layer reuse, trimmed padding, shared prefixes and reused keys/values give the plain numbers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,28 @@ def test_removal_estimates_are_the_gate_gradient():
         backend.masker.set(None)
     finite = (values[1] - values[0]) / eps  # moving the gate toward 0 by eps
     assert np.allclose(finite, est[:, layer, head], atol=2e-3, rtol=2e-2), np.abs(finite - est[:, layer, head]).max()
+
+
+def test_a_conversion_finished_by_another_process_is_kept_and_a_broken_one_replaced(tmp_path):
+    """Two processes converting one GGUF at once: the first rename wins, the second keeps it; a directory
+    without weights (an interrupted copy) is replaced."""
+    from attnprune.models.loading import _complete, publish_dir
+
+    def finished(name: str, text: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(text)
+        (d / "model.safetensors").write_text(text)
+        return d
+
+    target = tmp_path / "model"
+    publish_dir(finished("a", "first"), target)
+    assert _complete(target) and (target / "config.json").read_text() == "first"
+    second = finished("b", "second")
+    publish_dir(second, target)
+    assert (target / "config.json").read_text() == "first", "a finished copy is never replaced"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("no weights")
+    publish_dir(finished("c", "third"), broken)
+    assert _complete(broken) and (broken / "config.json").read_text() == "third"

