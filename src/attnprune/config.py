@@ -37,6 +37,15 @@ def opt(default, help: str, choices: Callable[[], list[str]] | list[str] | None 
                                             "positional": positional, "listed": listed, "flag": flag})
 
 
+def override(owner, name: str, default=dataclasses.MISSING, **meta):
+    """Option ``name`` of group ``owner`` again, with another ``default`` or other metadata (``positional=True``).
+
+    The help text and choices stay those of the one declaration in ``owner``.
+    """
+    f = owner.__dataclass_fields__[name]
+    return field(default=f.default if default is dataclasses.MISSING else default, metadata={**f.metadata, **meta})
+
+
 def flag_of(f) -> str:
     """The command-line flag of config field ``f``."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
@@ -221,7 +230,7 @@ class DataOptions(Options):
 class InfoConfig(ModelOptions):
     """``attnprune info``."""
 
-    model: str = opt("smollm2-135m", "preset, .gguf file, local HF directory or hub id", positional=True)
+    model: str = override(ModelOptions, "model", positional=True)
     json: bool = opt(False, "print JSON")
 
 
@@ -551,7 +560,7 @@ class CompareConfig(TestedRunConfig):
     methods: str = opt("ap,fasp,random_search,ap_paper",
                        "comma-separated methods", listed=_methods)
     seeds: str = opt("", "comma-separated seeds (each its own split, sampling and search; default: --seed)")
-    transfer_axes: str = opt(DEFAULT_TRANSFER, "comma-separated other axes measured on test")
+    transfer_axes: str = override(TestOptions, "transfer_axes", DEFAULT_TRANSFER)
 
     @property
     def out_dir(self) -> Path:
