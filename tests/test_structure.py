@@ -166,3 +166,17 @@ def test_every_bias_measure_declares_its_optional_capabilities(name):
         assert measure.bucket_means(np.ones(n)).shape == (projection.shape[0],)
     else:
         assert projection is None and measure.bucket_means([0.0]) is None and not measure.first_order
+
+
+def test_an_overridden_option_keeps_its_one_declaration():
+    """``override`` changes the default (or makes the flag positional), never the help written once."""
+    import dataclasses
+
+    from attnprune.config import DEFAULT_TRANSFER, CompareConfig, InfoConfig, ModelOptions, TestOptions
+
+    by_name = lambda cls: {f.name: f for f in dataclasses.fields(cls)}  # noqa: E731
+    compare, tested = by_name(CompareConfig)["transfer_axes"], by_name(TestOptions)["transfer_axes"]
+    assert compare.default == DEFAULT_TRANSFER != tested.default and compare.metadata["help"] == tested.metadata["help"]
+    info, model = by_name(InfoConfig)["model"], by_name(ModelOptions)["model"]
+    assert info.metadata["positional"] and not model.metadata["positional"]
+    assert info.default == model.default and info.metadata["help"] == model.metadata["help"]
