@@ -11,6 +11,11 @@ import transformers as T
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T.logging.set_verbosity_error()
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of
+# the cores, so that workers do not fight over them with torch's own threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 VOCAB = 128
 
 

@@ -87,13 +87,14 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
     w = rng.normal(size=40)
     y = X @ w + 0.05 * rng.normal(size=200)
     ridge = holdout_metrics(lambda: RidgeSurrogate(alpha=0.1), X, y)
-    mlp = holdout_metrics(lambda: MLPSurrogate(seed=0), X, y)
+    mlp = holdout_metrics(lambda: MLPSurrogate(seed=0), X[:120], y[:120])  # 0.97 here; 120 masks halve the time
     assert ridge["spearman"] > 0.95 and ridge["r2"] > 0.9
     assert mlp["spearman"] > 0.8
-    data = TrainingSet(bits=X, bias=y, log_ppl=y, seed=0)
+    # the report's shape and the seeding need no accuracy: 40 masks keep those fits short
+    data = TrainingSet(bits=X[:40], bias=y[:40], log_ppl=y[:40], seed=0)
     assert set(make_surrogate("mlp", seed=0).metrics(data)["cv"]["bias"]) == {"mlp", "ridge"}
-    a = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
-    b = MLPSurrogate(seed=1).fit(X, y).predict(X[:5])
+    a = MLPSurrogate(seed=1).fit(X[:40], y[:40]).predict(X[:5])
+    b = MLPSurrogate(seed=1).fit(X[:40], y[:40]).predict(X[:5])
     assert np.array_equal(a, b), "seeded fits must be reproducible"
 
 
