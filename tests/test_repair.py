@@ -157,6 +157,10 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     # --budgets wrote the front after the repair: at the repair's own budget it makes the repair's choice and
     # confirms nothing new; other budgets confirm only masks not confirmed before, and a second front confirms nothing
     assert "front" in r.timings_s
+    # each second counts in one stage: the anchor is computed inside the fit, the first-order pass inside sampling
+    stages = {k: v for k, v in r.timings_s.items() if k not in ("total", "front")}
+    assert {"anchor", "fit", "first_order", "sample"} <= set(stages)
+    assert sum(stages.values()) <= r.timings_s["total"] + 1e-6
     fr = json.loads((result.out_dir / "front.json").read_text())
     at = {round(100 * p["budget"]): p for p in fr["points"]}
     assert at[50]["new_confirmations"] == 0 and at[50]["chosen"]["key"] == result.mask.key
@@ -282,3 +286,20 @@ def test_a_guard_at_its_noise_floor_is_named_once():
         Run._warn_noise_level_guard(run, "race_ethnicity", row(4.05, 1.01))
         Run._warn_noise_level_guard(run, "lms", row(9.8, 20.0))
     assert len(notes) == 1 and "--guard religion" in notes[0] and "0.078" in notes[0] and "0.191" in notes[0]
+
+
+def test_nested_stages_count_each_second_once(monkeypatch):
+    from attnprune import run as run_module
+    from attnprune.run import Run
+
+    clock = iter([0.0, 1.0, 4.0, 5.0, 6.0, 8.0, 10.0, 11.0])  # fit (5 s) with the anchor (3 s) inside; fit in fit (5 s)
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: next(clock))
+    run = Run.__new__(Run)
+    run.timings, run._open_stages = {}, []
+    with run.timed("fit"):
+        with run.timed("anchor"):
+            pass
+    with run.timed("fit"):
+        with run.timed("fit"):  # a stage nested in itself still adds up to its wall clock
+            pass
+    assert run.timings == {"anchor": 3.0, "fit": 2.0 + 5.0}

@@ -51,6 +51,7 @@ class Run:
         self.store = store
         self.log = log
         self.timings: dict[str, float] = {}
+        self._open_stages: list[float] = []  # per open timed() block: seconds spent in stages nested inside it
         self.valid_setting: str | None = None
         self._valid: Evaluator | None = None
         self._executor: Executor | None = None
@@ -127,12 +128,22 @@ class Run:
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Add the block's wall-clock seconds to ``timings[stage]``."""
+        """Add the block's wall-clock seconds to ``timings[stage]``, less those of stages timed inside it.
+
+        Stages nest (the anchor is computed while the surrogates are fitted, the first-order
+        pass while the design is sampled), and each second counts in one stage only, so the
+        stages add up to the run's time.
+        """
         t = time.perf_counter()
+        self._open_stages.append(0.0)
         try:
             yield
         finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+            elapsed = time.perf_counter() - t
+            inner = self._open_stages.pop()
+            self.timings[stage] = self.timings.get(stage, 0.0) + elapsed - inner
+            if self._open_stages:
+                self._open_stages[-1] += elapsed
 
     # ---- the one evaluator factory -------------------------------------------------------
     def spec(self, split: str = "valid", bias: str | None = None, axis: str | None = None, prompts: int | None = None,
