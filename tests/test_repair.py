@@ -157,9 +157,9 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     # --budgets wrote the front after the repair: at the repair's own budget it makes the repair's choice and
     # confirms nothing new; other budgets confirm only masks not confirmed before, and a second front confirms nothing
     assert "front" in r.timings_s
-    # each second counts in one stage: the anchor is computed inside the fit, the first-order pass inside sampling
+    # each second counts in one stage (the anchor is computed inside the fit)
     stages = {k: v for k, v in r.timings_s.items() if k not in ("total", "front")}
-    assert {"anchor", "fit", "first_order", "sample"} <= set(stages)
+    assert {"anchor", "fit", "sample"} <= set(stages)
     assert sum(stages.values()) <= r.timings_s["total"] + 1e-6
     fr = json.loads((result.out_dir / "front.json").read_text())
     at = {round(100 * p["budget"]): p for p in fr["points"]}
