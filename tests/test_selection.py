@@ -142,3 +142,15 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
     assert policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c),
                          "x").chosen.mask == best.mask
     assert "guard" not in SelectionPolicy(tau=0.05, penalty=1.0, confirm=3).rule()
+
+
+def test_front_plots_a_mask_chosen_at_several_budgets_once_with_every_budget():
+    from types import SimpleNamespace
+
+    from attnprune.front import distinct_choices
+    from attnprune.results import FrontPoint
+
+    a, b = SimpleNamespace(key="a"), SimpleNamespace(key="b")
+    points = [FrontPoint(0.01, 4, 1.0, a), FrontPoint(0.025, 2, 1.0, a), FrontPoint(0.05, 0, 0.0, None),
+              FrontPoint(0.1, 1, 1.0, b)]
+    assert distinct_choices(points) == [(a, [0.01, 0.025]), (b, [0.1])]

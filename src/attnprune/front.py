@@ -23,7 +23,7 @@ from pathlib import Path
 from attnprune import labels
 from attnprune.config import FrontConfig, RepairConfig
 from attnprune.errors import UserError
-from attnprune.results import (ConfirmationSummary, Front, FrontPoint, FrontTest, RepairReport, measured,
+from attnprune.results import (Choice, ConfirmationSummary, Front, FrontPoint, FrontTest, RepairReport, measured,
                                read_result)
 from attnprune.run import Log, Run
 from attnprune.selection import SelectionPolicy
@@ -166,6 +166,15 @@ def markdown(result: Front) -> str:
     return "\n".join(lines)
 
 
+def distinct_choices(points: list[FrontPoint]) -> list[tuple[Choice, list[float]]]:
+    """Each distinct chosen mask once, in budget order, with the budgets that chose it (one label per plotted point)."""
+    out: dict[str, tuple[Choice, list[float]]] = {}
+    for p in points:
+        if p.chosen is not None:
+            out.setdefault(p.chosen.key, (p.chosen, []))[1].append(p.budget)
+    return list(out.values())
+
+
 def plot(result: Front, path: Path) -> None:
     """Confirmed bias (95% CI) against confirmed perplexity change, the front's points joined in budget order."""
     import matplotlib
@@ -174,18 +183,20 @@ def plot(result: Front, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     u = result.confirmation.unrepaired
-    chosen = [p for p in result.points if p.chosen]
-    xs = [0.0] + [100 * p.chosen.confirmed.perplexity_change for p in chosen]
-    ys = [u.bias] + [p.chosen.confirmed.bias for p in chosen]
-    lo = [u.ci[0]] + [p.chosen.confirmed.ci[0] for p in chosen]
-    hi = [u.ci[1]] + [p.chosen.confirmed.ci[1] for p in chosen]
+    distinct = distinct_choices(result.points)
+    chosen = [c for c, _ in distinct]
+    xs = [0.0] + [100 * c.confirmed.perplexity_change for c in chosen]
+    ys = [u.bias] + [c.confirmed.bias for c in chosen]
+    lo = [u.ci[0]] + [c.confirmed.ci[0] for c in chosen]
+    hi = [u.ci[1]] + [c.confirmed.ci[1] for c in chosen]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], fmt="o-",
                 capsize=3, color="tab:blue", label="front (confirmation data)")
     ax.annotate("unrepaired", (xs[0], ys[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    for p, x, y in zip(chosen, xs[1:], ys[1:]):
-        ax.annotate(f"+{100 * p.budget:g}% ({p.chosen.n_pruned} heads)", (x, y), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+    for (c, budgets), x, y in zip(distinct, xs[1:], ys[1:]):
+        ax.annotate(f"{', '.join(f'+{100 * b:g}%' for b in budgets)}: {c.n_pruned} head{'s' * (c.n_pruned != 1)}",
+                    (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.25)
     ax.set_xlabel("perplexity change on confirmation text (%)")
     ax.set_ylabel("bias on confirmation prompts")
     ax.set_title(f"{result.model}: bias vs perplexity budget", fontsize=10)
