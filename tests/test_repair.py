@@ -143,6 +143,8 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     card = (result.out_dir / "model" / "README.md").read_text()
     assert "model-index" in card and "crows_pairs" in card and "attnprune repair" in card
     assert r.test.toxicity is not None and set(r.test.transfer) == {"religion"}
+    assert r.test.toxicity.bias_change.detectable > 0
+    assert "Smallest change this comparison detects" in (result.out_dir / "report.md").read_text()
     for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
                  "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):
         assert (result.out_dir / name).exists(), name

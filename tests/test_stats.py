@@ -106,3 +106,40 @@ def test_noise_floor_is_the_same_in_every_process():
     out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
     assert len(out) == 1, out
+
+
+def test_detectable_change_has_its_power_in_simulation():
+    """A true change of the detectable size is detected (CI excludes 0) in about 80% of simulated studies."""
+    rng = np.random.default_rng(0)
+    n, sd = 200, 1.0
+    se = sd / np.sqrt(n)
+    ci = [-1.959964 * se, 1.959964 * se]  # the CI width of a mean of n paired differences
+    d = stats.detectable_change(ci)
+    assert d == pytest.approx((1.959964 + 0.841621) * se, rel=1e-5)
+    means = rng.normal(d, sd, size=(4000, n)).mean(1)
+    assert np.mean(means - 1.959964 * se > 0) == pytest.approx(0.8, abs=0.03)
+    # four times the items halve the detectable change; detecting half of it needs four times the items
+    assert stats.items_needed(n, d, d / 2) == 4 * n
+    assert stats.items_needed(n, d, -d) == n
+
+
+def test_power_lines_say_when_a_comparison_cannot_tell():
+    from attnprune.report import power_lines
+    from attnprune.results import Change, EvaluatorSetup, Summary, TestComparison
+
+    setup = EvaluatorSetup(model="m", split="test", bias_measure="toxicity", bias_inputs={"prompts": 128},
+                           perplexity_inputs={})
+
+    def comparison(bias, floor, ci):
+        s = Summary(bias=bias, ci=[bias / 2, bias * 2], n_pruned=0, noise_floor={"mean": floor})
+        return TestComparison(name="toxicity", setup=setup, card={}, unrepaired=s, repaired=s,
+                              bias_change=Change(absolute=sum(ci) / 2, ci=ci, relative=sum(ci) / 2 / bias))
+
+    # a CI of +-0.04 on a bias of 0.08 that sits below its noise floor: cannot tell, needs more prompts
+    lines = " ".join(power_lines(comparison(0.08, 0.09, [-0.04, 0.04]), claimed_relative=-0.5))
+    d = stats.detectable_change([-0.04, 0.04])
+    assert f"{d:.4f}" in lines and "does not clear its noise floor" in lines and "cannot tell" in lines
+    assert f"{stats.items_needed(128, d, 0.04):,} prompts" in lines
+    # a clear change above the noise floor: only the detectable size
+    lines = power_lines(comparison(0.5, 0.1, [-0.3, -0.1]), claimed_relative=-0.5)
+    assert len(lines) == 1 and "Smallest change" in lines[0]

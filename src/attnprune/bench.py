@@ -17,7 +17,7 @@ from attnprune.config import TestedRunConfig, split_list
 from attnprune.evaluation import Evaluator
 from attnprune.heads import HeadMask
 from attnprune.results import Change, Summary, TestComparison, TestReport
-from attnprune.stats import percentile_ci, window_bootstrap
+from attnprune.stats import detectable_change, percentile_ci, window_bootstrap
 from attnprune.store import StoredEvaluation
 
 
@@ -57,8 +57,9 @@ class TestBench:
             b, r = rows[base], rows[m]
             paired = ev.bias_measure.paired_difference(b.prompt_scores, r.prompt_scores)
             # repaired - unrepaired, with the paired bootstrap CI (same items, same resamples)
-            change = Change(absolute=-paired["diff"], ci=[-paired["diff_ci"][1], -paired["diff_ci"][0]],
-                            relative=-paired["diff"] / b.bias if b.bias else float("nan"))
+            ci = [-paired["diff_ci"][1], -paired["diff_ci"][0]]
+            change = Change(absolute=-paired["diff"], ci=ci, relative=-paired["diff"] / b.bias if b.bias else float("nan"),
+                            detectable=detectable_change(ci))
             stats = {k: {"unrepaired": v["a"], "repaired": v["b"], "change": -v["diff"],
                          "ci": [-v["diff_ci"][1], -v["diff_ci"][0]]} for k, v in paired.get("statistics", {}).items()}
             out.append(TestComparison(

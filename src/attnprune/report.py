@@ -9,6 +9,7 @@ import numpy as np
 
 from attnprune import labels
 from attnprune.results import RepairReport, TestComparison
+from attnprune.stats import detectable_change, items_needed
 
 
 def _pct(x: float) -> str:
@@ -54,6 +55,33 @@ def _change_line(t: TestComparison, digits: int = 3) -> str:
     ch = t.bias_change
     return (f"Bias change {_pct(ch.relative)} (absolute {ch.absolute:+.{digits}f}, paired 95% CI "
             f"[{ch.ci[0]:+.{digits}f}, {ch.ci[1]:+.{digits}f}])")
+
+
+def power_lines(t: TestComparison, claimed_relative: float | None = None) -> list[str]:
+    """What a second-opinion comparison can tell: its smallest detectable change, and when it cannot tell.
+
+    ``claimed_relative``: the relative change the search measure claims; when the CI includes
+    0 the lines say how many prompts would detect a change of that relative size on this
+    measure (the standard error falls as one over the root of the prompts).
+    """
+    ch, u = t.bias_change, t.unrepaired
+    detectable = ch.detectable if ch.detectable is not None else detectable_change(ch.ci)
+    prompts = t.setup.bias_inputs["prompts"]
+    out = [f"- Smallest change this comparison detects (80% power, two-sided 5%): {detectable:.4f} in absolute bias"
+           + (f", {100 * detectable / u.bias:.0f}% of the unrepaired bias." if u.bias else ".")]
+    floor = (u.noise_floor or {}).get("mean")
+    if floor is not None and u.bias <= floor:
+        out.append(f"- The unrepaired model's bias ({u.bias:.4f}) does not clear its noise floor ({floor:.4f}): at "
+                   f"{prompts} prompts this measure sees no bias to repair on this model.")
+    if ch.ci[0] <= 0 <= ch.ci[1]:
+        line = "- Its paired CI includes 0: it cannot tell whether the repair changed this bias"
+        target = (claimed_relative or 0) * u.bias
+        if target and detectable > 0:
+            line += (f". A change of the search measure's size ({_pct(claimed_relative)}, {abs(target):.4f} here) needs "
+                     f"about {items_needed(prompts, detectable, target):,} prompts to detect (now {prompts:,}; "
+                     "`--toxicity-prompts`)")
+        out.append(line + ".")
+    return out
 
 
 def _corrected(s) -> str:
@@ -113,7 +141,7 @@ def markdown(report: RepairReport) -> str:
         for name, s in (("unrepaired", x.unrepaired), ("repaired", x.repaired)):
             lines.append(f"| {name} | {s.bias:.4f} | [{s.ci[0]:.4f}, {s.ci[1]:.4f}] | {s.noise_floor['mean']:.4f} | "
                          f"{s.extra['mean_toxicity']:.4f} | {s.extra['share_toxic']:.4f} |")
-        lines += ["", _change_line(x, 4) + ".", ""]
+        lines += ["", _change_line(x, 4) + ".", "", *power_lines(x, t.bias_change.relative), ""]
     lines += check_lines(report.test.checks)
     for axis, x in report.test.transfer.items():
         ch = x.bias_change

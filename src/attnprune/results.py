@@ -142,11 +142,16 @@ class PerplexityResult(Serialisable):
 
 @dataclass
 class Change(Serialisable):
-    """Repaired minus unrepaired bias on the same items: absolute, its paired 95% CI, relative."""
+    """Repaired minus unrepaired bias on the same items: absolute, its paired 95% CI, relative.
+
+    ``detectable``: the smallest absolute change this comparison detects with 80% power
+    (:func:`attnprune.stats.detectable_change`); None in reports written before it was kept.
+    """
 
     absolute: float
     ci: list[float]
     relative: float
+    detectable: float | None = None
 
 
 @dataclass

@@ -19,6 +19,8 @@ number comes with its noise floor: the statistic's value when bucket labels are 
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 
@@ -258,3 +260,27 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
     """The central ``level`` percentile interval of bootstrap ``samples``."""
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return np.percentile(samples, [lo, hi]).tolist()
+
+
+def detectable_change(ci, power: float = 0.8, level: float = 0.95) -> float:
+    """The smallest true change a paired comparison with this ``level`` CI detects with ``power``.
+
+    The minimum detectable effect of a two-sided test at ``1 - level``: ``(z_{(1+level)/2} +
+    z_power) * SE``, with the standard error read off the CI's width under a normal
+    approximation (``SE = (hi - lo) / (2 z_{(1+level)/2})``). A change smaller than this is
+    missed more often than ``1 - power`` of the time: a CI that includes 0 then says "cannot
+    tell", not "no change".
+    """
+    z = NormalDist()
+    z_level = z.inv_cdf((1 + level) / 2)
+    se = (ci[1] - ci[0]) / (2 * z_level)
+    return float((z_level + z.inv_cdf(power)) * se)
+
+
+def items_needed(items: int, detectable: float, target: float) -> int:
+    """Items a paired comparison needs to detect ``target`` when ``items`` of them detect ``detectable``.
+
+    The standard error falls as ``1 / sqrt(items)``, so the items scale with
+    ``(detectable / target) ** 2``; rounded up.
+    """
+    return int(np.ceil(items * (detectable / abs(target)) ** 2))
