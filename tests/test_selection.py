@@ -112,6 +112,7 @@ def test_perplexity_change_bound_on_hand_made_windows():
 
 
 def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_only_where_they_decide():
+    """Guards are measured in order of confirmed bias until one candidate holds them all, never over the budget."""
     def windows(ppl_offset):
         return {"perplexity": {"per_window": [100.0 + ppl_offset, 200.0 + ppl_offset], "tokens": 200}}
 
@@ -120,7 +121,9 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
 
     base = row([], 1.0, 100.0)
     best, second, over = row([(0, 0)], 0.2, 100.5), row([(0, 1)], 0.3, 100.5), row([(0, 2)], 0.1, 100.6)
+    third = row([(0, 3)], 0.25, 100.5)  # screened before `second`, but confirms higher: never guarded
     conf = {best.mask: confirmed(best.mask, 0.2, 0), second.mask: confirmed(second.mask, 0.4, 0),
+            third.mask: confirmed(third.mask, 0.6, 0),
             over.mask: confirmed(over.mask, 0.1, 60)}  # +30% perplexity on the confirmation text: over the budget
     base_c = confirmed(base.mask, 1.0, 0)
     asked = []
@@ -131,15 +134,17 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
                                           upper=0.25 if m == best.mask else 0.02, limit=0.05, ok=m != best.mask)}
                 for m in masks]
 
-    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=3, guards=("religion",), guard_margin=0.1)
-    sel = policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c), "x", guard)
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=4, guards=("religion",), guard_margin=0.1)
+    rows = [base, best, second, third, over]
+    sel = policy.select(rows, base, lambda ms, src: ([conf[m] for m in ms], base_c), "x", guard)
     assert sel.chosen.mask == second.mask, "the lowest confirmed bias fails its guard"
-    assert set(asked) == {best.mask, second.mask}, "over the budget: no guard evaluation spent on it"
+    assert asked == [best.mask, second.mask], "by confirmed bias, until one holds; none over the budget"
     by_mask = {tuple(map(tuple, c.pruned)): c for c in sel.candidates}
     assert by_mask[((0, 0),)].guards["religion"].ok is False and not by_mask[((0, 0),)].admissible
+    assert by_mask[((0, 3),)].guards is None and not by_mask[((0, 3),)].admissible
     assert "religion" in policy.rule() and "10% of its unrepaired value" in policy.rule()
     # without the guard the same policy takes the lowest confirmed bias
-    assert policy.select([base, best, second, over], base, lambda ms, src: ([conf[m] for m in ms], base_c),
+    assert policy.select(rows, base, lambda ms, src: ([conf[m] for m in ms], base_c),
                          "x").chosen.mask == best.mask
     assert "guard" not in SelectionPolicy(tau=0.05, penalty=1.0, confirm=3).rule()
 

@@ -109,7 +109,7 @@ class TestBench:
         for measure in split_list(c.checks):
             if measure not in (c.bias, "none"):
                 out[measure] = self.compare(f"{name}/{measure}", [mask], bias=measure, with_perplexity=False)[0]
-        if labels.LMS_GUARD in split_list(c.guard):  # the guard's own statistic, before and after, on test items
+        if labels.LMS_GUARD in c.guards:  # the guard's own statistic, before and after, on test items
             out["stereoset (all types)"] = self.compare(f"{name}/stereoset/all", [mask], bias="stereoset", axis="all",
                                                         with_perplexity=False)[0]
         return out

@@ -376,16 +376,36 @@ class SelectionOptions(Options):
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
                      "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
-                     "is admissible only if every guarded value (a bias, or 100 - LMS) rises by at most --guard-margin")
+                     "is admissible only if every guarded value (a bias, or 100 - LMS) rises by at most --guard-margin. "
+                     "'auto': every other axis and lms, leaving out (and naming) the axes whose unrepaired bias is "
+                     "within its noise floor on the confirmation prompts")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
+
+    @property
+    def auto_guard(self) -> bool:
+        """``--guard auto``: every other axis and lms, without the axes at their noise floor (decided in the run)."""
+        from attnprune.labels import AUTO_GUARD
+
+        return split_list(self.guard) == [AUTO_GUARD]
+
+    @property
+    def guards(self) -> list[str]:
+        """The guards, with ``auto`` spelled out: every HolisticBias axis but the repaired one, then ``lms``."""
+        from attnprune.labels import LMS_GUARD
+
+        if not self.auto_guard:
+            return split_list(self.guard)
+        from attnprune.data import holisticbias as hb
+
+        return [a for a in hb.axes(getattr(self, "holisticbias", None)) if a != getattr(self, "axis", None)] + [LMS_GUARD]
 
     @property
     def guarded_axes(self) -> list[str]:
         """The guards that are HolisticBias axes (all but ``lms``)."""
         from attnprune.labels import LMS_GUARD
 
-        return [g for g in split_list(self.guard) if g != LMS_GUARD]
+        return [g for g in self.guards if g != LMS_GUARD]
 
     def validate(self):
         super().validate()
@@ -397,6 +417,10 @@ class SelectionOptions(Options):
             raise UserError("--tau must be >= 0.")
         if self.guard_margin < 0:
             raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
+        from attnprune.labels import AUTO_GUARD
+
+        if AUTO_GUARD in split_list(self.guard) and not self.auto_guard:
+            raise UserError("--guard auto already guards every other axis and lms; give it alone, or list the guards.")
         if split_list(self.guard) and self.confirm <= 0:
             raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
         self.check_at_least_one("confirm_prompts", "confirm_ppl_tokens")

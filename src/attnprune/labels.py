@@ -13,6 +13,8 @@ CONFIRM_UNREPAIRED = "confirm:unrepaired"  # the unrepaired model on the confirm
 DESIGN = frozenset({SAMPLE, KNOCKOUT})  # what a store may hold before any search result
 # the guard on StereoSet's language-modelling score (every other guard is a HolisticBias axis)
 LMS_GUARD = "lms"
+# every other HolisticBias axis whose unrepaired bias clears its noise floor, and lms
+AUTO_GUARD = "auto"
 
 
 CANDIDATE = "candidate-r"  # the stem of every round's label

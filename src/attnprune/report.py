@@ -186,10 +186,15 @@ def markdown(report: RepairReport) -> str:
                       f"tokens): unrepaired bias {cb.bias:.3f}, perplexity {cb.perplexity:.2f}.", "",
                   "| heads | from | search bias | confirmed bias | confirmed ppl change | upper bound | admissible |",
                   "|---|---|---|---|---|---|---|"]
+        guards_on = bool(report.config.get("guard"))
         for c in conf.candidates:
+            passes = c.confirmed_perplexity_change_bound <= report.config["tau"] and c.confirmed_bias < cb.bias
+            verdict = ("yes" if c.admissible else
+                       "not guarded (a lower confirmed bias held every guard)" if guards_on and passes and c.guards is None
+                       else "no")
             lines.append(f"| {len(c.pruned)} | {c.source} | {c.valid_bias:.3f} | {c.confirmed_bias:.3f} | "
                          f"{_pct(c.confirmed_perplexity_change)} | {_pct(c.confirmed_perplexity_change_bound)} | "
-                         f"{'yes' if c.admissible else 'no'} |")
+                         f"{verdict} |")
         guarded = [c for c in conf.candidates if c.guards]
         if guarded:
             lines += ["", "Guards (validation data the search never saw; change of the guarded value, a bias or "

@@ -321,7 +321,9 @@ class ConfirmedCandidate(Serialisable):
     confirmed_perplexity_change: float
     confirmed_perplexity_change_bound: float
     admissible: bool
-    guards: dict[str, GuardVerdict] | None = None  # measured only for candidates that pass the budget and lower bias
+    # measured only for candidates that pass the budget and lower bias, in order of confirmed bias until one holds
+    # every guard (None for the rest)
+    guards: dict[str, GuardVerdict] | None = None
 
 
 @dataclass

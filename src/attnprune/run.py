@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from attnprune import labels
 from attnprune.bench import TestBench
-from attnprune.config import RunConfig, split_list
+from attnprune.config import RunConfig
 from attnprune.errors import UserError
 from attnprune.evaluation import Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
@@ -267,8 +267,10 @@ class Run:
         base = HeadMask.all_active(*self.shape)
         out: list[dict[str, GuardVerdict]] = [{} for _ in masks]
         with self.timed("guard"):
-            for axis in split_list(c.guard):
+            for axis in c.guards:
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
+                if c.auto_guard and self._at_noise_floor(axis, ev, setting):
+                    continue
                 rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
                 # one bootstrap for all: the unrepaired row and every mask under the same resamples
                 values, boot = _guarded_values(axis, ev, [rows[base], *(rows[m] for m in masks)])
@@ -283,6 +285,25 @@ class Run:
                     out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
                                                 ok=upper <= limit)
         return out
+
+    def _at_noise_floor(self, axis: str, ev: Evaluator, setting: str) -> bool:
+        """``--guard auto``: whether ``axis``'s unrepaired bias is within its noise floor (then it is left out).
+
+        Measured on the unrepaired model alone, before any candidate is (said once per run).
+        """
+        if axis == labels.LMS_GUARD:
+            return False
+        base = self.stored_rows(ev, setting, "confirm", labels.guard(axis), [], with_perplexity=False)[
+            HeadMask.all_active(*self.shape)]
+        floor = (base.bias_result.noise_floor or {}).get("p95")
+        if floor is None or base.bias > floor:
+            return False
+        left_out = self._derived.setdefault("guards_left_out", {})
+        if axis not in left_out:
+            left_out[axis] = {"bias": base.bias, "floor_p95": floor}
+            self.log(f"--guard auto: {axis} is not guarded, its unrepaired bias {base.bias:.3f} is within its noise "
+                     f"floor (95th percentile {floor:.3f}) on the confirmation prompts")
+        return True
 
     def _warn_noise_level_guard(self, axis: str, base: StoredEvaluation) -> None:
         """Say once per run when a guarded axis's unrepaired bias is within its noise floor.

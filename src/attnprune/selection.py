@@ -156,13 +156,13 @@ class SelectionPolicy:
     confidence: float = 0.8
     guards: tuple[str, ...] = ()
     guard_margin: float = 0.1
+    auto_guard: bool = False  # --guard auto: axes at their noise floor are left out (by the run, which measures them)
 
     @classmethod
     def of(cls, cfg) -> "SelectionPolicy":
         """The policy a run's configuration asks for."""
-        guards = tuple(t.strip() for t in str(getattr(cfg, "guard", "")).split(",") if t.strip())
-        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence, guards=guards,
-                   guard_margin=getattr(cfg, "guard_margin", 0.1))
+        return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence, guards=tuple(getattr(cfg, "guards", ())),
+                   guard_margin=getattr(cfg, "guard_margin", 0.1), auto_guard=getattr(cfg, "auto_guard", False))
 
     def budget(self, base: StoredEvaluation) -> Budget:
         """The budget relative to the unrepaired model's evaluation ``base``."""
@@ -216,8 +216,10 @@ class SelectionPolicy:
         """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data.
 
         With :attr:`guards` and a ``guard``, a candidate that passes the budget and lowers
-        bias is admissible only if every guard holds; guards are measured for those
-        candidates only (each costs an evaluation per guarded axis).
+        bias is admissible only if every guard holds. Guards are measured for those
+        candidates only, in order of confirmed bias, and only until one holds them all (each
+        costs an evaluation per guarded axis): the candidates after it keep ``guards=None``
+        and are not admissible, since the choice would not take them anyway.
         """
         if self.confirm <= 0 or confirm is None:
             best = self.best_within_budget(rows, base)
@@ -230,13 +232,17 @@ class SelectionPolicy:
         bounds = [perplexity_change_bound(conf, base_c, self.confidence) for conf in confirmed]
         primary = [bound <= self.tau and conf.bias < base_c.bias for conf, (_, bound) in zip(confirmed, bounds)]
         verdicts: list[dict[str, GuardVerdict] | None] = [None] * len(shortlist)
-        if self.guards and guard is not None and any(primary):
-            passing = [i for i, ok in enumerate(primary) if ok]
-            for i, v in zip(passing, guard([shortlist[i].mask for i in passing])):
-                verdicts[i] = v
+        guarded = bool(self.guards) and guard is not None
+        if guarded:
+            # lowest confirmed bias first, until one holds every guard: the choice is that one, and the
+            # candidates after it cannot be chosen, so their guards are not measured (each costs evaluations)
+            for i in sorted((i for i, ok in enumerate(primary) if ok), key=lambda i: confirmed[i].bias):
+                verdicts[i] = guard([shortlist[i].mask])[0]
+                if all(g.ok for g in verdicts[i].values()):
+                    break
         for screened, conf, (change, bound), ok, verdict in zip(shortlist, confirmed, bounds, primary, verdicts):
-            if verdict is not None:
-                ok = ok and all(g.ok for g in verdict.values())
+            if guarded:
+                ok = ok and verdict is not None and all(g.ok for g in verdict.values())
             candidates.append(ConfirmedCandidate(
                 pruned=[list(p) for p in screened.mask.pruned], source=screened.source, valid_bias=screened.bias,
                 valid_perplexity=screened.perplexity, confirmed_bias=conf.bias, confirmed_perplexity_change=change,
@@ -283,7 +289,8 @@ class SelectionPolicy:
         what = []
         if axes:
             what.append(f"the bias of every guarded axis ({', '.join(axes)}), measured on the confirmation half of "
-                        "validation,")
+                        "validation" + (" (--guard auto: an axis whose unrepaired bias is within the 95th percentile of "
+                                        "its noise floor there is not guarded)" if self.auto_guard else "") + ",")
         if labels.LMS_GUARD in self.guards:
             what.append("StereoSet's error rate 100 - LMS, measured on its validation items of every bias type,")
         return (f"; and {' and '.join(what)} rises by at most {100 * self.guard_margin:g}% of its unrepaired value "
