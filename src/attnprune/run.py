@@ -301,8 +301,10 @@ class Run:
         left_out = self._derived.setdefault("guards_left_out", {})
         if axis not in left_out:
             left_out[axis] = {"bias": base.bias, "floor_p95": floor}
-            self.log(f"--guard auto: {axis} is not guarded, its unrepaired bias {base.bias:.3f} is within its noise "
-                     f"floor (95th percentile {floor:.3f}) on the confirmation prompts")
+            why = ("its prompts fall in one bucket, so its bias is 0 for every mask" if base.bias == floor == 0 else
+                   f"its unrepaired bias {base.bias:.3f} is within its noise floor (95th percentile {floor:.3f}) on the "
+                   "confirmation prompts")
+            self.log(f"--guard auto: {axis} is not guarded, {why}")
         return True
 
     def _warn_noise_level_guard(self, axis: str, base: StoredEvaluation) -> None:
