@@ -294,8 +294,11 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)
 
 
-def _written_comparison(path, seeds: dict, config=None):
-    """A hand-made comparison.json: ``seeds`` maps seed -> {method: (relative change, mask key)}."""
+def _written_comparison(path, seeds: dict, config=None, machine=None):
+    """A hand-made comparison.json: ``seeds`` maps seed -> {method: (relative change, mask key)}.
+
+    ``machine`` (a :func:`attnprune.machine.describe_machine` dict) is recorded for every seed.
+    """
     from attnprune.compare import write_comparison
     from attnprune.results import Choice, Comparison, Measured, SeedComparison, SeedValidation
 
@@ -312,10 +315,27 @@ def _written_comparison(path, seeds: dict, config=None):
                                     budget=21.0)
         result.per_seed.append(SeedComparison(seed=seed, validation=validation, outcomes=outcomes, ap_minus={
             n: {"difference": ap - rel, "ci": [ap - rel - 0.1, ap - rel + 0.1], "replicates": [ap - rel] * 10}
-            for n, (rel, _) in rows.items() if n != "ap"}))
+            for n, (rel, _) in rows.items() if n != "ap"}, machine=dict(machine or {})))
         result.methods = list(dict.fromkeys(result.methods + list(rows)))
     write_comparison(result, path)
     return path
+
+
+def test_each_seed_says_what_its_seconds_were_measured_on_and_a_pool_says_when_machines_differ(tmp_path):
+    from attnprune.compare import pool
+    from attnprune.machine import describe_machine
+
+    here = describe_machine()
+    there = {**here, "processor": "Other CPU", "cpu_kernels": "AVX512"}
+    a = _written_comparison(tmp_path / "a", {10: {"ap": (-0.7, [[0, 1]])}}, machine=here)
+    b = _written_comparison(tmp_path / "b", {10: {"ap": (-0.7, [[0, 1]]), "fasp": (-0.3, [[1, 1]])},
+                                             11: {"ap": (-0.5, [[0, 2]])}}, machine=there)
+    md = (a / "comparison.md").read_text()
+    assert f"Seconds measured on: {here['processor']}, {here['cpus']} CPUs (torch {here['torch_threads']} threads, " \
+           f"{here['cpu_kernels']})." in md
+    pooled = pool([a, b], log=lambda s: None)
+    assert pooled.per_seed[0].machine == {"note": "its methods ran on different machines (see the pooled runs)"}
+    assert pooled.per_seed[1].machine == there  # seed 11 ran in one run only
 
 
 def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(tmp_path):

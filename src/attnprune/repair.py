@@ -17,6 +17,7 @@ from attnprune import labels
 from attnprune.config import FrontConfig, RepairConfig, command_line, split_list
 from attnprune.front import front
 from attnprune.heads import HeadMask
+from attnprune.machine import describe_machine
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import (ConfirmationSummary, EvaluationCounts, RepairReport, ValidationPoint,
                                ValidationSummary, measured)
@@ -89,7 +90,8 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
                 new_this_run=run.store.count() - evals_before, in_store=run.store.count(),
                 evaluation_seconds=proposal.seconds + confirm_seconds + (
                     selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
-            timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None})
+            timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None},
+            machine=describe_machine(cfg.device))
         model_dir = None
         if cfg.export:
             from attnprune.export import export_repaired, model_card

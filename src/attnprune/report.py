@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprune import labels
+from attnprune.machine import machine_line
 from attnprune.results import RepairReport, TestComparison
 from attnprune.stats import detectable_change, items_needed
 
@@ -208,7 +209,8 @@ def markdown(report: RepairReport) -> str:
     for c in report.search.candidates:
         lines.append(f"| {c.round + 1} | {c.n_pruned} | {c.predicted_bias:.3f} | {c.bias:.3f} | "
                      f"{c.predicted_perplexity:.2f} | {c.perplexity:.2f} |")
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()), "",
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items())
+              + f"; measured on {machine_line(report.machine)}", "",
               f"Pruned heads [layer, head]: {report.chosen_mask['pruned']}", ""]
     return "\n".join(lines)
 

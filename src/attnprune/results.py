@@ -433,6 +433,7 @@ class RepairReport(Serialisable):
     llm_evaluations: EvaluationCounts
     timings_s: dict
     outputs: dict[str, Any] = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)  # what the seconds were measured on (attnprune.machine)
 
 
 @dataclass
@@ -476,6 +477,7 @@ class SeedComparison(Serialisable):
     knockouts: dict | None = None
     # AP minus each method on the same test prompts: difference of relative bias changes, paired CI, replicates
     ap_minus: dict[str, dict] = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)  # what this seed's seconds were measured on (attnprune.machine)
 
 
 @dataclass
