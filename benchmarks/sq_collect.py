@@ -32,9 +32,9 @@ from attnprune import HeadMask, load_model
 from attnprune.backend import Backend
 from attnprune.measures import get_measure
 from attnprune.search.annealing import anneal
+from common import DEVELOPMENT_SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent / "runs" / "signal_quality"
-DEVELOPMENT_SEEDS = (0, 1, 2)
 
 
 def save(path: Path, masks: list[HeadMask], data: dict[str, list]) -> None:
