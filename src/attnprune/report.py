@@ -203,7 +203,9 @@ def markdown(report: RepairReport) -> str:
             for c in guarded:
                 lines.append(f"- {len(c.pruned)} heads: " + "; ".join(
                     f"{axis} {g.change:+.3f} (bound {g.upper:+.3f}, limit {g.limit:+.3f}: "
-                    f"{'holds' if g.ok else 'fails'})" for axis, g in c.guards.items()))
+                    f"{'holds' if g.ok else 'fails'})" for axis, g in c.guards.items())
+                    + ("; the guards after a failed one are not measured (it cannot be chosen)"
+                       if not all(g.ok for g in c.guards.values()) else ""))
     lines += ["", "| round | heads | predicted bias | measured bias | predicted ppl | measured ppl |",
               "|---|---|---|---|---|---|"]
     for c in report.search.candidates:

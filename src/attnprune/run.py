@@ -262,28 +262,38 @@ class Run:
         bound at ``cfg.confidence`` adds the paired bootstrap's (same resamples for both)
         quantile above its median to the change. A guard holds when that bound is at most
         ``cfg.guard_margin`` x the unrepaired value. Evaluations are stored (once each).
+
+        A mask that fails a guard cannot be chosen, so the guards after it are not measured
+        for that mask (its verdict holds the guards up to the first that failed): each guard
+        costs an evaluation per mask, and on the default model a candidate's guards take
+        minutes.
         """
         c = self.cfg
         base = HeadMask.all_active(*self.shape)
         out: list[dict[str, GuardVerdict]] = [{} for _ in masks]
+        open_ = list(range(len(masks)))  # the masks that have held every guard so far
         with self.timed("guard"):
             for axis in c.guards:
+                if not open_:
+                    break
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
                 if c.auto_guard and self._at_noise_floor(axis, ev, setting):
                     continue
-                rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), masks, with_perplexity=False)
+                measured = [masks[i] for i in open_]
+                rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), measured, with_perplexity=False)
                 # one bootstrap for all: the unrepaired row and every mask under the same resamples
-                values, boot = _guarded_values(axis, ev, [rows[base], *(rows[m] for m in masks)])
+                values, boot = _guarded_values(axis, ev, [rows[base], *(rows[m] for m in measured)])
                 limit = c.guard_margin * values[0]
                 self._warn_noise_level_guard(axis, rows[base])
-                for i, m in enumerate(masks):
-                    d = boot[i + 1] - boot[0]
-                    change = values[i + 1] - values[0]
+                for j, i in enumerate(open_):
+                    d = boot[j + 1] - boot[0]
+                    change = values[j + 1] - values[0]
                     # the bootstrap's spread around its median, put on the point change: a sum of absolute
                     # deviations is biased in resamples, so raw percentiles can sit below the change itself
                     upper = change + float(np.quantile(d, c.confidence) - np.median(d))
                     out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
                                                 ok=upper <= limit)
+                open_ = [i for i in open_ if out[i][axis].ok]
         return out
 
     def _at_noise_floor(self, axis: str, ev: Evaluator, setting: str) -> bool:
