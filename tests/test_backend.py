@@ -76,6 +76,18 @@ def test_start_layer_and_memory_bound():
     assert small.start_layer(0) == 0 and small.start_layer(3) == small.layers[0]
 
 
+def test_an_input_set_too_large_for_the_layer_cache_runs_every_layer():
+    """No layer fits the cache's memory (StereoSet's every-type test items under --guard lms did this on the
+    default model): masked forwards run the whole model and give the plain numbers, not a division by zero."""
+    loaded = tiny_loaded("llama")
+    plain, tight = (_prepared("stereoset", loaded, {"reuse_layers": r, "cache_mb": 1e-6}, split="valid", axis="all")
+                    for r in (False, True))
+    masks = [HeadMask.all_active(3, 4), *MASKS[1:3]]
+    a, b = plain.sentence_scores(masks), tight.sentence_scores(masks)
+    assert tight.rows_.layer_cache is not None and tight.rows_.layer_cache.layers == []
+    assert np.allclose(a, b, atol=1e-5)
+
+
 def test_skip_restores_forward_after_an_exception():
     model = tiny_model("llama")
     layout = head_layout(model)
