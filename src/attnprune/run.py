@@ -293,6 +293,8 @@ class Run:
                     upper = change + float(np.quantile(d, c.confidence) - np.median(d))
                     out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
                                                 ok=upper <= limit)
+                    if upper > limit and upper - change > limit:
+                        self._warn_guard_below_its_noise(axis, out[i][axis])
                 open_ = [i for i in open_ if out[i][axis].ok]
         return out
 
@@ -332,6 +334,23 @@ class Run:
                  f"percentile {floor:.3f}) on these confirmation prompts, so a limit of {self.cfg.guard_margin:g} x "
                  "that bias is below the noise of a change and the guard holds only for candidates that lower it; "
                  "raise --guard-margin or guard another axis")
+
+    def _warn_guard_below_its_noise(self, axis: str, verdict: GuardVerdict) -> None:
+        """Say once per run when a guard failed although its limit is smaller than what noise adds to a change.
+
+        The one-sided bound puts the bootstrap's spread on the point change; when that spread
+        alone exceeds the limit, even a mask that leaves the axis as it was fails, and only
+        masks that lower the axis's bias can hold (on the default model: ``age``, limit 0.039,
+        about 0.08 of noise for a 15-head mask).
+        """
+        warned = self._derived.setdefault("guards_below_noise", set())
+        if axis in warned:
+            return
+        warned.add(axis)
+        self.log(f"warning: --guard {axis}: a candidate failed it with a change of {verdict.change:+.3f}, and the "
+                 f"one-sided bound adds {verdict.upper - verdict.change:.3f} of noise to a change, more than the limit "
+                 f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; raise --guard-margin or "
+                 "guard other axes")
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
         """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).
