@@ -122,8 +122,6 @@ class Backend:
         mask after mask) each batch starts at the deepest cached layer before its first
         pruned layer; ``past_for(rows)`` gives each batch cached earlier tokens.
         """
-        if cache is not None and not cache.layers:  # no layer fitted in its memory: every forward runs every layer
-            cache = None
         base_rows = torch.arange(input_ids.shape[0]) % cache.built_rows if cache is not None else None
         outs = []
         for rows in row_batches(input_ids.shape[0], batch_size):

@@ -195,6 +195,7 @@ class LayerInputCache:
         per_layer = input_ids.numel() * hidden * torch.empty((), dtype=dtype).element_size()
         wanted = self.choose_layers(per_layer) if layers is None else sorted(layers)
         self.inputs = {}
+        self.built_rows = input_ids.shape[0]  # with no layer (none fits the memory) every forward runs every layer
         if not wanted:
             return self
         parts: dict[int, list[torch.Tensor]] = {l: [] for l in wanted}
@@ -230,7 +231,6 @@ class LayerInputCache:
         full = input_ids.shape[1]
         self.inputs = {l: torch.cat([F.pad(t, (0, 0, full - w, 0)) for t, w in zip(p, widths)]) for l, p in parts.items()}
         self.output_arity = arity
-        self.built_rows = input_ids.shape[0]
         return self
 
     def start_layer(self, first_pruned: int) -> int:
