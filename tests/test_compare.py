@@ -274,7 +274,8 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
     import attnprune.methods.ap as ap
 
     lm = tiny_loaded("llama", seed=3)
-    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 1.0, "samples": 6, "anchor_prompts": 200})
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 1.0, "samples": 6, "anchor_prompts": 200,
+                          "ppl_tokens": 1024})  # 4 windows: a knockout's perplexity noise needs more than one
     policy = SelectionPolicy(cfg.tau, cfg.penalty)
     with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
         method = ap.AttentionPruning()
@@ -286,6 +287,13 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         # the anchor read before the first evaluation is the one the search uses: kept once, under one key
         kept = run.store.db.execute("SELECT count(*) FROM meta WHERE key LIKE 'anchor:%'").fetchone()[0]
         assert kept == 1
+        # the perplexity prior: one first-order estimate per head, kept once, its seconds in the method's cost
+        prior = method.perplexity_prior(ctx)
+        assert len(prior["log_perplexity"]) == run.n_total and np.isfinite(prior["log_perplexity"]).all()
+        assert "perplexity effects shrunk toward first-order estimates" in proposal.notes
+        assert proposal.seconds >= sum(r.seconds for r in proposal.rows) + anchor["seconds"] + prior["seconds"]
+        data = method.training_set(ctx, method.training_data(ctx), method.options(ctx), with_summaries=True)
+        assert data.log_ppl_prior is not None and (data.log_ppl_var >= 0).all()
         surrogate = method.fit(ctx)
         names = sorted(anchor["buckets"])
         base_pred = surrogate.predict_torch(torch.ones(1, run.n_total))[0]

@@ -100,6 +100,41 @@ def test_surrogates_learn_an_additive_function_and_report_cv():
     assert np.array_equal(a, b), "seeded fits must be reproducible"
 
 
+def test_perplexity_effects_shrunk_toward_a_prior_undo_the_curse_of_choosing_the_cheapest_heads():
+    """Knockouts measured on few windows: the heads that look cheapest are partly lucky; shrinkage corrects that."""
+    from attnprune.surrogate import AdditiveSurrogate
+
+    rng = np.random.default_rng(0)
+    n_heads, noise = 92, 0.004
+    prior = rng.normal(0.005, 0.008, n_heads)  # a first-order estimate on a wide text: half the scale, some error
+    true = 0.002 + 2 * prior + rng.normal(0, 0.005, n_heads)
+    base_ppl = np.log(30.0)
+
+    def fit(shrink_ppl: bool, seed: int):
+        r = np.random.default_rng(seed)
+        measured = true + r.normal(0, noise, n_heads)
+        pruned = np.vstack([np.zeros(n_heads), np.eye(n_heads)])
+        lp = np.concatenate([[base_ppl], base_ppl + measured])
+        summaries = np.zeros((len(lp), 2))
+        var = np.full(len(lp), noise ** 2)
+        m = AdditiveSurrogate(shrink=True).fit_arrays(
+            pruned, summaries, lp, lambda y: y.sum(-1), None, None, var if shrink_ppl else None,
+            prior if shrink_ppl else None)
+        cheapest = np.argsort(measured)[:15]  # what a search within a budget prunes
+        return m.E_[cheapest].sum() - true[cheapest].sum()
+
+    raw = np.mean([fit(False, s) for s in range(40)])
+    shrunk = np.mean([fit(True, s) for s in range(40)])
+    assert raw < -0.02, raw  # the 15 cheapest-looking heads under-state their cost by over 2% of log-perplexity
+    assert abs(shrunk) < abs(raw) / 3, (raw, shrunk)
+    # noiseless knockouts are left as measured
+    pruned = np.vstack([np.zeros(n_heads), np.eye(n_heads)])
+    lp = np.concatenate([[base_ppl], base_ppl + true])
+    m = AdditiveSurrogate(shrink=True).fit_arrays(pruned, np.zeros((len(lp), 2)), lp, lambda y: y.sum(-1), None, None,
+                                                  np.zeros(len(lp)), prior)
+    assert np.allclose(m.E_, true)
+
+
 @pytest.mark.parametrize("sampler, surrogate", [("boundary", "additive"), ("paper", "ridge")])
 def test_fit_and_search_run_from_the_store_alone(sampler, surrogate, model_dir, tmp_path, capsys):
     out = tmp_path / "run"

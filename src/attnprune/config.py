@@ -319,6 +319,10 @@ class SearchOptions(Options):
                          "refined by the other evaluations), 'mlp' (the paper's) or 'ridge'",
                          choices=_surrogates)
     shrink: bool = opt(True, "shrink each knockout effect toward zero by its own prompt noise (additive surrogate)")
+    ppl_prior_tokens: int = opt(16384, "additive surrogate: shrink each knockout's perplexity effect by its own "
+                                "text noise (the spread over the search's windows) toward a first-order estimate on "
+                                "this many tokens of the search half's text (one gradient pass), so the search cannot "
+                                "chase heads whose removal is cheap only on its few windows (0: off)")
     anchor_prompts: int = opt(100000, "additive surrogate: take the unrepaired model's bucket means from up to this "
                               "many prompts of the search half (default: all of it; one extra evaluation), and only "
                               "the masks' paired shifts from the search prompts, so the search cannot chase the noise "
@@ -356,6 +360,8 @@ class SearchOptions(Options):
             raise UserError("--samples must be >= 0.")
         if self.anchor_prompts < 0:
             raise UserError("--anchor-prompts must be 0 (off) or a number of prompts.")
+        if self.ppl_prior_tokens < 0:
+            raise UserError("--ppl-prior-tokens must be 0 (off) or a number of tokens.")
         self.check_at_least_one("prompts", "ppl_tokens", "chains", "steps", "top_k", "rounds")
         if self.calibrate < 0:
             raise UserError("--calibrate must be 0 or more rounds.")
@@ -372,7 +378,8 @@ class SelectionOptions(Options):
     confirm_prompts: int = opt(1000, "confirmation prompts (validation prompts the search never sees)")
     confirm_ppl_tokens: int = opt(8192, "confirmation perplexity tokens, evenly spread over the half of the validation "
                                   "text the search never sees (32 windows)")
-    confidence: float = opt(0.8, "one-sided confidence that a confirmed perplexity change is within the budget")
+    confidence: float = opt(0.95, "one-sided confidence that a confirmed perplexity change is within the budget (and "
+                            "that a guarded value is within its margin)")
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
                      "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
@@ -439,8 +446,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
                   "r_max", "dtype")
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
-    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "tau", "penalty",
-                     "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
+    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
+                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
                      "confirm_ppl_tokens", "confidence")
 
     @property

@@ -423,6 +423,20 @@ class Run:
         """The validation measure's first-order removal estimates of every head (one gradient pass)."""
         return self.valid.removal_estimates()
 
+    def perplexity_removal_estimates(self, tokens: int) -> np.ndarray:
+        """``[N]`` first-order log-perplexity effect of removing each head, on ``tokens`` of the search's text half.
+
+        The windows are evenly spread over the half of the validation text the confirmation
+        never reads (the whole validation text without confirmation), so the search's
+        perplexity text is among them; one gradient pass.
+        """
+        from attnprune.measures import get_measure
+
+        c = self.cfg
+        text = get_measure("perplexity", split="valid", max_tokens=tokens, source=c.corpus, seed=c.seed,
+                           **({"part": "search"} if c.confirm > 0 else {}))
+        return np.asarray(text.prepare(self.valid.backend).removal_estimates(), dtype=float)
+
     def unrepaired_on_search_prompts(self, prompts: int) -> dict | None:
         """The unrepaired model on up to ``prompts`` search-half validation prompts, without perplexity.
 

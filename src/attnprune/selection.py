@@ -153,7 +153,7 @@ class SelectionPolicy:
     penalty: float
     confirm: int = 0
     screen_slack: float = 0.02
-    confidence: float = 0.8
+    confidence: float = 0.95
     guards: tuple[str, ...] = ()
     guard_margin: float = 0.1
     auto_guard: bool = False  # --guard auto: axes at their noise floor are left out (by the run, which measures them)
@@ -262,7 +262,8 @@ class SelectionPolicy:
                 + (" on the confirmation data" if self.confirm > 0 else "")
                 + (f" and keeping {', '.join(self.guards)} within the guard margin" if self.guards and guard else "")
                 + ("; raise --tau, --guard-margin, --samples or --rounds" if self.guards and guard else
-                   "; raise --tau, --samples or --rounds")
+                   "; raise --tau, --samples or --rounds"
+                   + (f", or lower --confidence (now {self.confidence:g})" if self.confirm > 0 else ""))
                 + " (the store keeps every evaluation, so a rerun continues)."
             )
         return selection

@@ -38,7 +38,9 @@ class TrainingSet:
     ``summaries`` is the bias as one column and ``statistic`` picks it); ``summary_var
     [M, B]`` each row's sampling variance of its shift from the unrepaired model, ``prior
     [N, B]`` independent estimates of every head's shift (both optional). ``inside [M]``
-    marks masks whose measured perplexity met the budget (for the metrics).
+    marks masks whose measured perplexity met the budget (for the metrics). ``log_ppl_var
+    [M]`` and ``log_ppl_prior [N]`` do for log-perplexity what ``summary_var`` and
+    ``prior`` do for the summaries (both optional).
     """
 
     bits: np.ndarray
@@ -50,6 +52,8 @@ class TrainingSet:
     prior: np.ndarray | None = None
     inside: np.ndarray | None = None
     seed: int = 0
+    log_ppl_var: np.ndarray | None = None  # [M] sampling variance of each row's log-perplexity change
+    log_ppl_prior: np.ndarray | None = None  # [N] independent estimate of every head's log-perplexity effect
 
     @property
     def pruned(self) -> np.ndarray:
@@ -260,21 +264,25 @@ class AdditiveSurrogate:
 
     def fit(self, data: TrainingSet) -> "AdditiveSurrogate":
         """Fit on a :class:`TrainingSet` with summaries (see :meth:`fit_arrays`)."""
-        return self.fit_arrays(data.pruned, data.summaries, data.log_ppl, data.statistic, data.summary_var, data.prior)
+        return self.fit_arrays(data.pruned, data.summaries, data.log_ppl, data.statistic, data.summary_var, data.prior,
+                               data.log_ppl_var, data.log_ppl_prior)
 
     def metrics(self, data: TrainingSet) -> dict:
         """Held-out accuracy on the multi-head masks (:func:`additive_metrics`), and the compounding term."""
         inside = np.ones(len(data.bias), dtype=bool) if data.inside is None else data.inside
         m = additive_metrics(lambda: type(self)(ridge=self.ridge, shrink=self.shrink), data.pruned, data.summaries,
                              data.log_ppl, data.statistic, data.summary_var, data.bias, inside=inside,
-                             seed=data.seed, prior=data.prior)
+                             seed=data.seed, prior=data.prior, log_ppl_var=data.log_ppl_var,
+                             log_ppl_prior=data.log_ppl_prior)
         out = {"kind": "additive", "samples": len(data.bias), **m}
         if hasattr(self, "c_"):
             out["compounding"] = self.c_
         return out
 
     def fit_arrays(self, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
-            summary_var: np.ndarray | None = None, prior: np.ndarray | None = None) -> "AdditiveSurrogate":
+                   summary_var: np.ndarray | None = None, prior: np.ndarray | None = None,
+                   log_ppl_var: np.ndarray | None = None, log_ppl_prior: np.ndarray | None = None
+                   ) -> "AdditiveSurrogate":
         """Fit on ``pruned [M, N]`` (1 = pruned), ``summaries [M, B]``, ``log_ppl [M]``; row 0..M-1 any order.
 
         ``statistic(means [..., B] tensor) -> bias [...]`` maps summaries to the bias; the
@@ -282,7 +290,10 @@ class AdditiveSurrogate:
         ``summary_var [M, B]`` (optional) is each row's sampling variance of its summary
         shift from the unrepaired model (used by ``shrink``); ``prior [N, B]`` (optional) an
         independent estimate of every head's summary shift, the target of the shrinkage and
-        the effect of heads without a knockout.
+        the effect of heads without a knockout. ``log_ppl_var [M]`` and ``log_ppl_prior [N]``
+        (optional, both needed) do the same for log-perplexity, the prior first put on the
+        knockouts' scale by a least-squares line (a first-order estimate is a linearisation:
+        its scale is not the knockout's).
         """
         P = np.asarray(pruned, dtype=np.float64)
         Y = np.asarray(summaries, dtype=np.float64).reshape(len(P), -1)
@@ -309,6 +320,9 @@ class AdditiveSurrogate:
             resid = D0[k] - target[k]
             signal = np.maximum(resid.var(axis=0) - V[k].mean(axis=0), 0.0)  # [B] spread of true deviations
             D0[k] = target[k] + resid * signal / (signal + V[k] + 1e-12)
+        if self.shrink and log_ppl_var is not None and log_ppl_prior is not None and len(singles) > 2:
+            E0 = _shrunk_toward_prior(E0, self.knocked_, np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1),
+                                      {int(np.argmax(P[i])): float(log_ppl_var[i]) for i in singles})
         multi = counts > 1
         self.D_, self.E_ = D0.copy(), E0.copy()
         if multi.any():
@@ -339,9 +353,30 @@ class AdditiveSurrogate:
         return b.numpy().astype(np.float64), lp.numpy().astype(np.float64)
 
 
+def _shrunk_toward_prior(effects: np.ndarray, knocked: np.ndarray, prior: np.ndarray,
+                         variance: dict[int, float]) -> np.ndarray:
+    """Knockout effects shrunk toward ``a + b * prior`` by their own noise (empirical Bayes); the rest get the line.
+
+    ``variance``: each knocked head's sampling variance. The line is the least-squares fit of
+    the knockouts on the prior; the spread of the true deviations from it is the knockouts'
+    spread about it less their mean noise (the shrinkage of each is signal / (signal + its
+    noise)).
+    """
+    k = knocked
+    slope, intercept = np.polyfit(prior[k], effects[k], 1)
+    line = intercept + slope * prior
+    V = np.array([variance[h] for h in np.flatnonzero(k)])
+    resid = effects[k] - line[k]
+    signal = max(float(resid.var()) - float(V.mean()), 0.0)
+    out = line.copy()
+    out[k] = line[k] + resid * signal / (signal + V + 1e-18)
+    return out
+
+
 def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,
                      summary_var: np.ndarray | None, bias: np.ndarray, inside: np.ndarray, folds: int = 5,
-                     seed: int = 0, prior: np.ndarray | None = None) -> dict:
+                     seed: int = 0, prior: np.ndarray | None = None, log_ppl_var: np.ndarray | None = None,
+                     log_ppl_prior: np.ndarray | None = None) -> dict:
     """Held-out accuracy of an additive surrogate on the masks that prune several heads.
 
     K-fold over the multi-head masks; the unrepaired model and the knockouts always stay in
@@ -359,11 +394,13 @@ def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: n
         keep = np.ones(len(pruned), dtype=bool)
         keep[multi[test]] = False
         m = make().fit_arrays(pruned[keep], summaries[keep], log_ppl[keep], statistic,
-                       None if summary_var is None else summary_var[keep], prior)
+                              None if summary_var is None else summary_var[keep], prior,
+                              None if log_ppl_var is None else log_ppl_var[keep], log_ppl_prior)
         pred_b[test], pred_lp[test] = m.predict(1 - pruned[multi[test]])
     single = pruned.sum(1) <= 1
     first = make().fit_arrays(pruned[single], summaries[single], log_ppl[single], statistic,
-                       None if summary_var is None else summary_var[single], prior)
+                              None if summary_var is None else summary_var[single], prior,
+                              None if log_ppl_var is None else log_ppl_var[single], log_ppl_prior)
     fb, flp = first.predict(1 - pruned[multi])
     ins = inside[multi]
     out = {"folds": folds, "multi_head_masks": int(len(multi)),

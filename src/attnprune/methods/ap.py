@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import torch
@@ -111,6 +112,28 @@ class AttentionPruning(Method):
             ctx.keep("anchor", stored, depends)
         return stored or None
 
+    def perplexity_prior(self, ctx: MethodContext) -> dict | None:
+        """The first-order log-perplexity effect of every head on ``ppl_prior_tokens`` of the search half's text.
+
+        ``{"log_perplexity": [N], "seconds"}``: the target toward which the additive surrogate
+        shrinks each knockout's perplexity effect (kept in the store; None when off). One
+        gradient pass, counted in the method's cost.
+        """
+        c = self.options(ctx)
+        if c.ppl_prior_tokens <= 0 or c.surrogate != "additive" or not c.shrink:
+            return None
+        depends = {"ppl_prior_tokens": c.ppl_prior_tokens}
+        stored = ctx.cached("ppl_prior", depends)
+        if stored is None and ctx.can_evaluate:
+            ctx.log(f"first-order estimates of every head's removal on {c.ppl_prior_tokens} tokens of the search "
+                    "text (the perplexity prior) ...")
+            with ctx.timed("first_order"):
+                t = time.perf_counter()
+                est = ctx.perplexity_removal_estimates(c.ppl_prior_tokens)
+                stored = {"log_perplexity": est.tolist(), "seconds": time.perf_counter() - t}
+            ctx.keep("ppl_prior", stored, depends)
+        return stored
+
     def training_data(self, ctx: MethodContext, before_round: int | None = None) -> list[StoredEvaluation]:
         """The design's evaluations and the candidates of rounds before ``before_round`` (all when None).
 
@@ -157,8 +180,10 @@ class AttentionPruning(Method):
         first = ctx.cached("first_order")
         prior = np.asarray(first["summary"]) if first is not None and summaries.shape[1] > 1 else None
         inside = log_ppl - log_ppl[base_row] <= math.log(1 + c.tau)
+        ppl_prior = self.perplexity_prior(ctx)
         return dataclasses.replace(data, summaries=summaries, statistic=statistic, summary_var=var, prior=prior,
-                                   inside=inside)
+                                   inside=inside, log_ppl_var=log_perplexity_variance(rows, rows[base_row]),
+                                   log_ppl_prior=None if ppl_prior is None else np.asarray(ppl_prior["log_perplexity"]))
 
     # ---- stage 3 ------------------------------------------------------------------------
     def search(self, ctx: MethodContext, surrogates: Surrogates, round_: int | None = None,
@@ -301,6 +326,10 @@ class AttentionPruning(Method):
         if anchor:
             seconds += anchor["seconds"]
             notes += f"; anchored on the unrepaired model's means over {anchor['prompts']} search prompts"
+        prior = self.perplexity_prior(ctx)
+        if prior:
+            seconds += prior["seconds"]
+            notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details)
 
 
@@ -312,3 +341,24 @@ def describe_metrics(metrics: dict) -> str:
         for kind, m in cv.get(target, {}).items():
             parts.append(f"{target} {kind} Spearman {m['spearman']:.2f}")
     return ", ".join(parts) or "no held-out metrics (too few multi-head masks)"
+
+
+def log_perplexity_variance(rows: list[StoredEvaluation], base: StoredEvaluation) -> np.ndarray | None:
+    """``[M]`` sampling variance of each row's log-perplexity change from ``base``, over the text's windows.
+
+    The paired per-window differences (same windows, same tokens each): their variance over
+    the windows, divided by the window count. None when the rows hold no per-window values.
+    """
+    b = base.perplexity_result
+    if b is None or len(b.per_window) < 2:
+        return None
+    bw = np.asarray(b.per_window, dtype=float)
+    per_token = b.tokens / len(bw)
+    out = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        p = r.perplexity_result
+        if p is None or len(p.per_window) != len(bw):
+            return None
+        d = (np.asarray(p.per_window, dtype=float) - bw) / per_token
+        out[i] = d.var(ddof=1) / len(d)
+    return out
