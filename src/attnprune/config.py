@@ -447,8 +447,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
     DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
-                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm", "confirm_prompts",
-                     "confirm_ppl_tokens", "confidence")
+                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm",
+                     "confirm_prompts", "confirm_ppl_tokens", "confidence")
 
     @property
     def out_dir(self) -> Path:
