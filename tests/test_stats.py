@@ -143,3 +143,38 @@ def test_power_lines_say_when_a_comparison_cannot_tell():
     # a clear change above the noise floor: only the detectable size
     lines = power_lines(comparison(0.5, 0.1, [-0.3, -0.1]), claimed_relative=-0.5)
     assert len(lines) == 1 and "Smallest change" in lines[0]
+
+
+def test_perplexity_promise_recovers_the_rule_at_another_confidence():
+    """benchmarks/perplexity_promise.py: the standard error read off a bound, the choice at 80% and 95%, P of the test."""
+    import math
+    import sys
+    from pathlib import Path
+
+    from scipy.stats import t as student_t
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from perplexity_promise import promise
+
+    q80 = float(student_t.ppf(0.8, 31))
+
+    def cand(bias, change, se, source="candidate-r0"):
+        return {"pruned": [[0, 0]] * 3, "source": source, "valid_bias": bias, "valid_perplexity": 30.0 * 1.01,
+                "confirmed_bias": bias, "confirmed_perplexity_change": math.expm1(change),
+                "confirmed_perplexity_change_bound": math.expm1(change + q80 * se), "admissible": True}
+
+    report = {"config": {"seed": 0, "tau": 0.05, "confidence": 0.8, "test_ppl_tokens": 16384},
+              "validation": {"unrepaired": {"perplexity": 30.0},
+                             "confirmation": {"setup": {"perplexity_inputs": {"windows": 32}},
+                                              "unrepaired": {"bias": 1.0},
+                                              "candidates": [cand(0.5, 0.042, 0.007), cand(0.7, 0.02, 0.007)]}}}
+    out = promise(report, [0.8, 0.95])
+    at80, at95 = (r["chosen"] for r in out["rule"])
+    # at 80% the lower bias is in budget (bound 4.2 + 0.6 < 4.9); at 95% it is not (4.2 + 1.19 > 4.88) and the other is
+    assert at80["confirmed_bias"] == 0.5 and at95["confirmed_bias"] == 0.7
+    assert at80["se"] == pytest.approx(0.007)
+    assert at95["bound"] == pytest.approx(math.expm1(0.02 + float(student_t.ppf(0.95, 31)) * 0.007))
+    # a choice near the budget is less likely to show it on the test than one far inside it
+    assert at80["p_test_bound_within_budget"] < 0.5 < at95["p_test_bound_within_budget"]
+    assert out["search_to_confirmation_gap"] == pytest.approx(
+        math.expm1((0.042 + 0.02) / 2 - math.log(1.01)))
