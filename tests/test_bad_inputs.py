@@ -144,6 +144,8 @@ CASES = [
     # values out of range
     (["repair", "--model", "{model}", "--confidence", "1.5"], "--confidence must be in [0.5, 1)"),
     (["repair", "--model", "{model}", "--tau", "-0.1"], "--tau must be >= 0"),
+    (["repair", "--model", "{model}", "--guard-prompts", "0"], "--guard-prompts must be at least 1"),
+    (["repair", "--model", "{model}", "--ppl-prior-tokens", "-1"], "--ppl-prior-tokens must be 0"),
     (["repair", "--model", "{model}", "--mask-batch", "0"], "--mask-batch must be at least 1"),
     (["repair", "--model", "{model}", "--knockouts", "0"], "--knockouts must be a share"),
     (["repair", "--model", "{model}", "--rounds", "0"], "--rounds must be at least 1"),

@@ -300,6 +300,11 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
         ev, _ = run.evaluator(run.guard_spec("religion"), with_perplexity=False)
         setup = ev.describe()["bias_inputs"]
         assert setup["axis"] == "religion" and setup["part"] == "confirm" and setup["split"] == "valid"
+        # --guard-prompts sizes the guards apart from the confirmation
+        run.cfg.guard_prompts = 48
+        more = run.evaluator(run.guard_spec("religion"), with_perplexity=False)[0].describe()["bias_inputs"]
+        assert more["prompts"] > setup["prompts"] and more["part"] == "confirm"
+        run.cfg.guard_prompts = None
         base, *rows = (ev.evaluate([m], with_perplexity=False)[0] for m in [HeadMask.all_active(3, 4), *masks])
     for v, r in zip(verdicts, rows):
         g = v["religion"]

@@ -388,6 +388,9 @@ class SelectionOptions(Options):
                      "within its noise floor on the confirmation prompts")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
+    guard_prompts: int | None = opt(None, "prompts of each guarded axis, from the confirmation half of validation "
+                                    "(default: --confirm-prompts; all of the half at most): the noise a guard's "
+                                    "bound adds to a change falls as 1 / sqrt(prompts)")
 
     @property
     def auto_guard(self) -> bool:
@@ -424,6 +427,8 @@ class SelectionOptions(Options):
             raise UserError("--tau must be >= 0.")
         if self.guard_margin < 0:
             raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
+        if self.guard_prompts is not None and self.guard_prompts < 1:
+            raise UserError("--guard-prompts must be at least 1 (or left out: --confirm-prompts).")
         from attnprune.labels import AUTO_GUARD
 
         if AUTO_GUARD in split_list(self.guard) and not self.auto_guard:

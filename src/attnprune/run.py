@@ -250,8 +250,8 @@ class Run:
         c = self.cfg
         if axis == labels.LMS_GUARD:
             return self.spec("valid", bias="stereoset", axis="all", bootstrap_reps=VALID_BOOTSTRAP_REPS)
-        return self.spec("valid", axis=axis, prompts=c.confirm_prompts, bootstrap_reps=VALID_BOOTSTRAP_REPS,
-                         part="confirm")
+        return self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="confirm")
 
     def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, GuardVerdict]]:
         """Each mask's verdict on every guard (``cfg.guard``), paired with the unrepaired model.
@@ -347,10 +347,15 @@ class Run:
         if axis in warned:
             return
         warned.add(axis)
+        noise = verdict.upper - verdict.change
+        more = ""
+        if axis != labels.LMS_GUARD and verdict.limit > 0:  # noise falls as 1 / sqrt(prompts)
+            more = (f"raise --guard-prompts (about {(noise / verdict.limit) ** 2:.0f}x the prompts brings that noise "
+                    "down to the limit, as far as the confirmation half holds them), ")
         self.log(f"warning: --guard {axis}: a candidate failed it with a change of {verdict.change:+.3f}, and the "
-                 f"one-sided bound adds {verdict.upper - verdict.change:.3f} of noise to a change, more than the limit "
-                 f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; raise --guard-margin or "
-                 "guard other axes")
+                 f"one-sided bound adds {noise:.3f} of noise to a change, more than the limit "
+                 f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; {more}raise --guard-margin "
+                 "or guard other axes")
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
         """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).
