@@ -73,6 +73,13 @@ def trust_region(rows: Sequence[StoredEvaluation], budget: Budget, k_min: int, k
     return k_min, k_max
 
 
+def window_differences(row: StoredEvaluation, base: StoredEvaluation) -> np.ndarray:
+    """Per-window change in mean token NLL (log-perplexity) of ``row`` from ``base`` on the same equal-length windows."""
+    a = np.asarray(row.perplexity_result.per_window, dtype=float)
+    b = np.asarray(base.perplexity_result.per_window, dtype=float)
+    return (a - b) / (row.perplexity_result.tokens / len(a))
+
+
 def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confidence: float) -> tuple[float, float]:
     """(change, upper confidence bound) of ``row``'s perplexity relative to ``base`` on the same windows.
 
@@ -84,10 +91,7 @@ def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confi
     """
     from scipy.stats import t as student_t
 
-    a = np.asarray(row.perplexity_result.per_window, dtype=float)
-    b = np.asarray(base.perplexity_result.per_window, dtype=float)
-    per_token = row.perplexity_result.tokens / len(a)
-    d = (a - b) / per_token
+    d = window_differences(row, base)
     se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     quantile = float(student_t.ppf(confidence, len(d) - 1)) if len(d) > 1 else 0.0
     return math.expm1(d.mean()), math.expm1(d.mean() + quantile * se)

@@ -309,20 +309,23 @@ class AdditiveSurrogate:
         E0 = np.zeros(N)
         self.knocked_ = np.zeros(N, dtype=bool)
         singles = np.nonzero(counts == 1)[0]
-        for i in singles:
-            h = int(np.argmax(P[i]))
-            D0[h], E0[h], self.knocked_[h] = Y[i] - self.base_summary_, lp[i] - self.base_log_ppl_, True
+        heads = np.array([int(np.argmax(P[i])) for i in singles], dtype=int)  # the head each knockout prunes
+        D0[heads], E0[heads] = Y[singles] - self.base_summary_, lp[singles] - self.base_log_ppl_
+        self.knocked_[heads] = True
+        k = self.knocked_
         if self.shrink and summary_var is not None and len(singles) > 2:
             V = np.zeros_like(D0)
-            for i in singles:
-                V[int(np.argmax(P[i]))] = summary_var[i]
-            k = self.knocked_
-            resid = D0[k] - target[k]
-            signal = np.maximum(resid.var(axis=0) - V[k].mean(axis=0), 0.0)  # [B] spread of true deviations
-            D0[k] = target[k] + resid * signal / (signal + V[k] + 1e-12)
+            V[heads] = np.asarray(summary_var)[singles]
+            D0[k] = _shrunk(D0[k], target[k], V[k], 1e-12)
         if self.shrink and log_ppl_var is not None and log_ppl_prior is not None and len(singles) > 2:
-            E0 = _shrunk_toward_prior(E0, self.knocked_, np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1),
-                                      {int(np.argmax(P[i])): float(log_ppl_var[i]) for i in singles})
+            # the first-order prior on the knockouts' scale (a linearisation's scale is not a knockout's)
+            prior_lp = np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1)
+            slope, intercept = np.polyfit(prior_lp[k], E0[k], 1)
+            line = intercept + slope * prior_lp
+            V = np.zeros(N)
+            V[heads] = np.asarray(log_ppl_var)[singles]
+            measured, E0 = E0, line.copy()  # heads without a knockout take the line
+            E0[k] = _shrunk(measured[k], line[k], V[k], 1e-18)
         multi = counts > 1
         self.D_, self.E_ = D0.copy(), E0.copy()
         if multi.any():
@@ -353,24 +356,14 @@ class AdditiveSurrogate:
         return b.numpy().astype(np.float64), lp.numpy().astype(np.float64)
 
 
-def _shrunk_toward_prior(effects: np.ndarray, knocked: np.ndarray, prior: np.ndarray,
-                         variance: dict[int, float]) -> np.ndarray:
-    """Knockout effects shrunk toward ``a + b * prior`` by their own noise (empirical Bayes); the rest get the line.
+def _shrunk(effects: np.ndarray, target: np.ndarray, variance: np.ndarray, eps: float) -> np.ndarray:
+    """Empirical Bayes: each effect (rows) moved toward ``target`` by signal / (signal + its own noise ``variance``).
 
-    ``variance``: each knocked head's sampling variance. The line is the least-squares fit of
-    the knockouts on the prior; the spread of the true deviations from it is the knockouts'
-    spread about it less their mean noise (the shrinkage of each is signal / (signal + its
-    noise)).
+    The signal is the spread of the effects about the target less their mean noise (per column).
     """
-    k = knocked
-    slope, intercept = np.polyfit(prior[k], effects[k], 1)
-    line = intercept + slope * prior
-    V = np.array([variance[h] for h in np.flatnonzero(k)])
-    resid = effects[k] - line[k]
-    signal = max(float(resid.var()) - float(V.mean()), 0.0)
-    out = line.copy()
-    out[k] = line[k] + resid * signal / (signal + V + 1e-18)
-    return out
+    resid = effects - target
+    signal = np.maximum(resid.var(axis=0) - variance.mean(axis=0), 0.0)  # spread of the true deviations
+    return target + resid * signal / (signal + variance + eps)
 
 
 def additive_metrics(make, pruned: np.ndarray, summaries: np.ndarray, log_ppl: np.ndarray, statistic,

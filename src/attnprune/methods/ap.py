@@ -37,7 +37,7 @@ from attnprune.methods.base import Method, MethodContext, Proposal, register_met
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
-from attnprune.selection import trust_region
+from attnprune.selection import trust_region, window_differences
 from attnprune.store import StoredEvaluation, fingerprint
 from attnprune.surrogate import TrainingSet, make_surrogate
 
@@ -349,16 +349,8 @@ def log_perplexity_variance(rows: list[StoredEvaluation], base: StoredEvaluation
     The paired per-window differences (same windows, same tokens each): their variance over
     the windows, divided by the window count. None when the rows hold no per-window values.
     """
-    b = base.perplexity_result
-    if b is None or len(b.per_window) < 2:
+    windows = len(base.perplexity_result.per_window) if base.perplexity_result is not None else 0
+    if windows < 2 or any(r.perplexity_result is None or len(r.perplexity_result.per_window) != windows
+                          for r in rows):
         return None
-    bw = np.asarray(b.per_window, dtype=float)
-    per_token = b.tokens / len(bw)
-    out = np.zeros(len(rows))
-    for i, r in enumerate(rows):
-        p = r.perplexity_result
-        if p is None or len(p.per_window) != len(bw):
-            return None
-        d = (np.asarray(p.per_window, dtype=float) - bw) / per_token
-        out[i] = d.var(ddof=1) / len(d)
-    return out
+    return np.array([window_differences(r, base).var(ddof=1) / windows for r in rows])
