@@ -133,6 +133,35 @@ def test_shared_template_prefixes_equal_whole_prompts(arch):
         assert shared.rows_.sharing and shared.rows_.shared_tokens < 0.8 * shared.rows_.tokens
 
 
+def test_probe_keeps_each_prefix_cut_with_its_extreme_suffixes():
+    from attnprune.rows import TokenRows
+
+    # two templates: "5 6 7 x..." and "9 8 x..."; suffixes of 1-4 tokens
+    seqs = [[5, 6, 7] + [20 + i] * (1 + i % 4) for i in range(12)] + [[9, 8] + [40 + i] * (1 + i % 3) for i in range(9)]
+    groups = ["a"] * 12 + ["b"] * 9
+    rows = TokenRows(seqs, 0, groups)
+    probe = rows.probe()
+    assert probe.n == 6 and probe is not rows
+    assert sorted(probe.split.cut) == [2, 2, 2, 3, 3, 3]  # the parent's cuts, not the probe's own common prefixes
+    suffixes = sorted(int(a) for a in probe.split.attn.sum(1))
+    assert suffixes == [1, 1, 2, 3, 3, 4]  # shortest, median and longest suffix of each template
+    assert [rows.sequence(i) for i in (0, 13)] == [seqs[0], seqs[13]]
+    small = TokenRows(seqs[:2] + seqs[12:14], 0, ["a", "a", "b", "b"])
+    assert small.probe() is small  # nothing to gain
+
+
+def test_sharing_is_decided_on_a_probe_and_reproduces_whole_prompts(arch):
+    """With more prompts than the probe holds, the decision still keeps every score exact (GPT-Neo falls back)."""
+    loaded = tiny_loaded(arch)
+    plain, shared = (_prepared("likelihood", loaded, {"share_prefixes": s}, prompts=160, batch_size=16)
+                     for s in (False, True))
+    assert shared.rows_.probe().n < shared.rows_.n / 2
+    a, b = plain.prompt_scores(MASKS), shared.prompt_scores(MASKS)
+    assert np.allclose(a, b, atol=1e-4), np.abs(a - b).max()
+    if arch == "llama":
+        assert shared.rows_.sharing
+
+
 def test_sampling_reuses_layers_and_keys_values_exactly(arch):
     """Generation from cached layer inputs and unrepaired keys/values equals plain generation.
 

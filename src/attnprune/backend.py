@@ -27,8 +27,9 @@ never change a number live here, for every measure alike:
 - **shared prefixes** (``last_position`` with ``groups``): the longest token prefix common
   to a group's sequences (a HolisticBias template's "I used to be ...") runs once per mask
   as a KV cache that each sequence continues from; checked once per input set against
-  whole sequences on the unrepaired model, with a fallback (GPT-Neo's short local
-  attention windows would see the padding between prefix and suffix).
+  whole sequences on the unrepaired model (on a probe of each prefix's shortest, median
+  and longest suffix), with a fallback (GPT-Neo's short local attention windows would see
+  the padding between prefix and suffix).
 """
 
 from __future__ import annotations
@@ -220,22 +221,24 @@ class Backend:
     def _decide_sharing(self, rows: TokenRows, reduce: LastReduce, batch_size: int) -> None:
         """Share prefixes only where it reproduces whole sequences (checked once, unrepaired model).
 
-        With layer reuse on, the shared side comes from the caches' own (shared, unrepaired)
-        pass, so the check costs one plain pass and checks the cached path too.
+        The check runs on :meth:`TokenRows.probe` (each prefix with its shortest, median and
+        longest suffix, cut as in ``rows``): a whole pass over a test split of 10,000 prompts
+        would cost more than the two masks measured on it.
         """
         if self.layout.is_hybrid:  # its recurrent layers' cache is a state, not keys and values to split by row
             rows.sharing = False
             return
+        probe = rows.probe()
         base = [HeadMask.all_active(*self.layout.shape)]
-        plain = self._whole_last(rows, base, reduce, None, batch_size)
-        rows.sharing = True
-        shared = self._shared_last(rows, base, reduce, self._layer_cache(rows, batch_size), batch_size)
+        plain = self._whole_last(probe, base, reduce, None, batch_size)
+        probe.sharing = True
+        shared = self._shared_last(probe, base, reduce, None, batch_size)
         # float32 reordering noise is ~1e-7 of the scores' scale; an inexact path (GPT-Neo's local windows
         # seeing padding) differs far more, but can be small in absolute terms on a small-scale model
         scale = max(1.0, float(np.nanmax(np.abs(plain))))
         rows.sharing = bool(np.nanmax(np.abs(shared - plain)) < 1e-4 * scale)
         if not rows.sharing:
-            rows.release()  # those caches hold prefix/suffix inputs; whole sequences need their own
+            rows.release()  # any caches built so far hold prefix/suffix inputs; whole sequences need their own
 
     # ---- sums of token NLL -------------------------------------------------------------
     def sequence_nll(self, rows: TokenRows, masks: Sequence[HeadMask], batch_size: int = 8,

@@ -287,18 +287,21 @@ class PrefixSplit:
     each sequence's first token. Every distinct prefix runs once per mask.
     """
 
-    def __init__(self, seqs: Sequence[Sequence[int]], groups: Sequence[str], pad: int):
-        members: dict[str, list[int]] = {}
-        for i, g in enumerate(groups):
-            members.setdefault(g, []).append(i)
-        cut = [0] * len(seqs)
-        for idx in members.values():
-            group = [seqs[i] for i in idx]
-            c = 0
-            while c < min(len(e) for e in group) - 1 and all(e[c] == group[0][c] for e in group):
-                c += 1
-            for i in idx:
-                cut[i] = max(c, 1)
+    def __init__(self, seqs: Sequence[Sequence[int]], groups: Sequence[str], pad: int,
+                 cut: Sequence[int] | None = None):
+        if cut is None:
+            members: dict[str, list[int]] = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            cut = [0] * len(seqs)
+            for idx in members.values():
+                group = [seqs[i] for i in idx]
+                c = 0
+                while c < min(len(e) for e in group) - 1 and all(e[c] == group[0][c] for e in group):
+                    c += 1
+                for i in idx:
+                    cut[i] = max(c, 1)
+        self.cut = list(cut)  # each sequence's prefix length, in the caller's order
         prefixes = sorted({tuple(seqs[i][:cut[i]]) for i in range(len(seqs))})
         index = {p: g for g, p in enumerate(prefixes)}
         self.prefix_ids, self.prefix_attn = left_padded([list(p) for p in prefixes], pad)
@@ -317,15 +320,17 @@ class TokenRows:
     drops those, and they are rebuilt on the next use.
     """
 
-    def __init__(self, seqs: Sequence[Sequence[int]], pad: int, groups: Sequence[str] | None = None):
+    def __init__(self, seqs: Sequence[Sequence[int]], pad: int, groups: Sequence[str] | None = None,
+                 cut: Sequence[int] | None = None):
         if not seqs or min(len(s) for s in seqs) < 1:
             raise ValueError("every sequence needs at least one token")
         self.n = len(seqs)
+        self.pad = pad
         self.lengths = np.array([len(s) for s in seqs])
         self.order = np.argsort(self.lengths, kind="stable")
         self.ids, self.attn = left_padded([seqs[i] for i in self.order], pad)
         self.tokens = int(self.attn.sum())
-        self.split = PrefixSplit(seqs, groups, pad) if groups is not None and self.lengths.min() >= 2 else None
+        self.split = PrefixSplit(seqs, groups, pad, cut) if groups is not None and self.lengths.min() >= 2 else None
         self.sharing: bool | None = None if self.split is not None else False
         self.layer_cache: LayerInputCache | None = None
         self.prefix_cache: LayerInputCache | None = None
@@ -340,6 +345,29 @@ class TokenRows:
     def release(self) -> None:
         """Drop the cached unrepaired computations."""
         self.layer_cache = self.prefix_cache = self.base_kv = None
+
+    def sequence(self, i: int) -> list[int]:
+        """The ``i``-th sequence as given (padding removed)."""
+        k = int(np.flatnonzero(self.order == i)[0])
+        return self.ids[k][self.attn[k].bool()].tolist()
+
+    def probe(self) -> "TokenRows":
+        """A few rows that exercise every prefix split: per prefix, its shortest, median and longest suffix.
+
+        Cut exactly as in these rows, so shared prefixes that reproduce whole sequences on
+        the probe do so here (the check that decides :attr:`sharing` runs on it). Returns
+        ``self`` when the probe would not be smaller.
+        """
+        split = self.split
+        picked: set[int] = set()
+        for g in range(split.prefix_ids.shape[0]):
+            members = np.flatnonzero(split.group.numpy() == g)  # positions in suffix-length order
+            if len(members):
+                picked.update(int(split.order[members[k]]) for k in (0, len(members) // 2, len(members) - 1))
+        if len(picked) >= self.n:
+            return self
+        idx = sorted(picked)
+        return TokenRows([self.sequence(i) for i in idx], self.pad, ["probe"] * len(idx), [split.cut[i] for i in idx])
 
     def unsort(self, flat: np.ndarray, n_masks: int, order: np.ndarray | None = None) -> np.ndarray:
         """``[n_masks, n]`` in the caller's sequence order from mask-major rows in sorted order."""
