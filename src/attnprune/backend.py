@@ -223,7 +223,8 @@ class Backend:
 
         The check runs on :meth:`TokenRows.probe` (each prefix with its shortest, median and
         longest suffix, cut as in ``rows``): a whole pass over a test split of 10,000 prompts
-        would cost more than the two masks measured on it.
+        would cost more than the two masks measured on it. Nothing is cached for ``rows``
+        before this decision (:meth:`last_position` makes it first), so there is nothing to drop.
         """
         if self.layout.is_hybrid:  # its recurrent layers' cache is a state, not keys and values to split by row
             rows.sharing = False
@@ -237,8 +238,6 @@ class Backend:
         # seeing padding) differs far more, but can be small in absolute terms on a small-scale model
         scale = max(1.0, float(np.nanmax(np.abs(plain))))
         rows.sharing = bool(np.nanmax(np.abs(shared - plain)) < 1e-4 * scale)
-        if not rows.sharing:
-            rows.release()  # any caches built so far hold prefix/suffix inputs; whole sequences need their own
 
     # ---- sums of token NLL -------------------------------------------------------------
     def sequence_nll(self, rows: TokenRows, masks: Sequence[HeadMask], batch_size: int = 8,
