@@ -206,6 +206,23 @@ def _outcome(method, seed, relative, ppl, evals, seconds, found=True):
                          meets_budget=None if test is None else ppl <= 0.05)
 
 
+def test_a_method_without_a_choice_says_what_its_confirmed_candidates_missed():
+    from attnprune.compare import no_choice
+    from attnprune.results import ConfirmedCandidate, GuardVerdict
+
+    def cand(bound, guard_ok=None):
+        guards = None if guard_ok is None else {"religion": GuardVerdict(1.0, 0.2, 0.3, 0.1, guard_ok)}
+        return ConfirmedCandidate(pruned=[[0, 1]], source="s", valid_bias=0.5, valid_perplexity=30.0,
+                                  confirmed_bias=0.6, confirmed_perplexity_change=bound - 0.01,
+                                  confirmed_perplexity_change_bound=bound, admissible=False, guards=guards)
+
+    assert no_choice([], 0.05).startswith("no candidate within the validation budget")
+    text = no_choice([cand(0.064), cand(0.056), cand(0.03), cand(0.04, guard_ok=False)], 0.05)
+    assert text == ("no admissible candidate (keeps the unrepaired model): 4 confirmed, 2 over the perplexity budget "
+                    "at the rule's confidence (lowest bound +5.6%); 1 within it but over a guard; 1 within it but "
+                    "not below the unrepaired bias on confirmation")
+
+
 def test_summarize_arithmetic_on_hand_made_outcomes():
     from attnprune.compare import summarize
     from attnprune.results import Comparison, SeedComparison

@@ -84,7 +84,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
         valid=selection.summary(policy.confidence), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
         confirmation=selection.candidates)
-    log(f"{name}: " + ("no candidate within the budget" if chosen is None else
+    log(f"{name}: " + (no_choice(selection.candidates, cfg.tau) if chosen is None else
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
         + f" ({proposal.evaluations} LLM evaluations, {outcome.seconds:.0f} s)")
     if chosen is not None:
@@ -189,6 +189,24 @@ def summarize(result: Comparison, tau: float) -> dict:
     return out
 
 
+def no_choice(confirmed, tau: float) -> str:
+    """Why a method chose nothing: nothing reached confirmation, or what its confirmed candidates missed."""
+    if not confirmed:
+        return "no candidate within the validation budget (keeps the unrepaired model)"
+    over = [c.confirmed_perplexity_change_bound for c in confirmed if c.confirmed_perplexity_change_bound > tau]
+    why = []
+    if over:
+        why.append(f"{len(over)} over the perplexity budget at the rule's confidence (lowest bound {_pct(min(over))})")
+    within = [c for c in confirmed if c.confirmed_perplexity_change_bound <= tau]
+    guarded = sum(1 for c in within if c.guards and not all(g.ok for g in c.guards.values()))
+    if guarded:
+        why.append(f"{guarded} within it but over a guard")
+    if len(within) > guarded:
+        why.append(f"{len(within) - guarded} within it but not below the unrepaired bias on confirmation")
+    return (f"no admissible candidate (keeps the unrepaired model): {len(confirmed)} confirmed, "
+            + "; ".join(why))
+
+
 def _relative_ci(ch, unrepaired: float) -> str:
     """The paired CI of the absolute change over the unrepaired bias (the relative change's unit) and, as measured, absolute."""
     rel = ", ".join(_pct(v / unrepaired) for v in ch.ci) if unrepaired > 0 else "-"
@@ -233,7 +251,7 @@ def markdown(result: Comparison) -> str:
         for name, o in s.outcomes.items():
             tail = f"{o.llm_evaluations} | {o.evaluation_seconds:.0f} | {o.new_evaluations} | {o.seconds:.0f} |"
             if o.test is None:
-                lines.append(f"| {name} | - | no candidate within the validation budget | | | | | | | {tail}")
+                lines.append(f"| {name} | - | {no_choice(o.confirmation, cfg['tau'])} | | | | | | | {tail}")
                 continue
             t, ch = o.test, o.test.bias_change
             lines.append(
