@@ -33,7 +33,7 @@ def test_shortlist_hedges_along_perplexity_then_takes_the_lowest_biases():
     assert [r.mask.key for r in policy.screen([base, *near_budget], base)] == [r.mask.key for r in near_budget]
 
 
-def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkeypatch):
+def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(monkeypatch):
     import math
 
     from attnprune.methods.ap import AttentionPruning
@@ -65,16 +65,22 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     gap = (math.log(1.04 / 1.01) + math.log(1.05 / 1.02)) / 2
     margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
     assert cal.gap == pytest.approx(math.expm1(gap)) and cal.margin == pytest.approx(math.expm1(margin))
-    assert cal.search_budget == pytest.approx(math.expm1(math.log(1.05) - gap - margin))
+    # the gap is charged per pruned head (each candidate prunes one), within tau less the margin
+    assert cal.gap_per_head == pytest.approx(gap) and cal.heads == 1
+    assert cal.search_budget == pytest.approx(math.expm1(math.log(1.05) - margin))
+    # the seed-21 case: a gap of most of tau still leaves room for fewer heads; only the margin can fill tau
+    for c in candidates:
+        c.confirmed_perplexity_change, c.confirmed_perplexity_change_bound = 0.2, 0.21
+    assert ap.calibrated_budget(FakeRun()).search_budget == pytest.approx(math.expm1(math.log(1.05) - math.log(1.21 / 1.2)))
+    for c in candidates:
+        c.confirmed_perplexity_change_bound = 0.3
     # candidates that failed on bias only (bounds within tau): a lower budget would not help
     bias_only = [dataclasses.replace(c, confirmed_perplexity_change=0.01, confirmed_perplexity_change_bound=0.02)
                  for c in candidates]
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only))
     assert ap.calibrated_budget(FakeRun()) is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
-    # a gap larger than tau leaves no room; a chosen candidate needs no calibration
-    for c in candidates:
-        c.confirmed_perplexity_change, c.confirmed_perplexity_change_bound = 0.2, 0.21
+    # a margin larger than tau leaves no room; a chosen candidate needs no calibration
     assert ap.calibrated_budget(FakeRun()).search_budget is None
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
     assert ap.calibrated_budget(FakeRun()) is None
@@ -87,6 +93,27 @@ def test_calibrated_budget_subtracts_the_measured_gap_and_the_rule_margin(monkey
     found = dataclasses.replace(base, source="ap_paper:candidate-r1")
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(found, found, base, searched))
     assert ap.calibrated_budget(FakeRun()) is None
+
+
+def test_a_per_head_charge_makes_the_search_prune_fewer_heads():
+    """Every head lowers bias by 1 and costs nothing on the search text: without a charge the search takes as many
+    heads as the bounds allow; charged 1.2% per head within a +5% budget it takes 4 (4.8%; a fifth head's excess costs
+    more than its bias)."""
+    import torch
+
+    from attnprune.methods.ap import head_charged
+    from attnprune.search.annealing import anneal
+
+    cells = 12
+
+    def predict(states):
+        return states.sum(1).to(torch.float32), torch.zeros(states.shape[0])
+
+    policy = SelectionPolicy(tau=0.05, penalty=10.0)
+    for per_head, most in ((0.0, 10), (0.012, 4)):
+        cost = policy.cost(head_charged(predict, per_head, cells), 0.0, 1.0)
+        best = anneal(cost, cells, 1, 10, chains=32, steps=400, seed=0).states[0]
+        assert cells - int(best.sum()) == most
 
 
 def test_perplexity_change_bound_on_hand_made_windows():

@@ -335,8 +335,8 @@ class SearchOptions(Options):
     top_k: int = opt(8, "candidates per round validated on the real model")
     rounds: int = opt(3, "search rounds; each refits the surrogates with the validated candidates")
     calibrate: int = opt(2, "extra rounds when none of the search's confirmed candidates holds the budget: the "
-                         "search budget is lowered by how much the search's perplexity under-stated the confirmed "
-                         "change (0: none)")
+                         "search charges each pruned head what the search's perplexity under-stated the confirmed "
+                         "change by, per head, within tau less the choice rule's margin (0: none)")
 
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""

@@ -160,8 +160,10 @@ def markdown(report: RepairReport) -> str:
         f"- rule: {v.rule}",
         f"- LLM evaluations: {ev.validation} on validation ({ev.new_this_run} new in this run)",
         *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c.gap:.1f}% "
-          f"and the rule's margin is {100 * c.margin:.1f}% (means over {c.confirmed} confirmed candidates): "
-          + (f"searched again at {100 * c.search_budget:+.2f}% on the search text" if c.search_budget is not None
+          f"({100 * c.gap_per_head:.2f}% per pruned head) and the rule's margin is {100 * c.margin:.1f}% (means over "
+          f"{c.confirmed} confirmed candidates of {c.heads:.1f} heads on average): "
+          + (f"searched again within {100 * c.search_budget:+.2f}%, charging {100 * c.gap_per_head:.2f}% per pruned "
+             "head on top of the search text's perplexity" if c.search_budget is not None
              else "no room left within the budget") for i, c in enumerate(report.search.calibration)],
         "",
         "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "

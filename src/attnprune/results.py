@@ -230,17 +230,21 @@ class AnnealingSummary(Serialisable):
 
 @dataclass
 class Calibration(Serialisable):
-    """One lowering of AP's search budget after its confirmed candidates missed the budget.
+    """One recalibration of AP's search after its confirmed candidates missed the budget.
 
     ``gap``: how much the search text's perplexity change under-stated the confirmed change;
     ``margin``: what the choice rule's one-sided bound adds (both means over ``confirmed``
-    candidates); ``search_budget``: the budget searched again (None: no room left).
+    candidates, which pruned ``heads`` heads on average); ``gap_per_head``: the gap in
+    log-perplexity per pruned head, which the search adds to its predicted perplexity;
+    ``search_budget``: the budget searched again, ``tau`` less the margin (None: no room left).
     """
 
     gap: float
     margin: float
     search_budget: float | None
     confirmed: int
+    gap_per_head: float = 0.0
+    heads: float = 0.0
 
 
 @dataclass

@@ -187,14 +187,21 @@ class AttentionPruning(Method):
 
     # ---- stage 3 ------------------------------------------------------------------------
     def search(self, ctx: MethodContext, surrogates: Surrogates, round_: int | None = None,
-               budgets: tuple[float, ...] | None = None) -> tuple[list[AnnealingResult], tuple[int, int]]:
-        """Stage 3: anneal on the surrogates inside the trust region, once per budget of the ladder."""
+               budgets: tuple[float, ...] | None = None,
+               gap_per_head: float = 0.0) -> tuple[list[AnnealingResult], tuple[int, int]]:
+        """Stage 3: anneal on the surrogates inside the trust region, once per budget of the ladder.
+
+        ``gap_per_head`` (log-perplexity per pruned head, from a calibration) is added to the
+        surrogate's perplexity: the search's text under-states the change on fresh text by about
+        that much for every head the search picks for being cheap on it.
+        """
         budgets = self.ladder if budgets is None else budgets
         c = self.options(ctx)
         policy = ctx.policy
         with ctx.timed("search"):
             rows = self.training_data(ctx, round_)
             bounds = trust_region(rows, policy.budget(ctx.base()), *ctx.bounds)
+            predict = head_charged(surrogates.predict_torch, gap_per_head, ctx.cells)
             # the budget is relative to the surrogate's own prediction for the unrepaired model, so
             # that a constant offset of the surrogate does not put every state over budget
             base_bias, base_lp = surrogates.predict_torch(torch.ones(1, ctx.cells))
@@ -203,7 +210,7 @@ class AttentionPruning(Method):
             free = self.sampler(ctx).free(ctx)
             results = []
             for j, fraction in enumerate(budgets):
-                cost = policy.cost(surrogates.predict_torch, float(base_lp[0]), scale, tau=fraction * c.tau)
+                cost = policy.cost(predict, float(base_lp[0]), scale, tau=fraction * c.tau)
                 results.append(anneal(cost, ctx.cells, *bounds, chains=c.chains, steps=c.steps,
                                       seed=c.seed + 1000 * (round_ or 0) + 100 * j, t0=c.t0, cooling=c.cooling,
                                       top=max(50, 4 * c.top_k), free=free))
@@ -239,16 +246,20 @@ class AttentionPruning(Method):
 
     # ---- calibration ---------------------------------------------------------------------
     def calibrated_budget(self, ctx: MethodContext) -> Calibration | None:
-        """When none of the search's own candidates holds the budget on confirmation data: a lower search budget.
+        """When none of the search's own candidates holds the budget on confirmation data: how to search again.
 
         The confirmation measures how much the search's perplexity under-states the change on
-        fresh text (the search picks heads whose removal happens to be cheap on the text it
-        measures) and the margin the choice rule adds; the search budget is ``tau`` less both
-        (in log-perplexity, averaged over the confirmed candidates; never above ``tau``). None
-        when a search candidate is chosen, nothing was confirmed or the candidates failed on
-        bias only; ``search_budget`` None when the calibrated budget leaves no room. A chosen
-        knockout or design sample does not stop it when a search candidate missed the budget on
-        perplexity: that one knockout holds says nothing about the search's own budget.
+        fresh text and the margin the choice rule adds. The under-statement is selection: the
+        search picks heads whose removal happens to be cheap on the text it measures, so it grows
+        with the number of heads picked. The calibration charges it per pruned head (the summed
+        gap in log-perplexity over the summed pruned counts of the confirmed candidates) on top
+        of the surrogate's perplexity, and searches again within ``tau`` less the margin (in
+        log-perplexity, a mean over the confirmed candidates): a smaller mask is then allowed
+        more of the search text's perplexity. None when a search candidate is chosen, nothing
+        was confirmed or the candidates failed on bias only; ``search_budget`` None when the
+        margin alone fills ``tau``. A chosen knockout or design sample does not stop it when a
+        search candidate missed the budget on perplexity: that one knockout holds says nothing
+        about the search's own budget.
         """
         policy = ctx.policy
         if policy.confirm <= 0:
@@ -262,32 +273,40 @@ class AttentionPruning(Method):
         if chosen is not None and (labels.is_candidate(chosen.source)
                                    or not any(labels.is_candidate(x.source) for x in missed)):
             return None  # a search candidate holds, or only design masks missed on perplexity
-        gap = float(np.mean([math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
-                             for x in selection.candidates]))
+        gaps = [math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
+                for x in selection.candidates]
+        heads = [len(x.pruned) for x in selection.candidates]
         margin = float(np.mean([math.log1p(x.confirmed_perplexity_change_bound)
                                 - math.log1p(x.confirmed_perplexity_change) for x in selection.candidates]))
-        log_budget = min(math.log1p(policy.tau), math.log1p(policy.tau) - gap - margin)
-        return Calibration(gap=math.expm1(gap), margin=math.expm1(margin),
+        log_budget = math.log1p(policy.tau) - max(margin, 0.0)
+        return Calibration(gap=math.expm1(float(np.mean(gaps))), margin=math.expm1(margin),
                            search_budget=math.expm1(log_budget) if log_budget > 0 else None,
-                           confirmed=len(selection.candidates))
+                           confirmed=len(selection.candidates),
+                           gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
+                           heads=float(np.mean(heads)))
 
     # ---- the method ---------------------------------------------------------------------
-    def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None) -> None:
-        """One round: fit, anneal at the ``ladder`` of budgets (fractions of tau; default the method's), validate."""
+    def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None,
+              gap_per_head: float = 0.0) -> None:
+        """One round: fit, anneal at the ``ladder`` of budgets (fractions of tau; default the method's), validate.
+
+        ``gap_per_head``: a calibration's charge per pruned head (see :meth:`search`).
+        """
         ladder = self.ladder if ladder is None else ladder
         c = self.options(ctx)
         surrogates = self.fit(ctx, r)
         details.surrogates.append({"round": r, **surrogates.metrics})
         ctx.log(f"round {r + 1}: surrogates on {surrogates.metrics['samples']} masks; " + describe_metrics(
             surrogates.metrics))
-        results, bounds = self.search(ctx, surrogates, r, ladder)
+        results, bounds = self.search(ctx, surrogates, r, ladder, gap_per_head)
         for fraction, res in zip(ladder, results):
             details.annealing.append(AnnealingSummary(
                 round=r, pruned_bounds=list(bounds), t0=res.t0, states_scored=res.states_scored,
                 seconds=res.seconds, states_per_second=res.states_per_second, best_cost=float(res.costs[0]),
                 trace=res.trace, budget=fraction * c.tau))
         ctx.log(f"round {r + 1}: annealed {sum(x.states_scored for x in results):,} states with {bounds[0]}-"
-                f"{bounds[1]} heads pruned at budgets " + ", ".join(f"{100 * f * c.tau:+.1f}%" for f in ladder))
+                f"{bounds[1]} heads pruned at budgets " + ", ".join(f"{100 * f * c.tau:+.1f}%" for f in ladder)
+                + (f" (search-text perplexity plus {100 * gap_per_head:.2f}% per pruned head)" if gap_per_head else ""))
         details.candidates.extend(self.validate(ctx, results, surrogates, r))
 
     def propose(self, ctx: MethodContext) -> Proposal:
@@ -297,7 +316,7 @@ class AttentionPruning(Method):
         for r in range(c.rounds):
             self.round(ctx, r, details)
         # kept: a rerun repeats the same rounds (from the store); keyed by every option the budgets depend on
-        depends = {k: getattr(c, k) for k in c.DECISION_KEYS}
+        depends = {k: getattr(c, k) for k in c.DECISION_KEYS} | {"calibration": "per-head"}
         stored = [Calibration.from_dict(d) for d in ctx.cached("calibration", depends) or []]
         for j in range(c.calibrate):
             cal = stored[j] if j < len(stored) else self.calibrated_budget(ctx)
@@ -306,15 +325,16 @@ class AttentionPruning(Method):
             details.calibration.append(cal)
             if j >= len(stored):
                 ctx.keep("calibration", [x.to_dict() for x in details.calibration], depends)
+            said = (f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
+                    f"({100 * cal.gap_per_head:.2f}% per pruned head over {cal.heads:.1f} heads on average) and the "
+                    f"choice rule adds {100 * cal.margin:.1f}%")
             if cal.search_budget is None:
-                ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
-                        f"and the choice rule adds {100 * cal.margin:.1f}%: no room left within the budget")
+                ctx.log(said + ": no room left within the budget")
                 break
-            ctx.log(f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% and "
-                    f"the choice rule adds {100 * cal.margin:.1f}%; searching again at "
-                    f"{100 * cal.search_budget:+.2f}% on the search text")
+            ctx.log(said + f"; searching again within {100 * cal.search_budget:+.2f}% with "
+                    f"{100 * cal.gap_per_head:.2f}% charged per pruned head")
             scale = cal.search_budget / c.tau
-            self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder))
+            self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
         rows = self.training_data(ctx)
         knocked = sum(r.source == labels.KNOCKOUT for r in rows)
         first = ctx.cached("first_order") if knocked < ctx.n_total else None
@@ -331,6 +351,18 @@ class AttentionPruning(Method):
             seconds += prior["seconds"]
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details)
+
+
+def head_charged(predict, per_head: float, cells: int):
+    """``predict`` with ``per_head`` log-perplexity added for every pruned head (``predict`` itself when 0)."""
+    if not per_head:
+        return predict
+
+    def charged(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, lp = predict(states)
+        return b, lp + per_head * (cells - states.sum(1))
+
+    return charged
 
 
 def describe_metrics(metrics: dict) -> str:
