@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -40,6 +41,12 @@ logger = logging.getLogger("attnprune")
 # bootstrap replicates of the CI of each validation evaluation: recorded, never used for a
 # decision; the test split uses the measures' default of 1,000
 VALID_BOOTSTRAP_REPS = 200
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A progress bar over masks: live on a terminal; in a log file a line a minute, not one per mask."""
+    live = sys.stderr.isatty()
+    return tqdm(iterable, unit="mask", dynamic_ncols=live, mininterval=0.1 if live else 60.0, **kwargs)
 
 
 class Run:
@@ -220,7 +227,7 @@ class Run:
         _ = self.valid
         todo = [m for m in dict.fromkeys(masks) if self.store.get(m, self.valid_setting) is None]
         if todo:
-            with tqdm(total=len(todo), desc=desc, unit="mask", dynamic_ncols=True) as bar:
+            with progress(total=len(todo), desc=desc) as bar:
                 def commit(ev) -> None:
                     self.store.add(self.valid_setting, "valid", source, ev)
                     bar.update(1)
@@ -235,8 +242,7 @@ class Run:
         base = HeadMask.all_active(*self.shape)
         todo = [m for m in dict.fromkeys([base, *masks]) if self.store.get(m, setting) is None]
         with self.timed("confirm"):
-            for m in tqdm(todo, desc="confirming (fresh validation data)", unit="mask", dynamic_ncols=True,
-                          disable=not todo):
+            for m in progress(todo, desc="confirming (fresh validation data)", disable=not todo):
                 label = source if m != base else labels.CONFIRM_UNREPAIRED
                 self.store.add(setting, "confirm", label, ev.evaluate([m])[0])
         return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
