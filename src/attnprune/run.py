@@ -46,7 +46,8 @@ VALID_BOOTSTRAP_REPS = 200
 def progress(iterable=None, **kwargs) -> tqdm:
     """A progress bar over masks: live on a terminal; in a log file a line a minute, not one per mask."""
     live = sys.stderr.isatty()
-    return tqdm(iterable, unit="mask", dynamic_ncols=live, mininterval=0.1 if live else 60.0, **kwargs)
+    every = 0.1 if live else 60.0  # tqdm's monitor thread refreshes after maxinterval: keep it at the same pace
+    return tqdm(iterable, unit="mask", dynamic_ncols=live, mininterval=every, maxinterval=max(every, 10.0), **kwargs)
 
 
 class Run:
