@@ -48,6 +48,9 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
 
     candidates = [candidate(101.0, 0.04, 0.05), candidate(102.0, 0.05, 0.06)]
 
+    def masks(confirmed):  # the shortlist's masks, in the order of its confirmed candidates
+        return [HeadMask.from_pruned(2, 4, [(1, i)]) for i in range(len(confirmed))]
+
     policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2)
 
     class FakeRun:  # what a MethodContext's calibration reads
@@ -59,9 +62,19 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
 
     FakeRun.policy = policy
     ap = AttentionPruning()
-    monkeypatch.setattr(ap, "training_data", lambda ctx: [base])
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
-    cal = ap.calibrated_budget(FakeRun())
+    monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base])
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates, shortlist=masks(candidates)))
+    cal, failed = ap.calibrated_budget(FakeRun())
+    # the masks confirmed over the budget (the second: bound +6%) come back to be retired ...
+    assert failed == {masks(candidates)[1].key}
+    # ... and a retired mask is not offered to the next selection
+    seen = []
+    monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base, row([(1, 1)], 0.2, 100.5)])
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, rows, *a: seen.append(rows) or Selection(
+        None, None, base, candidates, shortlist=masks(candidates)))
+    ap.calibrated_budget(FakeRun(), retired=failed)
+    assert [r.mask.key for r in seen[-1]] == [base.mask.key]
+    monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base])
     gap = (math.log(1.04 / 1.01) + math.log(1.05 / 1.02)) / 2
     margin = (math.log(1.05 / 1.04) + math.log(1.06 / 1.05)) / 2
     assert cal.gap == pytest.approx(math.expm1(gap)) and cal.margin == pytest.approx(math.expm1(margin))
@@ -71,28 +84,28 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
     # the seed-21 case: a gap of most of tau still leaves room for fewer heads; only the margin can fill tau
     for c in candidates:
         c.confirmed_perplexity_change, c.confirmed_perplexity_change_bound = 0.2, 0.21
-    assert ap.calibrated_budget(FakeRun()).search_budget == pytest.approx(math.expm1(math.log(1.05) - math.log(1.21 / 1.2)))
+    assert ap.calibrated_budget(FakeRun())[0].search_budget == pytest.approx(math.expm1(math.log(1.05) - math.log(1.21 / 1.2)))
     for c in candidates:
         c.confirmed_perplexity_change_bound = 0.3
     # candidates that failed on bias only (bounds within tau): a lower budget would not help
     bias_only = [dataclasses.replace(c, confirmed_perplexity_change=0.01, confirmed_perplexity_change_bound=0.02)
                  for c in candidates]
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only))
-    assert ap.calibrated_budget(FakeRun()) is None
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates))
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, bias_only, shortlist=masks(bias_only)))
+    assert ap.calibrated_budget(FakeRun())[0] is None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates, shortlist=masks(candidates)))
     # a margin larger than tau leaves no room; a chosen candidate needs no calibration
-    assert ap.calibrated_budget(FakeRun()).search_budget is None
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates))
-    assert ap.calibrated_budget(FakeRun()) is None
+    assert ap.calibrated_budget(FakeRun())[0].search_budget is None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(base, base, base, candidates, shortlist=masks(candidates)))
+    assert ap.calibrated_budget(FakeRun())[0] is None
     # the seed-11 case: the search's candidates miss on perplexity and a knockout is admissible;
     # the knockout must not stop the calibration, and a chosen search candidate must
     searched = [dataclasses.replace(c, source="candidate-r0") for c in candidates]
     knockout = dataclasses.replace(base, source="knockout")
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(knockout, knockout, base, searched))
-    assert ap.calibrated_budget(FakeRun()) is not None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(knockout, knockout, base, searched, shortlist=masks(searched)))
+    assert ap.calibrated_budget(FakeRun())[0] is not None
     found = dataclasses.replace(base, source="ap_paper:candidate-r1")
-    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(found, found, base, searched))
-    assert ap.calibrated_budget(FakeRun()) is None
+    monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(found, found, base, searched, shortlist=masks(searched)))
+    assert ap.calibrated_budget(FakeRun())[0] is None
 
 
 def test_a_per_head_charge_makes_the_search_prune_fewer_heads():
@@ -186,3 +199,11 @@ def test_front_plots_a_mask_chosen_at_several_budgets_once_with_every_budget():
     points = [FrontPoint(0.01, 4, 1.0, a), FrontPoint(0.025, 2, 1.0, a), FrontPoint(0.05, 0, 0.0, None),
               FrontPoint(0.1, 1, 1.0, b)]
     assert distinct_choices(points) == [(a, [0.01, 0.025]), (b, [0.1])]
+
+
+def test_a_proposal_offers_no_retired_mask_to_the_selection():
+    from attnprune.methods.base import Proposal
+
+    rows = [row([(0, 0)], 0.3, 100.0), row([(0, 1)], 0.4, 100.0)]
+    proposal = Proposal(rows, 2, 1.0, retired=frozenset({rows[0].mask.key}))
+    assert proposal.selectable() == [rows[1]] and proposal.rows == rows  # still evaluated and counted

@@ -245,7 +245,8 @@ class AttentionPruning(Method):
                 for m, r, b, lp in zip(picked, rows, pb, plp)]
 
     # ---- calibration ---------------------------------------------------------------------
-    def calibrated_budget(self, ctx: MethodContext) -> Calibration | None:
+    def calibrated_budget(self, ctx: MethodContext, before_round: int | None = None,
+                          retired: frozenset[str] = frozenset()) -> tuple[Calibration | None, frozenset[str]]:
         """When none of the search's own candidates holds the budget on confirmation data: how to search again.
 
         The confirmation measures how much the search's perplexity under-states the change on
@@ -260,19 +261,29 @@ class AttentionPruning(Method):
         margin alone fills ``tau``. A chosen knockout or design sample does not stop it when a
         search candidate missed the budget on perplexity: that one knockout holds says nothing
         about the search's own budget.
+
+        The selection is the policy's on the rows before ``before_round`` (all when None) less
+        the ``retired`` masks; returned with it are the masks this selection confirmed over the
+        budget, which the caller retires before searching again. Retired masks are not
+        shortlisted again: otherwise the first pass's failures, whose search-text numbers look
+        best, take every slot of the next shortlist and the calibrated search's candidates are
+        never confirmed (evaluation seed 21's store, rerun).
         """
         policy = ctx.policy
         if policy.confirm <= 0:
-            return None
+            return None, retired
         base = ctx.base()
-        selection = ctx.select(self.training_data(ctx), labels.confirm(self.name))
-        missed = [x for x in selection.candidates if x.confirmed_perplexity_change_bound > policy.tau]
+        rows = [r for r in self.training_data(ctx, before_round) if r.mask.key not in retired]
+        selection = ctx.select(rows, labels.confirm(self.name))
+        over = [i for i, x in enumerate(selection.candidates) if x.confirmed_perplexity_change_bound > policy.tau]
+        failed = frozenset(selection.shortlist[i].key for i in over)
+        missed = [selection.candidates[i] for i in over]
         if not missed:
-            return None  # nothing confirmed, or the candidates failed on bias: a lower budget will not help
+            return None, failed  # nothing confirmed, or the candidates failed on bias: a lower budget will not help
         chosen = selection.chosen
         if chosen is not None and (labels.is_candidate(chosen.source)
                                    or not any(labels.is_candidate(x.source) for x in missed)):
-            return None  # a search candidate holds, or only design masks missed on perplexity
+            return None, failed  # a search candidate holds, or only design masks missed on perplexity
         gaps = [math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                 for x in selection.candidates]
         heads = [len(x.pruned) for x in selection.candidates]
@@ -283,7 +294,7 @@ class AttentionPruning(Method):
                            search_budget=math.expm1(log_budget) if log_budget > 0 else None,
                            confirmed=len(selection.candidates),
                            gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
-                           heads=float(np.mean(heads)))
+                           heads=float(np.mean(heads))), failed
 
     # ---- the method ---------------------------------------------------------------------
     def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None,
@@ -315,16 +326,14 @@ class AttentionPruning(Method):
         details = SearchDetails()
         for r in range(c.rounds):
             self.round(ctx, r, details)
-        # kept: a rerun repeats the same rounds (from the store); keyed by every option the budgets depend on
-        depends = {k: getattr(c, k) for k in c.DECISION_KEYS} | {"calibration": "per-head"}
-        stored = [Calibration.from_dict(d) for d in ctx.cached("calibration", depends) or []]
+        # each calibration's selection sees the rounds before it, so a rerun repeats the first run's (confirmations
+        # are read back from the store); the masks it confirmed over the budget are retired before the next round
+        retired: frozenset[str] = frozenset()
         for j in range(c.calibrate):
-            cal = stored[j] if j < len(stored) else self.calibrated_budget(ctx)
+            cal, failed = self.calibrated_budget(ctx, c.rounds + j, retired)
             if cal is None:
                 break
             details.calibration.append(cal)
-            if j >= len(stored):
-                ctx.keep("calibration", [x.to_dict() for x in details.calibration], depends)
             said = (f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
                     f"({100 * cal.gap_per_head:.2f}% per pruned head over {cal.heads:.1f} heads on average) and the "
                     f"choice rule adds {100 * cal.margin:.1f}%")
@@ -333,6 +342,7 @@ class AttentionPruning(Method):
                 break
             ctx.log(said + f"; searching again within {100 * cal.search_budget:+.2f}% with "
                     f"{100 * cal.gap_per_head:.2f}% charged per pruned head")
+            retired |= failed
             scale = cal.search_budget / c.tau
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
         rows = self.training_data(ctx)
@@ -350,7 +360,9 @@ class AttentionPruning(Method):
         if prior:
             seconds += prior["seconds"]
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
-        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details)
+        if retired:
+            notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
+        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details, retired)
 
 
 def head_charged(predict, per_head: float, cells: int):

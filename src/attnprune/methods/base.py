@@ -267,6 +267,13 @@ class Proposal:
     seconds: float
     notes: str = ""
     details: object | None = None  # method-specific, JSON-ready via to_dict() when it has one
+    # keys of masks the method's own earlier selections confirmed over the perplexity budget (AP's calibration):
+    # they stay evaluated and counted, but are not shortlisted again
+    retired: frozenset[str] = frozenset()
+
+    def selectable(self) -> list[StoredEvaluation]:
+        """The rows the shared selection policy chooses among: :attr:`rows` less the :attr:`retired` masks."""
+        return [r for r in self.rows if r.mask.key not in self.retired]
 
 
 class Method(ABC):
