@@ -164,7 +164,10 @@ def markdown(report: RepairReport) -> str:
           f"{c.confirmed} confirmed candidates of {c.heads:.1f} heads on average): "
           + (f"searched again within {100 * c.search_budget:+.2f}%, charging {100 * c.gap_per_head:.2f}% per pruned "
              "head on top of the search text's perplexity" if c.search_budget is not None
-             else "no room left within the budget") for i, c in enumerate(report.search.calibration)],
+             else "no room left within the budget")
+          + (f"; the {c.retired} masks it confirmed over the budget were not shortlisted again"
+             if c.retired and c.search_budget is not None else "")
+          for i, c in enumerate(report.search.calibration)],
         "",
         "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "
         "knockouts in training and is scored on the multi-head masks):",

@@ -236,7 +236,8 @@ class Calibration(Serialisable):
     ``margin``: what the choice rule's one-sided bound adds (both means over ``confirmed``
     candidates, which pruned ``heads`` heads on average); ``gap_per_head``: the gap in
     log-perplexity per pruned head, which the search adds to its predicted perplexity;
-    ``search_budget``: the budget searched again, ``tau`` less the margin (None: no room left).
+    ``search_budget``: the budget searched again, ``tau`` less the margin (None: no room left);
+    ``retired``: the masks it confirmed over the budget, which later selections do not shortlist.
     """
 
     gap: float
@@ -245,6 +246,7 @@ class Calibration(Serialisable):
     confirmed: int
     gap_per_head: float = 0.0
     heads: float = 0.0
+    retired: int = 0  # masks this selection confirmed over the budget, not shortlisted again
 
 
 @dataclass

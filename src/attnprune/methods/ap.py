@@ -333,6 +333,7 @@ class AttentionPruning(Method):
             cal, failed = self.calibrated_budget(ctx, c.rounds + j, retired)
             if cal is None:
                 break
+            cal.retired = len(failed)
             details.calibration.append(cal)
             said = (f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
                     f"({100 * cal.gap_per_head:.2f}% per pruned head over {cal.heads:.1f} heads on average) and the "
