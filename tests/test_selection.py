@@ -66,7 +66,7 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates, shortlist=masks(candidates)))
     cal, failed = ap.calibrated_budget(FakeRun())
     # the masks confirmed over the budget (the second: bound +6%) come back to be retired ...
-    assert failed == {masks(candidates)[1].key}
+    assert failed == {masks(candidates)[1].key} and cal.retired == 1
     # ... and a retired mask is not offered to the next selection
     seen = []
     monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base, row([(1, 1)], 0.2, 100.5)])

@@ -271,7 +271,7 @@ class AttentionPruning(Method):
         """
         policy = ctx.policy
         if policy.confirm <= 0:
-            return None, retired
+            return None, frozenset()
         base = ctx.base()
         rows = [r for r in self.training_data(ctx, before_round) if r.mask.key not in retired]
         selection = ctx.select(rows, labels.confirm(self.name))
@@ -294,7 +294,7 @@ class AttentionPruning(Method):
                            search_budget=math.expm1(log_budget) if log_budget > 0 else None,
                            confirmed=len(selection.candidates),
                            gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
-                           heads=float(np.mean(heads))), failed
+                           heads=float(np.mean(heads)), retired=len(failed)), failed
 
     # ---- the method ---------------------------------------------------------------------
     def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None,
@@ -333,7 +333,6 @@ class AttentionPruning(Method):
             cal, failed = self.calibrated_budget(ctx, c.rounds + j, retired)
             if cal is None:
                 break
-            cal.retired = len(failed)
             details.calibration.append(cal)
             said = (f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
                     f"({100 * cal.gap_per_head:.2f}% per pruned head over {cal.heads:.1f} heads on average) and the "
