@@ -1,12 +1,13 @@
 """The shared selection policy on hand-made evaluations (no model)."""
 
 import dataclasses
+import math
 
 import pytest
 
 from attnprune.heads import HeadMask
 from attnprune.results import ConfirmedCandidate, GuardVerdict
-from attnprune.selection import SHORTLIST_LEVELS, SelectionPolicy
+from attnprune.selection import SHORTLIST_LEVELS, Budget, SelectionPolicy, budget_count, trust_region
 from attnprune.store import StoredEvaluation
 
 
@@ -207,3 +208,32 @@ def test_a_proposal_offers_no_retired_mask_to_the_selection():
     rows = [row([(0, 0)], 0.3, 100.0), row([(0, 1)], 0.4, 100.0)]
     proposal = Proposal(rows, 2, 1.0, retired=frozenset({rows[0].mask.key}))
     assert proposal.selectable() == [rows[1]] and proposal.rows == rows  # still evaluated and counted
+
+
+def big(n, perplexity, shape=(4, 8)):
+    """A validation row pruning the first ``n`` heads of a 4 x 8 model."""
+    pruned = [divmod(i, shape[1]) for i in range(n)]
+    return StoredEvaluation(HeadMask.from_pruned(*shape, pruned), "valid", "sample", 1.0, (1.0, 1.0), perplexity, {},
+                            0.0, "now")
+
+
+def test_trust_region_is_slack_times_the_largest_count_within_budget():
+    budget = Budget(100.0, 0.05)
+    rows = [big(0, 100.0), big(1, 101.0), big(8, 104.9), big(12, 106.0)]
+    assert trust_region(rows, budget, 1, 32) == (1, 10)  # ceil(1.25 x 8); the 12-head mask is over budget
+    assert trust_region(rows, budget, 1, 9) == (1, 9)  # never above the caller's k_max
+
+
+def test_trust_region_without_a_feasible_multi_head_mask_uses_the_per_head_cost():
+    """Seed 23's case: every sample landed just over the budget, only knockouts met it."""
+    budget = Budget(100.0, 0.05)
+    # per-head log-cost of the samples: ln(1.0506)/11 = 0.0045, ln(1.0506)/14 = 0.0035, ln(1.08)/16 = 0.0048: median the first
+    rows = [big(0, 100.0), big(1, 101.0), big(11, 105.06), big(14, 105.06), big(16, 108.0)]
+    k = math.log(1.05) / (math.log(1.0506) / 11)
+    assert budget_count(rows, budget) == pytest.approx(k)
+    assert trust_region(rows, budget, 1, 32) == (1, math.ceil(1.25 * k)) == (1, 14)  # the old rule gave 2
+    # never above the largest count evaluated (the surrogates know nothing beyond it)
+    cheap = [big(0, 100.0), big(2, 101.0), big(3, 101.0)]  # the median cost alone would say 11.8 heads
+    assert budget_count(cheap, budget) == 3.0
+    assert budget_count([big(0, 100.0), big(1, 101.0)], budget) == 0.0  # no multi-head mask: nothing to say
+    assert trust_region([big(0, 100.0), big(1, 101.0)], budget, 1, 32) == (1, 2)

@@ -5,7 +5,8 @@ AP's default design would: screened knockouts, samples and candidates), in batch
 Each mask prunes a uniformly random set of heads, its count uniform in ``[k_min, k_hi]``.
 ``k_hi`` is learnt from the method's own evaluations: after each batch it is the trust
 region of :func:`~attnprune.selection.trust_region` (1.25 x the largest count that met the
-perplexity budget), or, while no mask has met it, halved toward ``k_min``. The choice is
+perplexity budget, or, when only single heads met it, 1.25 x the count its masks' median
+per-head cost predicts at the budget), or, while no mask has met it, halved toward ``k_min``. The choice is
 the shared policy's, like every method's.
 """
 
