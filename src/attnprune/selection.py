@@ -68,7 +68,7 @@ def trust_region(rows: Sequence[StoredEvaluation], budget: Budget, k_min: int, k
     annealer found 54-head masks predicted at +3% perplexity that measured +60%).
 
     When no mask of two or more heads met the budget (every design sample landed just over
-    it, as on evaluation seed 23, where the closest of 16 measured +5.06% against +5%), the
+    it, as on evaluation seed 23, where the closest of 16 measured +5.07% against +5%), the
     largest feasible count is a single-head knockout's and says nothing about how many heads
     fit: the count is then :func:`budget_count`, where the evaluated multi-head masks' median
     per-head perplexity cost reaches the budget (capped at the largest count evaluated).
