@@ -7,7 +7,7 @@ import pytest
 
 from attnprune.heads import HeadMask
 from attnprune.results import ConfirmedCandidate, GuardVerdict
-from attnprune.selection import SHORTLIST_LEVELS, Budget, SelectionPolicy, budget_count, trust_region
+from attnprune.selection import SHORTLIST_LEVELS, Budget, SelectionPolicy, budget_count, largest_feasible, trust_region
 from attnprune.store import StoredEvaluation
 
 
@@ -229,6 +229,7 @@ def test_trust_region_without_a_feasible_multi_head_mask_uses_the_per_head_cost(
     budget = Budget(100.0, 0.05)
     # per-head log-cost of the samples: ln(1.0506)/11 = 0.0045, ln(1.0506)/14 = 0.0035, ln(1.08)/16 = 0.0048: median the first
     rows = [big(0, 100.0), big(1, 101.0), big(11, 105.06), big(14, 105.06), big(16, 108.0)]
+    assert largest_feasible(rows, budget) == 1  # only the knockout: AP's log then names the fallback
     k = math.log(1.05) / (math.log(1.0506) / 11)
     assert budget_count(rows, budget) == pytest.approx(k)
     assert trust_region(rows, budget, 1, 32) == (1, math.ceil(1.25 * k)) == (1, 14)  # the old rule gave 2

@@ -73,13 +73,17 @@ def trust_region(rows: Sequence[StoredEvaluation], budget: Budget, k_min: int, k
     fit: the count is then :func:`budget_count`, where the evaluated multi-head masks' median
     per-head perplexity cost reaches the budget (capped at the largest count evaluated).
     """
-    feasible = [r.mask.n_pruned for r in rows if budget.holds(r.perplexity) and r.mask.n_pruned > 0]
-    fits = max(feasible, default=0)
+    fits = largest_feasible(rows, budget)
     if fits < 2:
         fits = max(fits, budget_count(rows, budget))
     if fits:
         k_max = max(k_min, min(k_max, int(math.ceil(fits * slack))))
     return k_min, k_max
+
+
+def largest_feasible(rows: Sequence[StoredEvaluation], budget: Budget) -> int:
+    """The largest pruned count among ``rows`` within the budget (0 when none is)."""
+    return max((r.mask.n_pruned for r in rows if budget.holds(r.perplexity)), default=0)
 
 
 def budget_count(rows: Sequence[StoredEvaluation], budget: Budget) -> float:

@@ -37,7 +37,7 @@ from attnprune.methods.base import Method, MethodContext, Proposal, register_met
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
-from attnprune.selection import trust_region, window_differences
+from attnprune.selection import largest_feasible, trust_region, window_differences
 from attnprune.store import StoredEvaluation, fingerprint
 from attnprune.surrogate import TrainingSet, make_surrogate
 
@@ -200,7 +200,11 @@ class AttentionPruning(Method):
         policy = ctx.policy
         with ctx.timed("search"):
             rows = self.training_data(ctx, round_)
-            bounds = trust_region(rows, policy.budget(ctx.base()), *ctx.bounds)
+            budget = policy.budget(ctx.base())
+            bounds = trust_region(rows, budget, *ctx.bounds)
+            if largest_feasible(rows, budget) < 2:
+                ctx.log(f"no evaluated mask of 2 or more heads met the budget: the trust region (up to {bounds[1]} "
+                        "heads) comes from the design's median per-head perplexity cost")
             predict = head_charged(surrogates.predict_torch, gap_per_head, ctx.cells)
             # the budget is relative to the surrogate's own prediction for the unrepaired model, so
             # that a constant offset of the surrogate does not put every state over budget
