@@ -7,7 +7,7 @@ import pytest
 
 from attnprune.heads import HeadMask
 from attnprune.results import ConfirmedCandidate, GuardVerdict
-from attnprune.selection import SHORTLIST_LEVELS, Budget, SelectionPolicy, budget_count, largest_feasible, trust_region
+from attnprune.selection import SHORTLIST_LEVELS, Budget, SelectionPolicy, budget_count, fitting_count, largest_feasible, trust_region
 from attnprune.store import StoredEvaluation
 
 
@@ -229,8 +229,9 @@ def test_trust_region_without_a_feasible_multi_head_mask_uses_the_per_head_cost(
     budget = Budget(100.0, 0.05)
     # per-head log-cost of the samples: ln(1.0506)/11 = 0.0045, ln(1.0506)/14 = 0.0035, ln(1.08)/16 = 0.0048: median the first
     rows = [big(0, 100.0), big(1, 101.0), big(11, 105.06), big(14, 105.06), big(16, 108.0)]
-    assert largest_feasible(rows, budget) == 1  # only the knockout: AP's log then names the fallback
+    assert largest_feasible(rows, budget) == 1  # only the knockout
     k = math.log(1.05) / (math.log(1.0506) / 11)
+    assert fitting_count(rows, budget) == (pytest.approx(k), True)  # AP's log then names the fallback
     assert budget_count(rows, budget) == pytest.approx(k)
     assert trust_region(rows, budget, 1, 32) == (1, math.ceil(1.25 * k)) == (1, 14)  # the old rule gave 2
     # never above the largest count evaluated (the surrogates know nothing beyond it)
@@ -238,3 +239,5 @@ def test_trust_region_without_a_feasible_multi_head_mask_uses_the_per_head_cost(
     assert budget_count(cheap, budget) == 3.0
     assert budget_count([big(0, 100.0), big(1, 101.0)], budget) == 0.0  # no multi-head mask: nothing to say
     assert trust_region([big(0, 100.0), big(1, 101.0)], budget, 1, 32) == (1, 2)
+    assert fitting_count([big(0, 100.0), big(1, 101.0)], budget) == (1, False)  # no estimate: the log stays silent
+    assert fitting_count([big(0, 100.0), big(8, 104.9)], budget) == (8, False)

@@ -73,9 +73,7 @@ def trust_region(rows: Sequence[StoredEvaluation], budget: Budget, k_min: int, k
     fit: the count is then :func:`budget_count`, where the evaluated multi-head masks' median
     per-head perplexity cost reaches the budget (capped at the largest count evaluated).
     """
-    fits = largest_feasible(rows, budget)
-    if fits < 2:
-        fits = max(fits, budget_count(rows, budget))
+    fits, _ = fitting_count(rows, budget)
     if fits:
         k_max = max(k_min, min(k_max, int(math.ceil(fits * slack))))
     return k_min, k_max
@@ -86,19 +84,33 @@ def largest_feasible(rows: Sequence[StoredEvaluation], budget: Budget) -> int:
     return max((r.mask.n_pruned for r in rows if budget.holds(r.perplexity)), default=0)
 
 
+def fitting_count(rows: Sequence[StoredEvaluation], budget: Budget) -> tuple[float, bool]:
+    """The pruned count :func:`trust_region` scales, and whether :func:`budget_count` estimated it.
+
+    The largest count within the budget; when that is a single head (or none), the per-head
+    estimate if it is larger.
+    """
+    fits = largest_feasible(rows, budget)
+    if fits < 2:
+        estimate = budget_count(rows, budget)
+        if estimate > fits:
+            return estimate, True
+    return fits, False
+
+
 def budget_count(rows: Sequence[StoredEvaluation], budget: Budget) -> float:
     """The pruned count at which the median per-head log-perplexity cost of ``rows``' multi-head masks reaches the budget.
 
     0 when no multi-head mask was evaluated; never above the largest count evaluated (the
     surrogates know nothing beyond it).
     """
-    costs = [math.log(r.perplexity / budget.base_perplexity) / r.mask.n_pruned
-             for r in rows if r.mask.n_pruned >= 2 and r.perplexity > 0]
-    median = float(np.median(costs)) if costs else 0.0
+    multi = [r for r in rows if r.mask.n_pruned >= 2 and r.perplexity > 0]
+    if not multi:
+        return 0.0
+    median = float(np.median([math.log(r.perplexity / budget.base_perplexity) / r.mask.n_pruned for r in multi]))
     if median <= 0:
         return 0.0
-    largest = max(r.mask.n_pruned for r in rows if r.mask.n_pruned >= 2)
-    return min(math.log1p(budget.tau) / median, float(largest))
+    return min(math.log1p(budget.tau) / median, float(max(r.mask.n_pruned for r in multi)))
 
 
 def window_differences(row: StoredEvaluation, base: StoredEvaluation) -> np.ndarray:

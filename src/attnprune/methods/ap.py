@@ -37,7 +37,7 @@ from attnprune.methods.base import Method, MethodContext, Proposal, register_met
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
-from attnprune.selection import largest_feasible, trust_region, window_differences
+from attnprune.selection import fitting_count, trust_region, window_differences
 from attnprune.store import StoredEvaluation, fingerprint
 from attnprune.surrogate import TrainingSet, make_surrogate
 
@@ -202,7 +202,7 @@ class AttentionPruning(Method):
             rows = self.training_data(ctx, round_)
             budget = policy.budget(ctx.base())
             bounds = trust_region(rows, budget, *ctx.bounds)
-            if largest_feasible(rows, budget) < 2:
+            if fitting_count(rows, budget)[1]:
                 ctx.log(f"no evaluated mask of 2 or more heads met the budget: the trust region (up to {bounds[1]} "
                         "heads) comes from the design's median per-head perplexity cost")
             predict = head_charged(surrogates.predict_torch, gap_per_head, ctx.cells)

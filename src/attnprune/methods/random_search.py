@@ -19,7 +19,7 @@ import numpy as np
 from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, register_method
-from attnprune.selection import trust_region
+from attnprune.selection import largest_feasible, trust_region
 
 BATCH = 8
 
@@ -54,7 +54,7 @@ class RandomSearch(Method):
             if not batch:
                 break
             rows += ctx.evaluate(batch, labels.method(self.name), f"{self.name}: random masks (valid)")
-            feasible = any(r.mask.n_pruned and budget.holds(r.perplexity) for r in rows)
+            feasible = largest_feasible(rows, budget) > 0
             hi = trust_region(rows, budget, k_min, k_max)[1] if feasible else max(k_min, (k_min + hi) // 2)
         evaluated = rows[1:]
         return Proposal(rows, len(rows), float(sum(r.seconds for r in evaluated)) + base.seconds,
