@@ -319,7 +319,7 @@ def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
         assert float(base_pred[0]) == pytest.approx(float(((means @ w) - means).abs().sum()), rel=1e-4)
 
 
-def _written_comparison(path, seeds: dict, config=None, machine=None):
+def _written_comparison(path, seeds: dict, config=None, machine=None, code=None):
     """A hand-made comparison.json: ``seeds`` maps seed -> {method: (relative change, mask key)}.
 
     ``machine`` (a :func:`attnprune.machine.describe_machine` dict) is recorded for every seed.
@@ -340,7 +340,7 @@ def _written_comparison(path, seeds: dict, config=None, machine=None):
                                     budget=21.0)
         result.per_seed.append(SeedComparison(seed=seed, validation=validation, outcomes=outcomes, ap_minus={
             n: {"difference": ap - rel, "ci": [ap - rel - 0.1, ap - rel + 0.1], "replicates": [ap - rel] * 10}
-            for n, (rel, _) in rows.items() if n != "ap"}, machine=dict(machine or {})))
+            for n, (rel, _) in rows.items() if n != "ap"}, machine=dict(machine or {}), code=dict(code or {})))
         result.methods = list(dict.fromkeys(result.methods + list(rows)))
     write_comparison(result, path)
     return path
@@ -361,6 +361,22 @@ def test_each_seed_says_what_its_seconds_were_measured_on_and_a_pool_says_when_m
     pooled = pool([a, b], log=lambda s: None)
     assert pooled.per_seed[0].machine == {"note": "its methods ran on different machines (see the pooled runs)"}
     assert pooled.per_seed[1].machine == there  # seed 11 ran in one run only
+
+
+def test_each_seed_says_what_code_ran_it_and_a_pool_says_when_its_parts_ran_different_code(tmp_path):
+    from attnprune.compare import pool
+
+    old, new = {"attnprune": "0.1.0", "commit": "aaaaaaa", "modified": False}, {"attnprune": "0.1.0", "commit": "bbbbbbb",
+                                                                             "modified": True}
+    a = _written_comparison(tmp_path / "a", {10: {"ap": (-0.7, [[0, 1]])}}, code=old)
+    b = _written_comparison(tmp_path / "b", {10: {"ap": (-0.7, [[0, 1]]), "fasp": (-0.3, [[1, 1]])},
+                                             11: {"ap": (-0.5, [[0, 2]])}}, code=new)
+    assert "Code: attnprune 0.1.0 at commit aaaaaaa." in (a / "comparison.md").read_text()
+    assert "Code: attnprune 0.1.0 at commit bbbbbbb with uncommitted changes to its code." in (b / "comparison.md").read_text()
+    pooled = pool([a, b], log=lambda s: None)
+    assert pooled.per_seed[0].code == {"note": "its methods ran different code (see the pooled runs)"}
+    assert pooled.per_seed[1].code == new  # seed 11 ran in one run only
+    assert pool([a, a], log=lambda s: None).per_seed[0].code == old  # the same code twice is the same code
 
 
 def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(tmp_path):

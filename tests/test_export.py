@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from attnprune import HeadMask, apply_mask, head_layout
 from attnprune.export import MASK_FILE, export_repaired
+from attnprune.machine import code_version
 from conftest import tiny_model, token_batch
 
 
@@ -34,6 +35,7 @@ def test_export_round_trip_every_architecture(arch, tmp_path):
     record = json.loads((out / MASK_FILE).read_text())
     assert record["mask"]["model"] == f"tiny-{arch}"
     assert record["provenance"]["base_model"] == f"tiny-{arch}"
+    assert record["provenance"]["attnprune_code"] == code_version()  # the commit, when run from a checkout
     assert not (tmp_path / "repaired.partial").exists()
 
 

@@ -185,6 +185,9 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     # the seconds say what they were measured on
     assert r.machine["cpus"] >= 1 and r.machine["cpu_kernels"] and r.machine["device"] == "cpu"
     assert f"measured on {r.machine['processor']}, {r.machine['cpus']} CPUs" in (result.out_dir / "report.md").read_text()
+    from attnprune.machine import code_line, code_version
+
+    assert r.code == code_version() and f"code: {code_line(r.code)}" in (result.out_dir / "report.md").read_text()
     for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
                  "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):
         assert (result.out_dir / name).exists(), name

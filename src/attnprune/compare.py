@@ -24,7 +24,7 @@ import numpy as np
 from attnprune import labels
 from attnprune.config import CompareConfig
 from attnprune.errors import UserError
-from attnprune.machine import describe_machine, machine_line
+from attnprune.machine import code_line, code_version, describe_machine, machine_line
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import Comparison, MethodOutcome, SeedComparison, SeedValidation, measured, read_result
 from attnprune.run import Log, Run
@@ -50,7 +50,7 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
                 f"budget {policy.budget(base).limit:.2f}")
             entry = SeedComparison(seed=seed, validation=SeedValidation(
                 setup=run.valid.setup(), unrepaired=measured(base), budget=policy.budget(base).limit),
-                machine=describe_machine(cfg.device))
+                machine=describe_machine(cfg.device), code=code_version())
             result.per_seed.append(entry)
             ctx = MethodContext(run, policy, seed)
             for name in methods:
@@ -244,7 +244,7 @@ def markdown(result: Comparison) -> str:
             lines += [f"Test split: {cfg['bias']} bias on {bi['axis']}, {bi['prompts']} prompts (seed "
                       f"{bi['prompt_seed']}); perplexity on {pi['corpus']} {pi['split']}, {pi['tokens_scored']} tokens. "
                       f"Unrepaired: bias {u.bias:.3f} [{u.ci[0]:.3f}, {u.ci[1]:.3f}], perplexity {u.perplexity:.2f}.", ""]
-        lines += [f"Seconds measured on: {machine_line(s.machine)}.", ""]
+        lines += [f"Seconds measured on: {machine_line(s.machine)}. Code: {code_line(s.code)}.", ""]
         lines += ["| method | heads | test bias | 95% CI | bias change | paired 95% CI of change | test ppl | ppl change "
                   "[95% CI] | in budget (point; one-sided 95% bound) | LLM evals | eval s | new evals | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -422,6 +422,9 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
             if s.machine and kept.machine and s.machine != kept.machine:  # its seconds are not comparable
                 kept.machine = {"note": "its methods ran on different machines (see the pooled runs)"}
             kept.machine = kept.machine or s.machine
+            if s.code and kept.code and s.code != kept.code:  # its methods' choices came from different code
+                kept.code = {"note": "its methods ran different code (see the pooled runs)"}
+            kept.code = kept.code or s.code
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
     seeds = sorted(by_seed)
     per_seed = [by_seed[k] for k in seeds]

@@ -25,6 +25,7 @@ import torch
 from attnprune import __version__
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask, apply_mask, check_fits, probe_ids
+from attnprune.machine import code_version
 from attnprune.models.layouts import HeadLayout, projection_input_axis
 from attnprune.results import Front, FrontPoint
 
@@ -78,6 +79,7 @@ def export_repaired(
         "mask": mask.to_dict(model_name),
         "provenance": {
             "attnprune_version": __version__,
+            "attnprune_code": code_version(),  # with the commit, when it ran from a git checkout
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "base_model": model_name,
             "method": "zeroed output-projection input slices (exact head removal)",

@@ -17,7 +17,7 @@ from attnprune import labels
 from attnprune.config import FrontConfig, RepairConfig, command_line, split_list
 from attnprune.front import front
 from attnprune.heads import HeadMask
-from attnprune.machine import describe_machine
+from attnprune.machine import code_version, describe_machine
 from attnprune.methods import MethodContext, get_method
 from attnprune.results import (ConfirmationSummary, EvaluationCounts, RepairReport, ValidationPoint,
                                ValidationSummary, measured)
@@ -91,7 +91,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
                 evaluation_seconds=proposal.seconds + confirm_seconds + (
                     selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None},
-            machine=describe_machine(cfg.device))
+            machine=describe_machine(cfg.device), code=code_version())
         model_dir = None
         if cfg.export:
             from attnprune.export import export_repaired, model_card

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprune import labels
-from attnprune.machine import machine_line
+from attnprune.machine import code_line, machine_line
 from attnprune.results import RepairReport, TestComparison
 from attnprune.stats import detectable_change, items_needed
 
@@ -217,7 +217,7 @@ def markdown(report: RepairReport) -> str:
         lines.append(f"| {c.round + 1} | {c.n_pruned} | {c.predicted_bias:.3f} | {c.bias:.3f} | "
                      f"{c.predicted_perplexity:.2f} | {c.perplexity:.2f} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items())
-              + f"; measured on {machine_line(report.machine)}", "",
+              + f"; measured on {machine_line(report.machine)}; code: {code_line(report.code)}", "",
               f"Pruned heads [layer, head]: {report.chosen_mask['pruned']}", ""]
     return "\n".join(lines)
 

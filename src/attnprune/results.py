@@ -440,6 +440,7 @@ class RepairReport(Serialisable):
     timings_s: dict
     outputs: dict[str, Any] = field(default_factory=dict)
     machine: dict = field(default_factory=dict)  # what the seconds were measured on (attnprune.machine)
+    code: dict = field(default_factory=dict)  # the code that ran it (attnprune.machine.code_version)
 
 
 @dataclass
@@ -484,6 +485,7 @@ class SeedComparison(Serialisable):
     # AP minus each method on the same test prompts: difference of relative bias changes, paired CI, replicates
     ap_minus: dict[str, dict] = field(default_factory=dict)
     machine: dict = field(default_factory=dict)  # what this seed's seconds were measured on (attnprune.machine)
+    code: dict = field(default_factory=dict)  # the code that ran this seed (attnprune.machine.code_version)
 
 
 @dataclass
