@@ -131,6 +131,9 @@ def test_over_seeds_table_says_where_a_method_chose_nothing():
                                 "pooled": {"mean": -0.8 / 3, "ci_prompts": [-0.35, -0.2], "ci_seeds": None}}}}
     md = "\n".join(over_seeds(summary))
     assert "| ap | -50.0%, -40.0%, -30.0% | -40.0% | 10.0% | +1.0%, +2.0%, +3.0% | yes | 140 | 1100 |" in md
+    summary["methods"]["ap"]["bound_over_on_test"] = [2]  # the point held, the one-sided bound did not
+    assert "| +1.0%, +2.0%, +3.0% | yes (one-sided 95% bound over on seed 2) | 140 |" in "\n".join(over_seeds(summary))
+    summary["methods"]["ap"]["bound_over_on_test"] = []
     assert "| random | -40.0%, none, none | -40.0% (1 of 3 seeds) | - | +4.0%, none, none | " \
            "yes; no choice on seeds 1, 2 |" in md
     assert ("| random | -10.0% [-20.0%, +0.0%], -40.0% [-50.0%, -30.0%], -30.0% [-40.0%, -20.0%] | -26.7% | "
@@ -200,7 +203,8 @@ def _outcome(method, seed, relative, ppl, evals, seconds, found=True):
                                perplexity_inputs={"corpus": "xsum", "split": "test", "tokens_scored": 1000})
         test = TestComparison(name=method, setup=setup, card={}, unrepaired=s, repaired=s,
                               bias_change=Change(absolute=relative, ci=[relative - 0.1, relative + 0.1],
-                                                 relative=relative), perplexity_change=ppl)
+                                                 relative=relative), perplexity_change=ppl,
+                              perplexity_change_upper=ppl + 0.01)
     return MethodOutcome(method=method, seed=seed, llm_evaluations=evals, evaluation_seconds=seconds,
                          new_evaluations=evals, seconds=seconds, candidates=1, test=test,
                          meets_budget=None if test is None else ppl <= 0.05)
@@ -240,6 +244,7 @@ def test_summarize_arithmetic_on_hand_made_outcomes():
     assert ap["bias_change"]["values"] == [-0.50, -0.30] and ap["bias_change"]["mean"] == pytest.approx(-0.40)
     assert ap["bias_change"]["sd"] == pytest.approx(0.1414213562, rel=1e-6)
     assert ap["budget_kept_on_test"] is False  # seed 2: +6% > +5%
+    assert ap["bound_over_on_test"] == [2] and s["methods"]["fasp"]["bound_over_on_test"] == []
     assert ap["llm_evaluations"]["mean"] == 110 and ap["evaluation_seconds"]["mean"] == 60
     assert s["methods"]["random"]["found"] == [False, True]
     assert s["methods"]["random"]["bias_change"]["values"] == [-0.10]

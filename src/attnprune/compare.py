@@ -160,6 +160,8 @@ def summarize(result: Comparison, tau: float) -> dict:
             # ... and at one-sided 95% confidence (the window bootstrap's upper bound within tau)
             "budget_kept_95_on_test": all(o.test.perplexity_change_upper is not None
                                           and o.test.perplexity_change_upper <= tau for o in tested),
+            "bound_over_on_test": [o.seed for o in tested if o.test.perplexity_change_upper is not None
+                                   and o.test.perplexity_change_upper > tau],  # the seeds where it was not
             "llm_evaluations": _spread([o.llm_evaluations for o in outcomes]),
             "evaluation_seconds": _spread([o.evaluation_seconds for o in outcomes]),
         }
@@ -289,6 +291,9 @@ def over_seeds(summary: dict) -> list[str]:
         missing = [str(seed) for seed, f in zip(m["seeds"], m["found"]) if not f]
         mean = _pct(m["bias_change"]["mean"]) + (f" ({sum(m['found'])} of {len(m['found'])} seeds)" if missing else "")
         kept = ("yes" if m["budget_kept_on_test"] else "no") if any(m["found"]) else "-"
+        over = m.get("bound_over_on_test", [])
+        if over:  # the point held but not the one-sided bound: the per-seed tables say "yes; no"
+            kept += f" (one-sided 95% bound over on seed{'s' if len(over) > 1 else ''} {', '.join(map(str, over))})"
         if missing:
             kept += f"; no choice on seed{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
         lines.append(f"| {name} | {per_seed} | {mean} | {_pct(m['bias_change']['sd'], sign='')} | {ppls} | "
