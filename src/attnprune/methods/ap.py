@@ -106,7 +106,8 @@ class AttentionPruning(Method):
         depends = {"anchor_prompts": c.anchor_prompts}
         stored = ctx.cached("anchor", depends)
         if stored is None and ctx.can_evaluate:
-            ctx.log(f"the unrepaired model on {c.anchor_prompts} search prompts (the surrogate's anchor) ...")
+            ctx.log(f"the unrepaired model on up to {c.anchor_prompts:,} search prompts (the surrogate's anchor; as "
+                    "many as the search half holds) ...")
             with ctx.timed("anchor"):
                 stored = ctx.unrepaired_on_search_prompts(c.anchor_prompts) or {}
             ctx.keep("anchor", stored, depends)
