@@ -36,6 +36,7 @@ logger = logging.getLogger("attnprune")
 def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparison:
     """Run every method of ``cfg.methods`` for every seed; write ``comparison.json/.md/.png`` to ``cfg.out_dir``."""
     t_all = time.perf_counter()
+    code = code_version()  # at the start: the modules this process runs were read then, whatever is committed later
     policy = SelectionPolicy.of(cfg)
     methods = cfg.method_list
     result = Comparison(model=cfg.model, config=cfg.to_dict(), methods=methods, seeds=cfg.seed_list,
@@ -50,7 +51,7 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
                 f"budget {policy.budget(base).limit:.2f}")
             entry = SeedComparison(seed=seed, validation=SeedValidation(
                 setup=run.valid.setup(), unrepaired=measured(base), budget=policy.budget(base).limit),
-                machine=describe_machine(cfg.device), code=code_version())
+                machine=describe_machine(cfg.device), code=code)
             result.per_seed.append(entry)
             ctx = MethodContext(run, policy, seed)
             for name in methods:

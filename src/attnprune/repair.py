@@ -51,6 +51,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
     from attnprune.report import write_report
 
     t_start = time.perf_counter()
+    code = code_version()  # at the start: the modules this process runs were read then, whatever is committed later
     policy = SelectionPolicy.of(cfg)
     with Run.open(cfg, loaded, log) as run:
         lay = run.layout
@@ -91,7 +92,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
                 evaluation_seconds=proposal.seconds + confirm_seconds + (
                     selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None},
-            machine=describe_machine(cfg.device), code=code_version())
+            machine=describe_machine(cfg.device), code=code)
         model_dir = None
         if cfg.export:
             from attnprune.export import export_repaired, model_card
