@@ -188,6 +188,8 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     from attnprune.machine import code_line, code_version
 
     assert r.code == code_version() and f"code: {code_line(r.code)}" in (result.out_dir / "report.md").read_text()
+    exported = json.loads((result.out_dir / "model" / "config.json").read_text())["attnprune"]
+    assert exported["provenance"]["attnprune_code"] == r.code  # the model names the code its report names
     for name in ("report.json", "report.md", "mask.json", "bias_vs_perplexity.png", "pruned_heads.png",
                  "buckets_before_after.png", "surrogate_vs_measured.png", "model/config.json"):
         assert (result.out_dir / name).exists(), name

@@ -385,6 +385,13 @@ def read_comparison(path: Path) -> Comparison:
                        "(it reuses its stores) or leave it out.")
 
 
+def _merged(kept: dict, other: dict, note: str) -> dict:
+    """One seed's record (machine or code) from two runs of it: the one there is, or ``note`` when they differ."""
+    if kept and other and kept != other:
+        return {"note": note}
+    return kept or other
+
+
 def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
     """One comparison from several (seeds run on other machines or at other times), re-summarised over all seeds.
 
@@ -425,12 +432,10 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
             for name, d in s.ap_minus.items():
                 kept.ap_minus.setdefault(name, d)
             kept.knockouts = kept.knockouts or s.knockouts
-            if s.machine and kept.machine and s.machine != kept.machine:  # its seconds are not comparable
-                kept.machine = {"note": "its methods ran on different machines (see the pooled runs)"}
-            kept.machine = kept.machine or s.machine
-            if s.code and kept.code and s.code != kept.code:  # its methods' choices came from different code
-                kept.code = {"note": "its methods ran different code (see the pooled runs)"}
-            kept.code = kept.code or s.code
+            # its seconds are not comparable across machines, nor its choices across code
+            kept.machine = _merged(kept.machine, s.machine,
+                                   "its methods ran on different machines (see the pooled runs)")
+            kept.code = _merged(kept.code, s.code, "its methods ran different code (see the pooled runs)")
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
     seeds = sorted(by_seed)
     per_seed = [by_seed[k] for k in seeds]

@@ -103,7 +103,8 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             model_dir = export_repaired(run.loaded.model, run.loaded.tokenizer, lay, chosen.mask, out / "model",
                                         model_name=run.model_name, card=card,
                                         provenance={"method": "attention-pruning", "config": cfg.to_dict(),
-                                                    "test_split": test.search_measure.repaired.to_dict()})
+                                                    "test_split": test.search_measure.repaired.to_dict(),
+                                                    "attnprune_code": code})  # the report's, not a later commit
             report.outputs["model"] = str(model_dir)
         report.timings_s = {**run.timings, "total": time.perf_counter() - t_start}
     write_report(report, out)
