@@ -42,6 +42,16 @@ def test_magnitude_counts_shared_kv_weights_and_gradient_is_nonzero(tmp_path):
     assert all(not p._forward_pre_hooks for p in lm.layout.out_projs), "hooks must be removed when the run closes"
 
 
+def test_each_source_label_belongs_to_one_stage_of_a_methods_cost():
+    from attnprune import labels
+
+    cases = {labels.KNOCKOUT: "knockouts", labels.SAMPLE: "samples", "ap_paper:sample": "samples",
+             labels.candidates(3): "candidates", labels.candidates(0, "ap_paper:"): "candidates",
+             labels.method("fasp"): "candidates", labels.confirm("ap"): "confirmations",
+             labels.CONFIRM_UNREPAIRED: "confirmations"}
+    assert {source: labels.stage(source) for source in cases} == cases
+
+
 def test_method_names_come_from_the_registry_and_are_checked():
     assert method_names() == ["ap", "ap_paper", "random_search", "random_grid", "magnitude", "gradient", "fasp",
                               "bias_only", "ppl_only", "direct_sa"]
@@ -181,8 +191,19 @@ def test_comparison_over_seeds_measures_every_choice_on_test(tmp_path):
                 assert lo - 1e-12 <= o.test.perplexity_change <= hi + 1e-12 and o.test.perplexity_change_upper <= hi + 1e-12
     pooled = result.summary["ap_minus"]["fasp"]["pooled"]
     assert pooled["seeds"] == 2 and pooled["ci_seeds"] is not None and pooled["ci_prompts"] is not None
+    for s in result.per_seed:  # where the cost went: the stages add up to the counts and seconds reported
+        for name, o in s.outcomes.items():
+            assert sum(st["evaluations"] for st in o.stages.values()) == o.llm_evaluations, name
+            assert sum(st["seconds"] for st in o.stages.values()) == pytest.approx(o.evaluation_seconds), name
+            confirmed = o.stages.get("confirmations", {"evaluations": 0})["evaluations"]
+            assert confirmed == o.llm_evaluations - o.validation_evaluations, name
+        assert s.outcomes["fasp"].stages["knockouts"]["evaluations"] == s.knockouts["evaluations"]
+        assert {"knockouts", "samples", "candidates", "anchor"} <= set(s.outcomes["ap"].stages)
+        assert "knockouts" not in s.outcomes["ap_paper"].stages and "knockouts" not in s.outcomes["random_search"].stages
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Seed 0" in md and "## Seed 1" in md and "## Over seeds" in md
+    o = result.per_seed[0].outcomes["fasp"]
+    assert "| fasp | " in md and f"{o.stages['knockouts']['evaluations']}, {o.stages['knockouts']['seconds']:.0f} s" in md
     # the change's CI is shown in the relative change's unit (over the unrepaired bias), the absolute beside it
     o = next(o for s in result.per_seed for o in s.outcomes.values() if o.test is not None)
     ch, u = o.test.bias_change, o.test.unrepaired.bias

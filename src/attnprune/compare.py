@@ -84,7 +84,9 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
         notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
         valid=selection.summary(policy.confidence), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
-        confirmation=selection.candidates)
+        confirmation=selection.candidates,
+        stages={**proposal.stages(), **({"confirmations": {"evaluations": confirmations, "seconds": confirm_seconds}}
+                                        if confirmations else {})})
     log(f"{name}: " + (no_choice(selection.candidates, cfg.tau) if chosen is None else
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
         + f" ({proposal.evaluations} LLM evaluations, {outcome.seconds:.0f} s)")
@@ -270,6 +272,7 @@ def markdown(result: Comparison) -> str:
                 if o.transfer:
                     lines.append(f"| {name} | " + " | ".join(_pct(o.transfer[a].bias_change.relative) for a in axes)
                                  + " |")
+        lines += cost_table(s.outcomes)
         lines += check_table(s.outcomes)
         notes = "; ".join(f"{n}: {o.notes}" for n, o in s.outcomes.items() if o.notes)
         lines += ["", f"Notes: {notes}" if notes else "", ""]
@@ -318,6 +321,21 @@ def over_seeds(summary: dict) -> list[str]:
             lines.append(f"| {name} | {per_seed} | {_pct(pooled['mean'])} | {ci[0]} | {ci[1]} | "
                          f"{d['evaluation_seconds_ratio']['mean']:.2f} |")
     lines.append("")
+    return lines
+
+
+def cost_table(outcomes: dict[str, MethodOutcome]) -> list[str]:
+    """Where each method's LLM evaluations and their seconds went (empty for comparisons that did not keep it)."""
+    kept = {n: o for n, o in outcomes.items() if o.stages}
+    stages = list(dict.fromkeys(st for o in kept.values() for st in o.stages))
+    if not stages:
+        return []
+    lines = ["", "Where the evaluation seconds went (LLM evaluations, seconds; validation and confirmation data):", "",
+             "| method | " + " | ".join(stages) + " | total |", "|---|" + "---|" * (len(stages) + 1)]
+    for name, o in kept.items():
+        cells = [f"{o.stages[st]['evaluations']}, {o.stages[st]['seconds']:.0f} s" if st in o.stages else "-"
+                 for st in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {o.llm_evaluations}, {o.evaluation_seconds:.0f} s |")
     return lines
 
 

@@ -30,6 +30,20 @@ def is_candidate(source: str) -> bool:
     return CANDIDATE in source
 
 
+def stage(source: str) -> str:
+    """What part of a method's work a validation evaluation labelled ``source`` was (for cost tables)."""
+    kind = source.rsplit(":", 1)[-1] if not source.startswith(("method:", "confirm:")) else source.split(":", 1)[0]
+    if kind == KNOCKOUT:
+        return "knockouts"
+    if kind == SAMPLE:
+        return "samples"
+    if CANDIDATE in kind or kind == "method":
+        return "candidates"
+    if kind == "confirm":
+        return "confirmations"
+    return kind
+
+
 def method(name: str) -> str:
     """The validation evaluations of a method without stages of its own."""
     return f"method:{name}"

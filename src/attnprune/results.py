@@ -463,6 +463,9 @@ class MethodOutcome(Serialisable):
     transfer: dict[str, TestComparison] = field(default_factory=dict)
     checks: dict[str, TestComparison] = field(default_factory=dict)
     confirmation: list[ConfirmedCandidate] = field(default_factory=list)
+    # where llm_evaluations and evaluation_seconds went: {stage: {"evaluations", "seconds"}} (knockouts, samples,
+    # candidates, confirmations, AP's first-order pass and anchor); empty in comparisons made before it was kept
+    stages: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -356,18 +356,24 @@ class AttentionPruning(Method):
         notes = (f"{len(rows)} validation evaluations (" + self.sampler(ctx).describe(ctx, rows)
                  + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates"
                  + (f", {len(details.calibration)} calibration(s)" if details.calibration else "") + ")")
-        seconds = float(sum(r.seconds for r in rows)) + (first["seconds"] if first else 0.0)
+        extras = {"first-order pass": (0, first["seconds"])} if first else {}
         anchor = self.anchor(ctx)
         if anchor:
-            seconds += anchor["seconds"]
+            extras["anchor"] = (1, anchor["seconds"])
             notes += f"; anchored on the unrepaired model's means over {anchor['prompts']} search prompts"
         prior = self.perplexity_prior(ctx)
         if prior:
-            seconds += prior["seconds"]
+            extras["perplexity prior"] = (0, prior["seconds"])
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
-        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details, retired)
+        seconds = float(sum(r.seconds for r in rows)) + sum(s for _, s in extras.values())
+        stage_of: dict[str, str] = {}  # each mask under the first of this method's own labels that holds it
+        for source in self.round_sources(ctx, c.rounds + c.calibrate):
+            for r in ctx.rows([source]):
+                stage_of.setdefault(r.mask.key, labels.stage(source))
+        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details, retired, extras,
+                        stage_of=stage_of)
 
 
 def head_charged(predict, per_head: float, cells: int):

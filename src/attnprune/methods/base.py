@@ -270,6 +270,30 @@ class Proposal:
     # keys of masks the method's own earlier selections confirmed over the perplexity budget (AP's calibration):
     # they stay evaluated and counted, but are not shortlisted again
     retired: frozenset[str] = frozenset()
+    # what ``seconds`` counts besides ``rows``: stage -> (LLM evaluations, seconds), e.g. shared knockouts
+    extras: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # the rows ``seconds`` counts, when not all of ``rows`` (a candidate that is also a counted knockout, once)
+    charged: list[StoredEvaluation] | None = None
+    # mask key -> the stage the method used it in (a mask another method evaluated first keeps that one's source)
+    stage_of: dict[str, str] = field(default_factory=dict)
+
+    def stages(self) -> dict[str, dict]:
+        """Where :attr:`evaluations` and :attr:`seconds` went: ``{stage: {"evaluations", "seconds"}}``.
+
+        The charged rows grouped by their stage (:attr:`stage_of`, else
+        :func:`attnprune.labels.stage` of the source that first evaluated them), then :attr:`extras`.
+        """
+        out: dict[str, dict] = {}
+        for r in self.rows if self.charged is None else self.charged:
+            stage = self.stage_of.get(r.mask.key) or labels.stage(r.source)
+            s = out.setdefault(stage, {"evaluations": 0, "seconds": 0.0})
+            s["evaluations"] += 1
+            s["seconds"] += float(r.seconds)
+        for name, (n, seconds) in self.extras.items():
+            s = out.setdefault(name, {"evaluations": 0, "seconds": 0.0})
+            s["evaluations"] += n
+            s["seconds"] += float(seconds)
+        return out
 
     def selectable(self) -> list[StoredEvaluation]:
         """The rows the shared selection policy chooses among: :attr:`rows` less the :attr:`retired` masks."""
@@ -293,13 +317,17 @@ class Method(ABC):
     def proposal(self, ctx: MethodContext, masks: list[HeadMask], notes: str = "") -> Proposal:
         """Evaluate ``masks`` under the method's source label; count shared knockouts when used."""
         rows = ctx.evaluate(masks, labels.method(self.name), f"{self.name}: candidates (valid)")
-        evaluations, seconds = len(rows), float(sum(r.seconds for r in rows))
+        charged, extras = rows, {}
         if self.uses_knockouts:
             knock = ctx.knockouts()
-            evaluations += knock.evaluations
-            seconds += knock.seconds
+            known = {r.mask.key for r in knock.rows}
+            charged = [r for r in rows if r.mask.key not in known]  # a candidate that is a knockout is counted there
+            extras["knockouts"] = (knock.evaluations, knock.seconds)
             notes = notes or "single-head knockouts shared with the other knockout methods, counted in each"
-        return Proposal(rows, evaluations, seconds, notes)
+        evaluations = len(charged) + sum(n for n, _ in extras.values())
+        seconds = float(sum(r.seconds for r in charged)) + sum(s for _, s in extras.values())
+        return Proposal(rows, evaluations, seconds, notes, extras=extras, charged=charged,
+                        stage_of={r.mask.key: "candidates" for r in charged})
 
 
 METHODS = Registry("method")

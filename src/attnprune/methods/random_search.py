@@ -58,4 +58,5 @@ class RandomSearch(Method):
             hi = trust_region(rows, budget, k_min, k_max)[1] if feasible else max(k_min, (k_min + hi) // 2)
         evaluated = rows[1:]
         return Proposal(rows, len(rows), float(sum(r.seconds for r in evaluated)) + base.seconds,
-                        f"{len(evaluated)} random masks of {k_min}-{k_max} heads (last range {k_min}-{hi})")
+                        f"{len(evaluated)} random masks of {k_min}-{k_max} heads (last range {k_min}-{hi})",
+                        stage_of={r.mask.key: "candidates" for r in evaluated})
