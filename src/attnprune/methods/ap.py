@@ -352,7 +352,10 @@ class AttentionPruning(Method):
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
         rows = self.training_data(ctx)
         knocked = sum(r.source == labels.KNOCKOUT for r in rows)
-        first = ctx.cached("first_order") if knocked < ctx.n_total else None
+        # the first-order pass is this method's cost where it uses it: the boundary sampler's screen, the additive
+        # surrogate's prior (ap_paper's random samples and MLP surrogates use neither)
+        uses_first = (c.sampler == "boundary" and knocked < ctx.n_total) or c.surrogate == "additive"
+        first = ctx.cached("first_order") if uses_first else None
         notes = (f"{len(rows)} validation evaluations (" + self.sampler(ctx).describe(ctx, rows)
                  + f"{c.samples} samples, {c.rounds} rounds x {c.top_k} candidates"
                  + (f", {len(details.calibration)} calibration(s)" if details.calibration else "") + ")")
