@@ -122,6 +122,20 @@ def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, 
     assert any("knocking out every head (12 evaluations" in n for n in notes)
 
 
+def test_each_method_is_charged_the_first_order_pass_only_where_it_uses_it(tmp_path, monkeypatch):
+    """AP's screen reads the gradient pass; ap_paper (random samples, MLP surrogates) reads neither it nor its prior."""
+    import attnprune.config as config_module
+
+    monkeypatch.setattr(config_module, "MIN_KNOCKOUTS", 1)  # the tiny model's 12 heads are screened like a real model's
+    cfg = CompareConfig(**{**TINY, "out": str(tmp_path / "cmp"), "samples": 8}, methods="ap,ap_paper", seeds="0",
+                        knockouts=0.5)
+    result = compare(cfg.validate(), loaded=tiny_loaded("llama", seed=3), log=lambda s: None)
+    ap, paper = result.per_seed[0].outcomes["ap"], result.per_seed[0].outcomes["ap_paper"]
+    assert ap.stages["knockouts"]["evaluations"] == 6 and ap.stages["first-order pass"]["seconds"] > 0
+    assert "first-order pass" not in paper.stages and "knockouts" not in paper.stages
+    assert sum(st["seconds"] for st in paper.stages.values()) == pytest.approx(paper.evaluation_seconds)
+
+
 def test_over_seeds_table_says_where_a_method_chose_nothing():
     def spread(values):
         a = np.asarray(values, dtype=float)
