@@ -15,15 +15,17 @@ RESULTS = Path(__file__).parent / "results"
 DEVELOPMENT_SEEDS = (0, 1, 2)
 
 
+def seconds_of(fn) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def best_of(fn, repeats: int = 3) -> float:
     """Best wall-clock seconds of ``repeats`` calls (after one warm-up call)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(seconds_of(fn) for _ in range(repeats))
 
 
 def machine() -> dict:

@@ -20,21 +20,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 
 from attnprune import HeadMask, load_model
 from attnprune.config import RepairConfig
 from attnprune.run import Run
-from common import write
-
-
-def timed(fn) -> float:
-    """Seconds one call of ``fn`` takes."""
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+from common import seconds_of, write
 
 
 def main() -> None:
@@ -55,9 +47,9 @@ def main() -> None:
             ev, _ = run.evaluator(run.confirm_spec)
             ev.evaluate(base)  # warm-up: the unrepaired model's caches
             for label, m in [("unrepaired", base)] + [(f"random {m.n_pruned} heads #{i}", m) for i, m in enumerate(masks)]:
-                bias = timed(lambda: ev.bias_measure.score([m]))
-                ppl = timed(lambda: ev.ppl_measure.score([m]))
-                whole = timed(lambda: ev.evaluate([m]))
+                bias = seconds_of(lambda: ev.bias_measure.score([m]))
+                ppl = seconds_of(lambda: ev.ppl_measure.score([m]))
+                whole = seconds_of(lambda: ev.evaluate([m]))
                 rows.append({"mask": label, "first_pruned_layer": min((l for l, _ in m.pruned), default=None),
                              "bias_seconds": bias, "perplexity_seconds": ppl, "evaluation_seconds": whole,
                              "bias_share": bias / (bias + ppl)})

@@ -43,7 +43,7 @@ from attnprune.executors import LocalExecutor
 from attnprune.measures import get_measure
 from attnprune.backend import Backend
 from attnprune.methods.samplers import random_masks
-from common import write
+from common import seconds_of, write
 
 CONFIGS = {
     "naive": dict(reuse_layers=False, lean=False, share_prefixes=False, mask_batch=1),
@@ -72,14 +72,8 @@ def run_set(ev: Evaluator, masks: list[HeadMask], batch: int) -> tuple[float, li
 def gemm_gflops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    best = min(seconds_of(lambda: torch.mm(a, b)) for _ in range(5))
     return 2 * n ** 3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def forward_flops(lm, ev: Evaluator) -> float:
@@ -131,7 +125,7 @@ def main() -> None:
             row["cache_mb"] = {"likelihood": ev.bias_measure.rows_.layer_cache.nbytes() / 2**20,
                                "perplexity": ev.ppl_measure.rows_.layer_cache.nbytes() / 2**20}
             scores = ev.bias_measure.prompt_scores([sets["random"][0]])[0]
-            res["statistics_s_per_evaluation"] = _timed(lambda: ev.bias_measure.summarize(scores))
+            res["statistics_s_per_evaluation"] = seconds_of(lambda: ev.bias_measure.summarize(scores))
         if name == "naive":
             res["naive_forward_gflop_per_evaluation"] = forward_flops(lm, ev) / 1e9
         ev.close()
