@@ -33,7 +33,7 @@ import torch
 
 from attnprune import labels
 from attnprune.heads import HeadMask
-from attnprune.methods.base import Method, MethodContext, Proposal, register_method
+from attnprune.methods.base import Method, MethodContext, Proposal, charged_totals, register_method
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
 from attnprune.search.annealing import AnnealingResult, anneal
@@ -370,13 +370,12 @@ class AttentionPruning(Method):
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
-        seconds = float(sum(r.seconds for r in rows)) + sum(s for _, s in extras.values())
+        evaluations, seconds = charged_totals(rows, extras)
         stage_of: dict[str, str] = {}  # each mask under the first of this method's own labels that holds it
         for source in self.round_sources(ctx, c.rounds + c.calibrate):
             for r in ctx.rows([source]):
                 stage_of.setdefault(r.mask.key, labels.stage(source))
-        return Proposal(rows, len(rows) + (1 if anchor else 0), seconds, notes, details, retired, extras,
-                        stage_of=stage_of)
+        return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of)
 
 
 def head_charged(predict, per_head: float, cells: int):

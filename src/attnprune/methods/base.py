@@ -324,10 +324,15 @@ class Method(ABC):
             charged = [r for r in rows if r.mask.key not in known]  # a candidate that is a knockout is counted there
             extras["knockouts"] = (knock.evaluations, knock.seconds)
             notes = notes or "single-head knockouts shared with the other knockout methods, counted in each"
-        evaluations = len(charged) + sum(n for n, _ in extras.values())
-        seconds = float(sum(r.seconds for r in charged)) + sum(s for _, s in extras.values())
+        evaluations, seconds = charged_totals(charged, extras)
         return Proposal(rows, evaluations, seconds, notes, extras=extras, charged=charged,
                         stage_of={r.mask.key: "candidates" for r in charged})
+
+
+def charged_totals(rows: Sequence[StoredEvaluation], extras: Mapping[str, tuple[int, float]]) -> tuple[int, float]:
+    """(LLM evaluations, seconds) a method is charged: ``rows`` once each, plus ``extras`` (stage -> (count, seconds))."""
+    return (len(rows) + sum(n for n, _ in extras.values()),
+            float(sum(r.seconds for r in rows)) + sum(seconds for _, seconds in extras.values()))
 
 
 METHODS = Registry("method")
