@@ -63,7 +63,10 @@ def promise(report: dict, confidences: list[float], test_tokens: int | None = No
     rows = []
     for level in confidences:
         q = float(student_t.ppf(level, setup["windows"] - 1))
-        ok = [c for c in cands if c["change"] + q * c["se"] <= math.log1p(tau) and c["bias"] < setup["unrepaired_bias"]]
+        # a candidate whose bound missed the run's budget has no confirmed bias (measured perplexity first): at a
+        # lower confidence than the run's it may be admissible here but cannot be ranked, so it is left out
+        ok = [c for c in cands if c["change"] + q * c["se"] <= math.log1p(tau) and c["bias"] is not None
+              and c["bias"] < setup["unrepaired_bias"]]
         pick = min(ok, key=lambda c: c["bias"]) if ok else None
         row = {"confidence": level, "admissible": len(ok), "chosen": None}
         if pick is not None:

@@ -310,6 +310,52 @@ def test_confirmation_cost_counts_each_confirmation_once(tmp_path):
         assert isinstance(rows[0], StoredEvaluation)
 
 
+def test_confirmation_measures_bias_only_where_the_perplexity_bound_holds(tmp_path):
+    """Perplexity first: a candidate over the budget has no bias measured, the choice is the one a full
+    confirmation makes, and a larger budget later measures only the missing bias (nothing twice)."""
+    from attnprune.selection import perplexity_change_bound
+
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "confirm": 4, "confirm_prompts": 16,
+                          "confirm_ppl_tokens": 512})
+    masks = [HeadMask.from_pruned(3, 4, pruned) for pruned in
+             ([(0, 0)], [(1, 2)], [(0, 1), (2, 3)], [(0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)])]
+    with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=lambda s: None) as run:
+        full, base_c = run.confirm(masks, "confirm:full")  # both measures at once (no needs_bias)
+        changes = sorted(perplexity_change_bound(r, base_c, 0.5)[1] for r in full)  # at 0.5 the bound is the change
+    tau = (changes[1] + changes[2]) / 2  # between the second and third change: some candidates must be over it
+    policy = SelectionPolicy(tau=tau, penalty=1.0, confirm=4, confidence=0.5)
+    with Run.open(dataclasses.replace(cfg, out=str(tmp_path / "first")), loaded=tiny_loaded("llama", seed=3),
+                  log=lambda s: None) as run:
+        rows, base = run.confirm(masks, "confirm:ap", policy.holds_budget)
+        for r, f in zip(rows, full):
+            assert r.perplexity == pytest.approx(f.perplexity), "the same confirmation text"
+            if policy.holds_budget(f, base_c):
+                assert r.bias == pytest.approx(f.bias)
+            else:
+                assert np.isnan(r.bias) and np.isnan(r.bias_ci[0]), "over the budget: its bias is not measured"
+        over = [r for r, f in zip(rows, full) if not policy.holds_budget(f, base_c)]
+        assert 0 < len(over) < len(masks)
+        # the policy's choice is the full confirmation's, and the report says what was not measured
+        vrows = run.evaluate(masks, "sample", "valid")
+        vbase = run.base()
+        confirmed = {m: r for m, r in zip(masks, full)}
+        chosen_full = policy.select(vrows, vbase, lambda ms, src, *_: ([confirmed[m] for m in ms], base_c), "x")
+        chosen = policy.select(vrows, vbase, run.confirm, "confirm:ap")
+        assert chosen_full.chosen is not None and chosen.chosen.mask == chosen_full.chosen.mask
+        assert 0 < sum(c.confirmed_bias is None for c in chosen.candidates) == len(
+            [c for c in chosen_full.candidates if c.confirmed_perplexity_change_bound > tau])
+        count, seconds = run.confirmation_cost("confirm:ap", chosen)
+        assert count == len(masks) and seconds == pytest.approx(sum(r.seconds for r in rows))
+        # a larger budget needs the missing biases: measured alone, the perplexity read back
+        before = run.store.count()
+        wide = dataclasses.replace(policy, tau=10.0)
+        completed, _ = run.confirm(masks, "confirm:ap", wide.holds_budget)
+        assert run.store.count() == before + len(over)
+        for r, f in zip(completed, full):
+            assert r.bias == pytest.approx(f.bias) and r.perplexity == pytest.approx(f.perplexity)
+        assert run.confirmation_cost("confirm:ap", chosen)[0] == len(masks), "one confirmation per mask"
+
+
 def test_pooled_difference_on_hand_made_seeds():
     from scipy.stats import t
 

@@ -177,7 +177,7 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
 
     policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=4, guards=("religion",), guard_margin=0.1)
     rows = [base, best, second, third, over]
-    sel = policy.select(rows, base, lambda ms, src: ([conf[m] for m in ms], base_c), "x", guard)
+    sel = policy.select(rows, base, lambda ms, src, *_: ([conf[m] for m in ms], base_c), "x", guard)
     assert sel.chosen.mask == second.mask, "the lowest confirmed bias fails its guard"
     assert asked == [best.mask, second.mask], "by confirmed bias, until one holds; none over the budget"
     by_mask = {tuple(map(tuple, c.pruned)): c for c in sel.candidates}
@@ -185,7 +185,7 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
     assert by_mask[((0, 3),)].guards is None and not by_mask[((0, 3),)].admissible
     assert "religion" in policy.rule() and "10% of its unrepaired value" in policy.rule()
     # without the guard the same policy takes the lowest confirmed bias
-    assert policy.select(rows, base, lambda ms, src: ([conf[m] for m in ms], base_c),
+    assert policy.select(rows, base, lambda ms, src, *_: ([conf[m] for m in ms], base_c),
                          "x").chosen.mask == best.mask
     assert "guard" not in SelectionPolicy(tau=0.05, penalty=1.0, confirm=3).rule()
 

@@ -73,21 +73,26 @@ class Evaluator:
         """:meth:`describe`, typed."""
         return EvaluatorSetup.from_dict(self.describe())
 
-    def evaluate(self, masks: Sequence[HeadMask] | HeadMask, with_perplexity: bool = True) -> list[Evaluation]:
-        """Score ``masks`` (one or many); results in the same order."""
+    def evaluate(self, masks: Sequence[HeadMask] | HeadMask, with_perplexity: bool = True,
+                 with_bias: bool = True) -> list[Evaluation]:
+        """Score ``masks`` (one or many); results in the same order.
+
+        A measure left out (``with_perplexity`` / ``with_bias`` False) reads NaN, with an empty detail.
+        """
         if isinstance(masks, HeadMask):
             masks = [masks]
         masks = list(masks)
         for m in masks:
             check_fits(m, self.loaded.layout)
         start = time.perf_counter()
-        bias = self.bias_measure.score(masks)
-        ppl = self.ppl_measure.score(masks) if with_perplexity else [{"perplexity": float("nan")}] * len(masks)
+        nan = float("nan")
+        bias = self.bias_measure.score(masks) if with_bias else [{"bias": nan, "ci": [nan, nan]}] * len(masks)
+        ppl = self.ppl_measure.score(masks) if with_perplexity else [{"perplexity": nan}] * len(masks)
         seconds = (time.perf_counter() - start) / max(1, len(masks))
         self.calls += len(masks)
         return [
-            Evaluation(mask=m, bias=b["bias"], bias_ci=b["ci"], perplexity=p["perplexity"], bias_detail=b,
-                       perplexity_detail=p, seconds=seconds)
+            Evaluation(mask=m, bias=b["bias"], bias_ci=b["ci"], perplexity=p["perplexity"],
+                       bias_detail=b if with_bias else {}, perplexity_detail=p, seconds=seconds)
             for m, b, p in zip(masks, bias, ppl)
         ]
 

@@ -65,14 +65,14 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> Front:
         source = labels.confirm("ap")
         points = []
         for budget in cfg.budget_list:
-            before = run.store.count()
+            before = run.evaluated()
             t = time.perf_counter()
             selection = dataclasses.replace(policy, tau=budget).select(rows, base, run.confirm, source,
                                                                        guard=run.guard)
             chosen = selection.summary(policy.confidence)
             if chosen is not None:
                 chosen.mask, chosen.key = selection.chosen.mask.to_dict(run.model_name), selection.chosen.mask.key
-            point = FrontPoint(budget=budget, new_confirmations=run.store.count() - before,
+            point = FrontPoint(budget=budget, new_confirmations=len(run.evaluated() - before),
                                seconds=time.perf_counter() - t, chosen=chosen)
             points.append(point)
             k = chosen.confirmed if chosen is not None else None

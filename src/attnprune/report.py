@@ -194,11 +194,13 @@ def markdown(report: RepairReport) -> str:
                   "|---|---|---|---|---|---|---|"]
         guards_on = bool(report.config.get("guard"))
         for c in conf.candidates:
-            passes = c.confirmed_perplexity_change_bound <= report.config["tau"] and c.confirmed_bias < cb.bias
+            passes = (c.confirmed_perplexity_change_bound <= report.config["tau"] and c.confirmed_bias is not None
+                      and c.confirmed_bias < cb.bias)
             verdict = ("yes" if c.admissible else
                        "not guarded (a lower confirmed bias held every guard)" if guards_on and passes and c.guards is None
                        else "no")
-            lines.append(f"| {len(c.pruned)} | {c.source} | {c.valid_bias:.3f} | {c.confirmed_bias:.3f} | "
+            bias = "not measured (over the budget)" if c.confirmed_bias is None else f"{c.confirmed_bias:.3f}"
+            lines.append(f"| {len(c.pruned)} | {c.source} | {c.valid_bias:.3f} | {bias} | "
                          f"{_pct(c.confirmed_perplexity_change)} | {_pct(c.confirmed_perplexity_change_bound)} | "
                          f"{verdict} |")
         guarded = [c for c in conf.candidates if c.guards]

@@ -323,7 +323,7 @@ class ConfirmedCandidate(Serialisable):
     source: str
     valid_bias: float
     valid_perplexity: float
-    confirmed_bias: float
+    confirmed_bias: float | None  # None: not measured, since the perplexity bound missed the budget (not admissible)
     confirmed_perplexity_change: float
     confirmed_perplexity_change_bound: float
     admissible: bool

@@ -27,12 +27,12 @@ from attnprune import labels
 from attnprune.bench import TestBench
 from attnprune.config import RunConfig
 from attnprune.errors import UserError
-from attnprune.evaluation import Evaluator
+from attnprune.evaluation import Evaluation, Evaluator
 from attnprune.executors import EvaluatorSpec, Executor, make_executor
 from attnprune.heads import HeadMask
 from attnprune.models.layouts import head_cells
 from attnprune.results import GuardVerdict
-from attnprune.selection import Selection
+from attnprune.selection import NeedsBias, Selection
 from attnprune.store import Store, StoredEvaluation
 
 Log = Callable[[str], None]
@@ -48,6 +48,12 @@ def progress(iterable=None, **kwargs) -> tqdm:
     live = sys.stderr.isatty()
     every = 0.1 if live else 60.0  # tqdm's monitor thread refreshes after maxinterval: keep it at the same pace
     return tqdm(iterable, unit="mask", dynamic_ncols=live, mininterval=every, maxinterval=max(every, 10.0), **kwargs)
+
+
+def with_perplexity_of(evaluation: Evaluation, first: StoredEvaluation) -> Evaluation:
+    """A bias-only ``evaluation`` completed with the perplexity of the same mask's perplexity-only ``first``."""
+    return dataclasses.replace(evaluation, perplexity=first.perplexity, perplexity_detail=first.perplexity_result.to_dict(),
+                               seconds=evaluation.seconds + first.seconds)
 
 
 class Run:
@@ -237,16 +243,54 @@ class Run:
         self.store.label(self.valid_setting, source, masks)
         return [self.store.get(m, self.valid_setting) for m in masks]
 
-    def confirm(self, masks: Sequence[HeadMask], source: str) -> tuple[list[StoredEvaluation], StoredEvaluation]:
-        """``masks`` and the unrepaired model on the confirmation data (stored; evaluated once each)."""
+    def confirm(self, masks: Sequence[HeadMask], source: str, needs_bias: NeedsBias | None = None,
+                ) -> tuple[list[StoredEvaluation], StoredEvaluation]:
+        """``masks`` and the unrepaired model on the confirmation data (stored; evaluated once each).
+
+        With ``needs_bias`` (a mask's perplexity-only confirmation and the unrepaired model's ->
+        whether the choice could take it), perplexity comes first and the bias is measured only
+        where ``needs_bias`` says so: a mask over the budget comes back with NaN bias, stored
+        under its own setting, and a later call that needs its bias (a larger budget) measures
+        only the bias. Without, both are measured at once.
+        """
         ev, setting = self.evaluator(self.confirm_spec)
+        ppl_setting = self.perplexity_only_setting(ev)
         base = HeadMask.all_active(*self.shape)
-        todo = [m for m in dict.fromkeys([base, *masks]) if self.store.get(m, setting) is None]
         with self.timed("confirm"):
+            if self.store.get(base, setting) is None:
+                self.log("confirming the unrepaired model (fresh validation data) ...")
+                self.store.add(setting, "confirm", labels.CONFIRM_UNREPAIRED, ev.evaluate([base])[0])
+            base_row = self.store.get(base, setting)
+
+            def pending(m: HeadMask) -> bool:  # something left to measure
+                first = self.store.get(m, ppl_setting) if needs_bias is not None else None
+                return self.store.get(m, setting) is None and (first is None or needs_bias(first, base_row))
+
+            todo = [m for m in dict.fromkeys(masks) if m != base and pending(m)]
             for m in progress(todo, desc="confirming (fresh validation data)", disable=not todo):
-                label = source if m != base else labels.CONFIRM_UNREPAIRED
-                self.store.add(setting, "confirm", label, ev.evaluate([m])[0])
-        return [self.store.get(m, setting) for m in masks], self.store.get(base, setting)
+                if needs_bias is None:
+                    self.store.add(setting, "confirm", source, ev.evaluate([m])[0])
+                    continue
+                first = self.store.get(m, ppl_setting)
+                if first is None:
+                    self.store.add(ppl_setting, "confirm", source, ev.evaluate([m], with_bias=False)[0])
+                    first = self.store.get(m, ppl_setting)
+                if needs_bias(first, base_row):
+                    self.store.add(setting, "confirm", source, with_perplexity_of(
+                        ev.evaluate([m], with_perplexity=False)[0], first))
+        return [self.store.get(m, setting) or self.store.get(m, ppl_setting) for m in masks], base_row
+
+    def evaluated(self) -> set[tuple[str, str]]:
+        """(setting, mask key) of every stored evaluation, a mask's perplexity-only confirmation left out once its
+        full one is there: what is new in it counts the evaluations made since (a confirmation measured at once
+        counts one, a bias measured later for a perplexity-only confirmation one more)."""
+        ev, setting = self.evaluator(self.confirm_spec)
+        ppl, full = self.perplexity_only_setting(ev), self.store.keys(setting)
+        return {(s, k) for s, k in self.store.pairs() if not (s == ppl and k in full)}
+
+    def perplexity_only_setting(self, ev: Evaluator) -> str:
+        """The store setting of confirmations measured for perplexity only (``ev``: the confirmation evaluator)."""
+        return self.store.register_setting({**ev.describe(), "with_perplexity": True, "with_bias": False})
 
     def guard_spec(self, axis: str) -> EvaluatorSpec:
         """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation.
@@ -372,11 +416,15 @@ class Run:
         """
         if selection.base_confirmed is None:
             return 0, 0.0
-        _, setting = self.evaluator(self.confirm_spec)
-        rows = {r.mask.key: r for r in self.store.evaluations(setting, [source])}
-        for m in selection.shortlist:
-            if m.key not in rows and (r := self.store.get(m, setting)) is not None:
-                rows[m.key] = r
+        ev, setting = self.evaluator(self.confirm_spec)
+        rows: dict[str, StoredEvaluation] = {}
+        # a full confirmation's seconds include its perplexity-only first part: count each mask once, full first
+        for where in (setting, self.perplexity_only_setting(ev)):
+            for r in self.store.evaluations(where, [source]):
+                rows.setdefault(r.mask.key, r)
+            for m in selection.shortlist:
+                if m.key not in rows and (r := self.store.get(m, where)) is not None:
+                    rows[m.key] = r
         return len(rows), float(sum(r.seconds for r in rows.values()))
 
     def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:

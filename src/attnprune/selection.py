@@ -167,8 +167,12 @@ class Selection:
         return out
 
 
-# (masks, source) -> their evaluations on the confirmation data, and the unrepaired model's
-Confirm = Callable[[list[HeadMask], str], tuple[list[StoredEvaluation], StoredEvaluation]]
+# (a mask's perplexity-only confirmation, the unrepaired model's) -> whether the choice needs its bias
+NeedsBias = Callable[[StoredEvaluation, StoredEvaluation], bool]
+
+# (masks, source, needs_bias) -> their evaluations on the confirmation data (NaN bias where ``needs_bias`` said
+# no), and the unrepaired model's (see :meth:`attnprune.run.Run.confirm`)
+Confirm = Callable[[list[HeadMask], str, NeedsBias], tuple[list[StoredEvaluation], StoredEvaluation]]
 
 
 # masks -> for each mask, every guard's verdict on the confirmation data, by guard name
@@ -255,6 +259,14 @@ class SelectionPolicy:
         picked += [r for r in by_bias if r.mask.key not in keys][: self.confirm - len(picked)]
         return sorted(picked, key=lambda r: r.bias)
 
+    def holds_budget(self, confirmed: StoredEvaluation, base: StoredEvaluation) -> bool:
+        """Whether a confirmation's perplexity change is within ``tau`` at the policy's one-sided confidence.
+
+        The choice needs a candidate's confirmed bias only then (:data:`NeedsBias`): the bias is
+        41% of a confirmation's seconds (``benchmarks/confirmation_split.py``).
+        """
+        return perplexity_change_bound(confirmed, base, self.confidence)[1] <= self.tau
+
     def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
                source: str, guard: Guard | None = None) -> Selection:
         """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data.
@@ -271,7 +283,7 @@ class SelectionPolicy:
         shortlist = self.screen(rows, base)
         if not shortlist:
             return Selection(None, None, None)
-        confirmed, base_c = confirm([r.mask for r in shortlist], source)
+        confirmed, base_c = confirm([r.mask for r in shortlist], source, self.holds_budget)
         candidates, best, best_c = [], None, None
         bounds = [perplexity_change_bound(conf, base_c, self.confidence) for conf in confirmed]
         primary = [bound <= self.tau and conf.bias < base_c.bias for conf, (_, bound) in zip(confirmed, bounds)]
@@ -289,7 +301,8 @@ class SelectionPolicy:
                 ok = ok and verdict is not None and all(g.ok for g in verdict.values())
             candidates.append(ConfirmedCandidate(
                 pruned=[list(p) for p in screened.mask.pruned], source=screened.source, valid_bias=screened.bias,
-                valid_perplexity=screened.perplexity, confirmed_bias=conf.bias, confirmed_perplexity_change=change,
+                valid_perplexity=screened.perplexity, confirmed_bias=None if math.isnan(conf.bias) else conf.bias,
+                confirmed_perplexity_change=change,
                 confirmed_perplexity_change_bound=bound, admissible=ok, guards=verdict))
             if ok and (best_c is None or conf.bias < best_c.bias):
                 best, best_c = screened, conf
@@ -324,7 +337,8 @@ class SelectionPolicy:
                 f"re-measured on confirmation data the search never saw (fresh validation prompts, the other half of the "
                 f"validation text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
                 f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
-                f"windows) and whose confirmed bias is below the unrepaired model's" + self.guard_rule())
+                f"windows) and whose confirmed bias is below the unrepaired model's (a candidate's confirmation "
+                f"measures perplexity first, and its bias only when that bound holds)" + self.guard_rule())
 
     def guard_rule(self) -> str:
         """The guards' part of :meth:`rule` (empty without guards)."""

@@ -196,15 +196,20 @@ class Store:
         return key
 
     def add(self, setting: str, split: str, source: str, evaluation) -> bool:
-        """Commit one :class:`~attnprune.evaluation.Evaluation`; False if it was already there."""
+        """Commit one :class:`~attnprune.evaluation.Evaluation`; False if it was already there.
+
+        An evaluation without bias (a perplexity-only confirmation: NaN bias, empty bias detail)
+        keeps 0 in the bias column, which requires a number; it is read back as NaN.
+        """
         detail = {k: v for k, v in evaluation.bias_detail.items() if k != "per_prompt"}
         detail = {"bias": detail, "perplexity": evaluation.perplexity_detail,
                   "prompt_scores": evaluation.bias_detail.get("per_prompt")}
+        bias = 0.0 if not evaluation.bias_detail else float(evaluation.bias)
         with self.db:
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO evaluations (mask_key, setting, split, source, n_pruned, bias, bias_lo, bias_hi,"
                 " perplexity, detail, seconds, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (evaluation.mask.key, setting, split, source, evaluation.mask.n_pruned, float(evaluation.bias),
+                (evaluation.mask.key, setting, split, source, evaluation.mask.n_pruned, bias,
                  float(evaluation.bias_ci[0]), float(evaluation.bias_ci[1]), float(evaluation.perplexity),
                  json.dumps(detail, default=float), float(evaluation.seconds),
                  _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
@@ -226,6 +231,10 @@ class Store:
     def keys(self, setting: str) -> set[str]:
         """Mask keys already evaluated under ``setting``."""
         return {r[0] for r in self.db.execute("SELECT mask_key FROM evaluations WHERE setting=?", (setting,))}
+
+    def pairs(self) -> set[tuple[str, str]]:
+        """(setting, mask key) of every stored evaluation."""
+        return set(self.db.execute("SELECT setting, mask_key FROM evaluations"))
 
     def get(self, mask: HeadMask, setting: str) -> StoredEvaluation | None:
         """The stored evaluation of ``mask`` under ``setting``, if any."""
@@ -254,11 +263,14 @@ class Store:
     def _rows(self, where: str, params: tuple) -> list[StoredEvaluation]:
         q = ("SELECT mask_key, split, source, bias, bias_lo, bias_hi, perplexity, detail, seconds, created "
              f"FROM evaluations {where} ORDER BY id")
-        return [
-            StoredEvaluation(HeadMask.from_key(k, *self.shape), split, source, bias, (lo, hi), ppl,
-                             json.loads(detail or "{}"), secs, created)
-            for k, split, source, bias, lo, hi, ppl, detail, secs, created in self.db.execute(q, params)
-        ]
+        out = []
+        for k, split, source, bias, lo, hi, ppl, detail, secs, created in self.db.execute(q, params):
+            detail = json.loads(detail or "{}")
+            if detail.get("bias") == {}:  # measured without bias (see :meth:`add`)
+                bias, lo, hi = float("nan"), float("nan"), float("nan")
+            out.append(StoredEvaluation(HeadMask.from_key(k, *self.shape), split, source, bias, (lo, hi), ppl, detail,
+                                        secs, created))
+        return out
 
     def close(self) -> None:
         """Close the database."""
