@@ -335,7 +335,7 @@ def test_confirmation_measures_bias_only_where_the_perplexity_bound_holds(tmp_pa
                 assert np.isnan(r.bias) and np.isnan(r.bias_ci[0]), "over the budget: its bias is not measured"
         over = [r for r, f in zip(rows, full) if not policy.holds_budget(f, base_c)]
         assert 0 < len(over) < len(masks)
-        # the policy's choice is the full confirmation's, and the report says what was not measured
+        # the policy's choice is the full confirmation's, and the candidates over the budget carry no confirmed bias
         vrows = run.evaluate(masks, "sample", "valid")
         vbase = run.base()
         confirmed = {m: r for m, r in zip(masks, full)}

@@ -52,7 +52,8 @@ def progress(iterable=None, **kwargs) -> tqdm:
 
 def with_perplexity_of(evaluation: Evaluation, first: StoredEvaluation) -> Evaluation:
     """A bias-only ``evaluation`` completed with the perplexity of the same mask's perplexity-only ``first``."""
-    return dataclasses.replace(evaluation, perplexity=first.perplexity, perplexity_detail=first.perplexity_result.to_dict(),
+    return dataclasses.replace(evaluation, perplexity=first.perplexity,
+                               perplexity_detail=first.perplexity_result.to_dict(),
                                seconds=evaluation.seconds + first.seconds)
 
 
@@ -261,17 +262,17 @@ class Run:
                 self.log("confirming the unrepaired model (fresh validation data) ...")
                 self.store.add(setting, "confirm", labels.CONFIRM_UNREPAIRED, ev.evaluate([base])[0])
             base_row = self.store.get(base, setting)
-
-            def pending(m: HeadMask) -> bool:  # something left to measure
+            todo = {}  # mask -> its perplexity-only confirmation (None: not yet measured), where something is left
+            for m in dict.fromkeys(masks):
+                if m == base or self.store.get(m, setting) is not None:
+                    continue
                 first = self.store.get(m, ppl_setting) if needs_bias is not None else None
-                return self.store.get(m, setting) is None and (first is None or needs_bias(first, base_row))
-
-            todo = [m for m in dict.fromkeys(masks) if m != base and pending(m)]
-            for m in progress(todo, desc="confirming (fresh validation data)", disable=not todo):
+                if first is None or needs_bias(first, base_row):
+                    todo[m] = first
+            for m, first in progress(list(todo.items()), desc="confirming (fresh validation data)", disable=not todo):
                 if needs_bias is None:
                     self.store.add(setting, "confirm", source, ev.evaluate([m])[0])
                     continue
-                first = self.store.get(m, ppl_setting)
                 if first is None:
                     self.store.add(ppl_setting, "confirm", source, ev.evaluate([m], with_bias=False)[0])
                     first = self.store.get(m, ppl_setting)
