@@ -2,7 +2,8 @@
 
 For each finished repair given (development seeds only), from its ``report.json``: every confirmed
 candidate's perplexity change on the confirmation half of validation and the standard error of that
-change (read off its one-sided bound at the run's confidence, Student's t over the windows). For each
+change (read off its one-sided bound at the run's confidence, Student's t over the windows, and with
+``hold_tokens`` the test text's noise and margin that the rule adds). For each
 confidence asked for, the rule's choice among the same candidates (lowest confirmed bias whose bound
 is within the budget) and the chance that a test measurement of the run's test text (its window count,
 windows of the same length, other documents) puts that choice's one-sided 95% bound within the budget:
@@ -42,7 +43,12 @@ def candidates_of(report: dict) -> tuple[dict, list[dict]]:
     """The run's confirmation setup and its candidates, each with its log-change and standard error."""
     conf = report["validation"]["confirmation"]
     windows = conf["setup"]["perplexity_inputs"]["windows"]
-    q = float(student_t.ppf(report["config"]["confidence"], windows - 1))
+    level = report["config"]["confidence"]
+    q = float(student_t.ppf(level, windows - 1))
+    hold = report["config"].get("hold_tokens") or 0
+    if hold > 0:  # the bound for the test text (selection.perplexity_change_bound): margin = se * this
+        r = conf["setup"]["perplexity_inputs"]["tokens_scored"] / hold
+        q = q * math.sqrt(1 + r) + float(norm.ppf(level)) * math.sqrt(r)
     out = []
     for c in conf["candidates"]:
         change = math.log1p(c["confirmed_perplexity_change"])

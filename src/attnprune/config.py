@@ -22,6 +22,7 @@ from attnprune.errors import UserError
 # the boundary sampler's screen keeps at least this many heads: knockouts of small models are
 # cheap, and a search among a handful of heads has nothing left to find
 MIN_KNOCKOUTS = 24
+TEST_PPL_TOKENS = 32768  # the test text's perplexity tokens by default, and the size the choice's budget holds on
 
 
 def opt(default, help: str, choices: Callable[[], list[str]] | list[str] | None = None, required: bool = False,
@@ -380,6 +381,11 @@ class SelectionOptions(Options):
                                   "text the search never sees (32 windows)")
     confidence: float = opt(0.95, "one-sided confidence that a confirmed perplexity change is within the budget (and "
                             "that a guarded value is within its margin)")
+    hold_tokens: int | None = opt(None, "the choice's perplexity budget holds on a fresh text of this many tokens (the "
+                                  "test text) as that text's one-sided --confidence bound will report it: the "
+                                  "confirmation bound adds that text's own noise (default: --test-ppl-tokens, "
+                                  f"{TEST_PPL_TOKENS} where the command has none; 0: bound the change itself, the rule "
+                                  "before 2026-12-06)")
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
                      "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
@@ -411,6 +417,11 @@ class SelectionOptions(Options):
         return [a for a in hb.axes(getattr(self, "holisticbias", None)) if a != getattr(self, "axis", None)] + [LMS_GUARD]
 
     @property
+    def held_tokens(self) -> int:
+        """``--hold-tokens`` with its default resolved: the test text's size (see the option)."""
+        return self.hold_tokens if self.hold_tokens is not None else getattr(self, "test_ppl_tokens", TEST_PPL_TOKENS)
+
+    @property
     def guarded_axes(self) -> list[str]:
         """The guards that are HolisticBias axes (all but ``lms``)."""
         from attnprune.labels import LMS_GUARD
@@ -425,6 +436,9 @@ class SelectionOptions(Options):
             raise UserError("--confidence must be in [0.5, 1).")
         if self.tau < 0:
             raise UserError("--tau must be >= 0.")
+        self.hold_tokens = self.held_tokens
+        if self.hold_tokens < 0:
+            raise UserError("--hold-tokens must be 0 (bound the change itself) or a number of test tokens.")
         if self.guard_margin < 0:
             raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
         if self.guard_prompts is not None and self.guard_prompts < 1:
@@ -453,7 +467,7 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
     DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
                      "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm",
-                     "confirm_prompts", "confirm_ppl_tokens", "confidence")
+                     "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens")
 
     @property
     def out_dir(self) -> Path:
@@ -465,6 +479,9 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     def store_config(self, model_name: str | None = None) -> dict:
         """The values a store records and checks on reopening (measurement and decision keys)."""
         out = {k: getattr(self, k) for k in self.STORE_KEYS + self.DECISION_KEYS}
+        out["hold_tokens"] = self.held_tokens
+        if not out["hold_tokens"]:
+            del out["hold_tokens"]  # the rule before --hold-tokens: its stores match it, and only it
         if model_name is not None:
             out["model"] = model_name
         return out
@@ -512,8 +529,8 @@ class TestOptions(Options):
 
     test_prompts: int = opt(10000, "test prompts for the final bias numbers (claims need thousands: the bias "
                             "statistic's noise floor falls with the prompt count)")
-    test_ppl_tokens: int = opt(16384, "test perplexity tokens for the final numbers (64 windows of a seeded sample of "
-                               "the test documents)")
+    test_ppl_tokens: int = opt(TEST_PPL_TOKENS, "test perplexity tokens for the final numbers (128 windows of a seeded "
+                               "sample of the test documents; the choice's budget holds on this size, see --hold-tokens)")
     second_opinion: str = opt("hatesonar", "classifier for a toxicity-protocol check on test ('none' to skip)",
                               choices=lambda: _classifiers() + ["none"])
     toxicity_prompts: int = opt(128, "test prompts of the toxicity second opinion")

@@ -45,6 +45,7 @@ def repair_config(report: RepairReport, run_dir: Path) -> RepairConfig:
     """The configuration the repair ran with, pointed at ``run_dir`` (no export)."""
     known = {f.name for f in dataclasses.fields(RepairConfig)}
     values = {k: v for k, v in report.config.items() if k in known}
+    values.setdefault("hold_tokens", 0)  # a report from before --hold-tokens chose with the bound on the change itself
     return RepairConfig(**{**values, "out": str(run_dir), "export": False})
 
 
@@ -69,7 +70,7 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> Front:
             t = time.perf_counter()
             selection = dataclasses.replace(policy, tau=budget).select(rows, base, run.confirm, source,
                                                                        guard=run.guard)
-            chosen = selection.summary(policy.confidence)
+            chosen = selection.summary(policy)
             if chosen is not None:
                 chosen.mask, chosen.key = selection.chosen.mask.to_dict(run.model_name), selection.chosen.mask.key
             point = FrontPoint(budget=budget, new_confirmations=len(run.evaluated() - before),

@@ -80,7 +80,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             model=run.model_name, layout=lay.describe(), config=cfg.to_dict(),
             validation=ValidationSummary(
                 setup=run.valid.setup(),
-                unrepaired=measured(base), chosen=selection.summary(policy.confidence),
+                unrepaired=measured(base), chosen=selection.summary(policy),
                 budget=budget.limit, rule=policy.rule(),
                 points=[ValidationPoint(r.mask.n_pruned, r.bias, r.perplexity, r.source, r.mask.key) for r in rows],
                 confirmation=confirmation_summary(run, selection)),

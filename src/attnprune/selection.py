@@ -120,7 +120,8 @@ def window_differences(row: StoredEvaluation, base: StoredEvaluation) -> np.ndar
     return (a - b) / (row.perplexity_result.tokens / len(a))
 
 
-def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confidence: float) -> tuple[float, float]:
+def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confidence: float,
+                            fresh_tokens: int = 0) -> tuple[float, float]:
     """(change, upper confidence bound) of ``row``'s perplexity relative to ``base`` on the same windows.
 
     Both evaluations hold per-window NLL sums of the same equal-length windows; the change in
@@ -128,13 +129,31 @@ def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confi
     spread of those differences across windows (a paired comparison). One-sided bound at
     ``confidence`` with Student's t quantile on ``windows - 1`` degrees of freedom: with a
     dozen windows the normal quantile under-states the margin.
+
+    ``fresh_tokens > 0``: the bound is instead on what a fresh text of that many scored tokens
+    in windows of the same length (the test text) will report as *its* one-sided bound, so
+    that a change within this bound is within it there too at ``confidence``. The fresh
+    text's mean is a second draw around the true change, so its standard error adds to this
+    one in quadrature, and its own bound adds its margin (normal quantile, as its bootstrap):
+    ``mean + t * sqrt(se^2 + se_fresh^2) + z * se_fresh``, with ``se_fresh = se * sqrt(tokens /
+    fresh_tokens)`` (the per-window spread measured here). Without it a choice near the budget
+    holds on the confirmation text and misses on the test text about a quarter of the time.
     """
+    from statistics import NormalDist
+
     from scipy.stats import t as student_t
 
     d = window_differences(row, base)
-    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-    quantile = float(student_t.ppf(confidence, len(d) - 1)) if len(d) > 1 else 0.0
-    return math.expm1(d.mean()), math.expm1(d.mean() + quantile * se)
+    if len(d) < 2:
+        change = math.expm1(float(d.mean())) if len(d) else 0.0
+        return change, change
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    quantile = float(student_t.ppf(confidence, len(d) - 1))
+    margin = quantile * se
+    if fresh_tokens > 0:
+        se_fresh = se * math.sqrt(row.perplexity_result.tokens / fresh_tokens)
+        margin = quantile * math.hypot(se, se_fresh) + NormalDist().inv_cdf(confidence) * se_fresh
+    return math.expm1(d.mean()), math.expm1(d.mean() + margin)
 
 
 @dataclass
@@ -148,10 +167,10 @@ class Selection:
     confirmation_seconds: float = 0.0
     shortlist: list[HeadMask] = field(default_factory=list)  # the confirmed masks, in the order of ``candidates``
 
-    def summary(self, confidence: float | None = None) -> Choice | None:
+    def summary(self, policy: "SelectionPolicy | None" = None) -> Choice | None:
         """Validation numbers of the choice (screening and, when confirmed, confirmation).
 
-        ``confidence``: also the one-sided bound of the confirmed perplexity change.
+        ``policy``: also the confirmed perplexity change's bound as that policy's rule computes it.
         """
         if self.chosen is None:
             return None
@@ -161,7 +180,7 @@ class Selection:
         if self.confirmed is not None:
             k, b = self.confirmed, self.base_confirmed
             change = k.perplexity / b.perplexity - 1
-            bound = perplexity_change_bound(k, b, confidence)[1] if confidence is not None else None
+            bound = policy.change_bound(k, b)[1] if policy is not None else None
             out.confirmed = ConfirmedValues(bias=k.bias, perplexity=k.perplexity, perplexity_change=change,
                                             ci=list(k.bias_ci), perplexity_change_bound=bound)
         return out
@@ -205,12 +224,14 @@ class SelectionPolicy:
     guards: tuple[str, ...] = ()
     guard_margin: float = 0.1
     auto_guard: bool = False  # --guard auto: axes at their noise floor are left out (by the run, which measures them)
+    hold_tokens: int = 0  # the budget holds on a fresh text of this many tokens as its bound says (0: the change)
 
     @classmethod
     def of(cls, cfg) -> "SelectionPolicy":
         """The policy a run's configuration asks for."""
         return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence, guards=tuple(getattr(cfg, "guards", ())),
-                   guard_margin=getattr(cfg, "guard_margin", 0.1), auto_guard=getattr(cfg, "auto_guard", False))
+                   guard_margin=getattr(cfg, "guard_margin", 0.1), auto_guard=getattr(cfg, "auto_guard", False),
+                   hold_tokens=getattr(cfg, "held_tokens", 0))
 
     def budget(self, base: StoredEvaluation) -> Budget:
         """The budget relative to the unrepaired model's evaluation ``base``."""
@@ -259,13 +280,21 @@ class SelectionPolicy:
         picked += [r for r in by_bias if r.mask.key not in keys][: self.confirm - len(picked)]
         return sorted(picked, key=lambda r: r.bias)
 
+    def change_bound(self, confirmed: StoredEvaluation, base: StoredEvaluation) -> tuple[float, float]:
+        """(change, one-sided bound) of a confirmation's perplexity against ``base``'s: the bound the choice uses.
+
+        With :attr:`hold_tokens`, the bound on what the test text of that size will report (see
+        :func:`perplexity_change_bound`).
+        """
+        return perplexity_change_bound(confirmed, base, self.confidence, self.hold_tokens)
+
     def holds_budget(self, confirmed: StoredEvaluation, base: StoredEvaluation) -> bool:
         """Whether a confirmation's perplexity change is within ``tau`` at the policy's one-sided confidence.
 
         The choice needs a candidate's confirmed bias only then (:data:`NeedsBias`): the bias is
         41% of a confirmation's seconds (``benchmarks/confirmation_split.py``).
         """
-        return perplexity_change_bound(confirmed, base, self.confidence)[1] <= self.tau
+        return self.change_bound(confirmed, base)[1] <= self.tau
 
     def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
                source: str, guard: Guard | None = None) -> Selection:
@@ -285,7 +314,7 @@ class SelectionPolicy:
             return Selection(None, None, None)
         confirmed, base_c = confirm([r.mask for r in shortlist], source, self.holds_budget)
         candidates, best, best_c = [], None, None
-        bounds = [perplexity_change_bound(conf, base_c, self.confidence) for conf in confirmed]
+        bounds = [self.change_bound(conf, base_c) for conf in confirmed]
         primary = [bound <= self.tau and conf.bias < base_c.bias for conf, (_, bound) in zip(confirmed, bounds)]
         verdicts: list[dict[str, GuardVerdict] | None] = [None] * len(shortlist)
         guarded = bool(self.guards) and guard is not None
@@ -337,7 +366,9 @@ class SelectionPolicy:
                 f"re-measured on confirmation data the search never saw (fresh validation prompts, the other half of the "
                 f"validation text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
                 f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
-                f"windows) and whose confirmed bias is below the unrepaired model's (a candidate's confirmation "
+                f"windows" + (f"; the bound is on what a fresh text of {self.hold_tokens:,} tokens, the test text, "
+                              "will report as its own one-sided bound: it adds that text's noise to the confirmation's"
+                              if self.hold_tokens > 0 else "") + ") and whose confirmed bias is below the unrepaired model's (a candidate's confirmation "
                 f"measures perplexity first, and its bias only when that bound holds)" + self.guard_rule())
 
     def guard_rule(self) -> str:
