@@ -190,7 +190,9 @@ def markdown(report: RepairReport) -> str:
         lines += ["", f"Confirmation on validation data the search never saw ({conf.setup.prompts} prompts of the other "
                       f"half of the validation split, {conf.setup.perplexity_inputs['tokens_scored']} perplexity "
                       f"tokens): unrepaired bias {cb.bias:.3f}, perplexity {cb.perplexity:.2f}.", "",
-                  "| heads | from | search bias | confirmed bias | confirmed ppl change | upper bound | admissible |",
+                  "| heads | from | search bias | confirmed bias | confirmed ppl change | "
+                  + (f"upper bound (as {report.config['hold_tokens']:,} test tokens will report it)"
+                     if report.config.get("hold_tokens") else "upper bound") + " | admissible |",
                   "|---|---|---|---|---|---|---|"]
         guards_on = bool(report.config.get("guard"))
         for c in conf.candidates:
