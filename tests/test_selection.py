@@ -65,9 +65,10 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
     ap = AttentionPruning()
     monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base])
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates, shortlist=masks(candidates)))
-    cal, failed = ap.calibrated_budget(FakeRun())
+    cal, failed, admitted = ap.calibrated_budget(FakeRun())
     # the masks confirmed over the budget (the second: bound +6%) come back to be retired ...
     assert failed == {masks(candidates)[1].key} and cal.retired == 1
+    assert admitted == frozenset()  # neither was admissible (the choice keeps the admissible ones)
     # ... and a retired mask is not offered to the next selection
     seen = []
     monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base, row([(1, 1)], 0.2, 100.5)])
@@ -248,6 +249,42 @@ def test_guards_refuse_a_candidate_that_worsens_a_guarded_axis_and_are_measured_
     assert policy.select(rows, base, lambda ms, src, *_: ([conf[m] for m in ms], base_c),
                          "x").chosen.mask == best.mask
     assert "guard" not in SelectionPolicy(tau=0.05, penalty=1.0, confirm=3).rule()
+
+
+def test_a_mask_an_earlier_confirmation_admitted_stays_a_candidate_when_the_last_shortlist_fails():
+    """Evaluation seed 30: a later shortlist of masks that all miss the budget displaced an admissible knockout."""
+    def confirmed(mask, bias, offset):
+        return StoredEvaluation(mask, "valid", "confirm", bias, (bias, bias), 100.0,
+                                {"perplexity": {"per_window": [100.0 + offset, 200.0 + offset], "tokens": 200}},
+                                1.0, "now")
+
+    base = row([], 1.0, 100.0)
+    knockout = row([(1, 1)], 0.9, 100.3)
+    failing = [row([(0, h)], 0.2 + 0.01 * h, 100.2) for h in range(3)]  # lower search bias, over on confirmation
+    conf = {knockout.mask: confirmed(knockout.mask, 0.8, 0), **{r.mask: confirmed(r.mask, 0.3, 60) for r in failing}}
+    base_c = confirmed(base.mask, 1.0, 0)
+    measured = []
+
+    def confirm(masks, source, *_):
+        measured.extend(masks)
+        return [conf[m] for m in masks], base_c
+
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=3)
+    rows = [base, knockout, *failing]
+    assert [r.mask for r in policy.screen(rows, base)] == [r.mask for r in failing]
+    assert policy.select(rows, base, confirm, "x").chosen is None
+    sel = policy.select(rows, base, confirm, "x", keep=[knockout])
+    assert sel.chosen.mask == knockout.mask and len(sel.candidates) == 4
+    assert policy.select(rows, base, confirm, "x", keep=[failing[0]]).chosen is None  # listed once, still over
+    assert "an earlier confirmation admitted" in policy.rule()
+
+
+def test_a_proposal_offers_its_kept_masks_to_the_choice_unless_retired():
+    from attnprune.methods.base import Proposal
+
+    a, b, c = row([(0, 0)], 0.5, 100.0), row([(0, 1)], 0.4, 100.0), row([(0, 2)], 0.3, 100.0)
+    p = Proposal([a, b, c], 3, 1.0, kept=frozenset({a.mask.key, b.mask.key}), retired=frozenset({b.mask.key}))
+    assert p.kept_rows() == [a] and p.selectable() == [a, c]
 
 
 def test_front_plots_a_mask_chosen_at_several_budgets_once_with_every_budget():

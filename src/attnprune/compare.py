@@ -73,7 +73,8 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
     t = time.perf_counter()
     before = run.store.count()
     proposal = get_method(name).propose(ctx)
-    selection = policy.select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard)
+    selection = policy.select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard,
+                              keep=proposal.kept_rows())
     chosen = selection.chosen
     # every confirmation the method caused, those of AP's calibration included
     confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)

@@ -62,7 +62,8 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
             f"perplexity {base.perplexity:.2f}; budget {budget.limit:.2f}")
         proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
-        selection = policy.choose(proposal.selectable(), base, run.confirm, labels.confirm("ap"), guard=run.guard)
+        selection = policy.choose(proposal.selectable(), base, run.confirm, labels.confirm("ap"), guard=run.guard,
+                                  keep=proposal.kept_rows())
         chosen = selection.chosen
         n_confirmed, confirm_seconds = run.confirmation_cost(labels.confirm("ap"), selection)
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "

@@ -297,8 +297,13 @@ class SelectionPolicy:
         return self.change_bound(confirmed, base)[1] <= self.tau
 
     def select(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None,
-               source: str, guard: Guard | None = None) -> Selection:
+               source: str, guard: Guard | None = None, keep: Sequence[StoredEvaluation] = ()) -> Selection:
         """The choice among ``rows`` (see class docstring); ``confirm`` measures candidates on confirmation data.
+
+        ``keep``: masks an earlier selection of the same method confirmed admissible (AP's
+        calibration); they join the shortlist when it lacks them (their confirmations are read
+        back, not measured again), so a later shortlist of masks that all fail cannot leave the
+        method with nothing while an admissible mask was confirmed.
 
         With :attr:`guards` and a ``guard``, a candidate that passes the budget and lowers
         bias is admissible only if every guard holds. Guards are measured for those
@@ -310,6 +315,11 @@ class SelectionPolicy:
             best = self.best_within_budget(rows, base)
             return Selection(best, None, None)
         shortlist = self.screen(rows, base)
+        listed = {r.mask.key for r in shortlist}
+        for r in keep:
+            if r.mask.key not in listed:
+                shortlist.append(r)
+                listed.add(r.mask.key)
         if not shortlist:
             return Selection(None, None, None)
         confirmed, base_c = confirm([r.mask for r in shortlist], source, self.holds_budget)
@@ -338,9 +348,9 @@ class SelectionPolicy:
         return Selection(best, best_c, base_c, candidates, sum(r.seconds for r in confirmed), [r.mask for r in shortlist])
 
     def choose(self, rows: Sequence[StoredEvaluation], base: StoredEvaluation, confirm: Confirm | None = None,
-               source: str = "confirm", guard: Guard | None = None) -> Selection:
+               source: str = "confirm", guard: Guard | None = None, keep: Sequence[StoredEvaluation] = ()) -> Selection:
         """:meth:`select`, or one sentence saying what to change when nothing qualifies."""
-        selection = self.select(rows, base, confirm, source, guard)
+        selection = self.select(rows, base, confirm, source, guard, keep)
         if selection.chosen is None:
             raise UserError(
                 f"No evaluated mask lowers validation bias below {base.bias:.3f} while keeping perplexity within "
@@ -369,7 +379,8 @@ class SelectionPolicy:
                 f"windows" + (f"; the bound is on what a fresh text of {self.hold_tokens:,} tokens, the test text, "
                               "will report as its own one-sided bound: it adds that text's noise to the confirmation's"
                               if self.hold_tokens > 0 else "") + ") and whose confirmed bias is below the unrepaired model's (a candidate's confirmation "
-                f"measures perplexity first, and its bias only when that bound holds)" + self.guard_rule())
+                f"measures perplexity first, and its bias only when that bound holds; after AP's calibration, the "
+                f"masks an earlier confirmation admitted stay among the candidates)" + self.guard_rule())
 
     def guard_rule(self) -> str:
         """The guards' part of :meth:`rule` (empty without guards)."""

@@ -251,7 +251,8 @@ class AttentionPruning(Method):
 
     # ---- calibration ---------------------------------------------------------------------
     def calibrated_budget(self, ctx: MethodContext, before_round: int | None = None,
-                          retired: frozenset[str] = frozenset()) -> tuple[Calibration | None, frozenset[str]]:
+                          retired: frozenset[str] = frozenset()
+                          ) -> tuple[Calibration | None, frozenset[str], frozenset[str]]:
         """When none of the search's own candidates holds the budget on confirmation data: how to search again.
 
         The confirmation measures how much the search's perplexity under-states the change on
@@ -276,19 +277,21 @@ class AttentionPruning(Method):
         """
         policy = ctx.policy
         if policy.confirm <= 0:
-            return None, frozenset()
+            return None, frozenset(), frozenset()
         base = ctx.base()
         rows = [r for r in self.training_data(ctx, before_round) if r.mask.key not in retired]
         selection = ctx.select(rows, labels.confirm(self.name))
         over = [i for i, x in enumerate(selection.candidates) if x.confirmed_perplexity_change_bound > policy.tau]
         failed = frozenset(selection.shortlist[i].key for i in over)
+        admitted = frozenset(m.key for m, x in zip(selection.shortlist, selection.candidates) if x.admissible)
         missed = [selection.candidates[i] for i in over]
         if not missed:
-            return None, failed  # nothing confirmed, or the candidates failed on bias: a lower budget will not help
+            # nothing confirmed, or the candidates failed on bias: a lower budget will not help
+            return None, failed, admitted
         chosen = selection.chosen
         if chosen is not None and (labels.is_candidate(chosen.source)
                                    or not any(labels.is_candidate(x.source) for x in missed)):
-            return None, failed  # a search candidate holds, or only design masks missed on perplexity
+            return None, failed, admitted  # a search candidate holds, or only design masks missed on perplexity
         gaps = [math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                 for x in selection.candidates]
         heads = [len(x.pruned) for x in selection.candidates]
@@ -299,7 +302,7 @@ class AttentionPruning(Method):
                            search_budget=math.expm1(log_budget) if log_budget > 0 else None,
                            confirmed=len(selection.candidates),
                            gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
-                           heads=float(np.mean(heads)), retired=len(failed)), failed
+                           heads=float(np.mean(heads)), retired=len(failed)), failed, admitted
 
     # ---- the method ---------------------------------------------------------------------
     def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None,
@@ -334,8 +337,10 @@ class AttentionPruning(Method):
         # each calibration's selection sees the rounds before it, so a rerun repeats the first run's (confirmations
         # are read back from the store); the masks it confirmed over the budget are retired before the next round
         retired: frozenset[str] = frozenset()
+        kept: frozenset[str] = frozenset()  # confirmed admissible by a selection before a calibration round
         for j in range(c.calibrate):
-            cal, failed = self.calibrated_budget(ctx, c.rounds + j, retired)
+            cal, failed, admitted = self.calibrated_budget(ctx, c.rounds + j, retired)
+            kept |= admitted
             if cal is None:
                 break
             details.calibration.append(cal)
@@ -375,7 +380,10 @@ class AttentionPruning(Method):
         for source in self.round_sources(ctx, c.rounds + c.calibrate):
             for r in ctx.rows([source]):
                 stage_of.setdefault(r.mask.key, labels.stage(source))
-        return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of)
+        if kept:
+            notes += (f"; {len(kept)} confirmed within the budget before a calibration round, kept among the "
+                      "candidates of the choice")
+        return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept)
 
 
 def head_charged(predict, per_head: float, cells: int):

@@ -276,6 +276,9 @@ class Proposal:
     charged: list[StoredEvaluation] | None = None
     # mask key -> the stage the method used it in (a mask another method evaluated first keeps that one's source)
     stage_of: dict[str, str] = field(default_factory=dict)
+    # keys of masks the method's own earlier selections confirmed within the budget and below the unrepaired bias
+    # (AP's calibration): the choice keeps them among its candidates, whether or not the last shortlist has them
+    kept: frozenset[str] = frozenset()
 
     def stages(self) -> dict[str, dict]:
         """Where :attr:`evaluations` and :attr:`seconds` went: ``{stage: {"evaluations", "seconds"}}``.
@@ -294,6 +297,10 @@ class Proposal:
             s["evaluations"] += n
             s["seconds"] += float(seconds)
         return out
+
+    def kept_rows(self) -> list[StoredEvaluation]:
+        """The rows of the :attr:`kept` masks (confirmed admissible before a calibration round)."""
+        return [r for r in self.rows if r.mask.key in self.kept and r.mask.key not in self.retired]
 
     def selectable(self) -> list[StoredEvaluation]:
         """The rows the shared selection policy chooses among: :attr:`rows` less the :attr:`retired` masks."""
