@@ -69,7 +69,8 @@ def main() -> None:
                   f"test-text bound {100 * old['test_text_bound']:+.2f}%)")
                   + f"; admissible {len(kept)} of {rows[-1]['admissible_before']} -> "
                   + ("none (calibrates)" if pick is None else "the same choice" if pick["chosen"] else
-                     f"{pick['heads']} heads at {100 * pick['change']:+.2f}% (bound {100 * pick['test_text_bound']:+.2f}%)"))
+                     f"{pick['heads']} heads at {100 * pick['change']:+.2f}% (bound {100 * pick['test_text_bound']:+.2f}%), "
+                     f"confirmed bias {old['confirmed_bias']:.3f} -> {pick['confirmed_bias']:.3f}"))
     write("hold_rule_replay", {"hold_tokens": args.hold_tokens, "confirm_tokens": args.confirm_tokens, "seeds": rows})
 
 
