@@ -20,14 +20,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from statistics import NormalDist
-
-from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write  # noqa: E402
 
 from attnprune.compare import read_comparison  # noqa: E402
+from attnprune.selection import bound_quantile  # noqa: E402
 
 
 def main() -> None:
@@ -45,9 +43,8 @@ def main() -> None:
             if o is None:
                 continue
             windows = s.validation.setup.perplexity_inputs["windows"]
-            q = float(student_t.ppf(confidence, windows - 1))
-            r = args.confirm_tokens / args.hold_tokens
-            factor = q * math.sqrt(1 + r) + NormalDist().inv_cdf(confidence) * math.sqrt(r)
+            q = bound_quantile(confidence, windows)  # the recorded bound's (on the change itself)
+            factor = bound_quantile(confidence, windows, args.confirm_tokens, args.hold_tokens)
             chosen = o.mask["pruned"] if o.mask else None
             cands = []
             for c in o.confirmation:

@@ -38,17 +38,17 @@ from scipy.stats import t as student_t
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DEVELOPMENT_SEEDS, write  # noqa: E402
 
+from attnprune.selection import bound_quantile  # noqa: E402
+
 
 def candidates_of(report: dict) -> tuple[dict, list[dict]]:
     """The run's confirmation setup and its candidates, each with its log-change and standard error."""
     conf = report["validation"]["confirmation"]
     windows = conf["setup"]["perplexity_inputs"]["windows"]
-    level = report["config"]["confidence"]
-    q = float(student_t.ppf(level, windows - 1))
+    # the bound's multiple of the standard error, with the test text's part where the run held the bound there
     hold = report["config"].get("hold_tokens") or 0
-    if hold > 0:  # the bound for the test text (selection.perplexity_change_bound): margin = se * this
-        r = conf["setup"]["perplexity_inputs"]["tokens_scored"] / hold
-        q = q * math.sqrt(1 + r) + float(norm.ppf(level)) * math.sqrt(r)
+    tokens = conf["setup"]["perplexity_inputs"]["tokens_scored"] if hold > 0 else 0
+    q = bound_quantile(report["config"]["confidence"], windows, tokens, hold)
     out = []
     for c in conf["candidates"]:
         change = math.log1p(c["confirmed_perplexity_change"])

@@ -263,10 +263,8 @@ def test_a_mask_an_earlier_confirmation_admitted_stays_a_candidate_when_the_last
     failing = [row([(0, h)], 0.2 + 0.01 * h, 100.2) for h in range(3)]  # lower search bias, over on confirmation
     conf = {knockout.mask: confirmed(knockout.mask, 0.8, 0), **{r.mask: confirmed(r.mask, 0.3, 60) for r in failing}}
     base_c = confirmed(base.mask, 1.0, 0)
-    measured = []
 
     def confirm(masks, source, *_):
-        measured.extend(masks)
         return [conf[m] for m in masks], base_c
 
     policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=3)

@@ -139,21 +139,31 @@ def perplexity_change_bound(row: StoredEvaluation, base: StoredEvaluation, confi
     fresh_tokens)`` (the per-window spread measured here). Without it a choice near the budget
     holds on the confirmation text and misses on the test text about a quarter of the time.
     """
-    from statistics import NormalDist
-
-    from scipy.stats import t as student_t
-
     d = window_differences(row, base)
     if len(d) < 2:
         change = math.expm1(float(d.mean())) if len(d) else 0.0
         return change, change
     se = d.std(ddof=1) / math.sqrt(len(d))
-    quantile = float(student_t.ppf(confidence, len(d) - 1))
-    margin = quantile * se
-    if fresh_tokens > 0:
-        se_fresh = se * math.sqrt(row.perplexity_result.tokens / fresh_tokens)
-        margin = quantile * math.hypot(se, se_fresh) + NormalDist().inv_cdf(confidence) * se_fresh
+    margin = bound_quantile(confidence, len(d), row.perplexity_result.tokens, fresh_tokens) * se
     return math.expm1(d.mean()), math.expm1(d.mean() + margin)
+
+
+def bound_quantile(confidence: float, windows: int, tokens: int = 0, fresh_tokens: int = 0) -> float:
+    """The multiple of the confirmation's standard error that :func:`perplexity_change_bound` adds.
+
+    Student's t on ``windows - 1`` degrees of freedom; with ``fresh_tokens > 0`` (``tokens``: the
+    confirmation's scored tokens), ``t * sqrt(1 + r) + z * sqrt(r)`` with ``r = tokens / fresh_tokens``.
+    Also what reads a standard error back off a recorded bound (the benchmarks).
+    """
+    from statistics import NormalDist
+
+    from scipy.stats import t as student_t
+
+    quantile = float(student_t.ppf(confidence, windows - 1))
+    if fresh_tokens <= 0:
+        return quantile
+    r = tokens / fresh_tokens
+    return quantile * math.sqrt(1 + r) + NormalDist().inv_cdf(confidence) * math.sqrt(r)
 
 
 @dataclass
