@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
 from pathlib import Path
 
+from attnprune.config import CompareConfig
 from attnprune.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,3 +42,10 @@ def write(name: str, data: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **data}, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def seed_config(comparison, seed: int, seed_dir: Path) -> CompareConfig:
+    """The configuration ``comparison`` ran ``seed`` with, pointed at that seed's run directory ``seed_dir``."""
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    cfg = CompareConfig(**{k: v for k, v in comparison.config.items() if k in known})
+    return dataclasses.replace(cfg, seed=seed, out=str(seed_dir))

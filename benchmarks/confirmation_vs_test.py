@@ -20,16 +20,14 @@ Writes ``benchmarks/results/confirmation_vs_test.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from attnprune.compare import read_comparison
-from attnprune.config import CompareConfig
 from attnprune.heads import HeadMask
 from attnprune.run import Run
-from common import write
+from common import seed_config, write
 
 
 def recorded(paths: list[Path]) -> list[dict]:
@@ -51,9 +49,7 @@ def measured(seed_dir: Path) -> list[dict]:
     """Every candidate AP confirmed on the seed of ``seed_dir``, on that seed's test text (stored there)."""
     comparison = read_comparison(seed_dir)
     seed = comparison.seeds[0]
-    known = {f.name for f in dataclasses.fields(CompareConfig)}
-    cfg = CompareConfig(**{k: v for k, v in comparison.config.items() if k in known})
-    cfg = dataclasses.replace(cfg, seed=seed, out=str(seed_dir / f"seed-{seed}"))
+    cfg = seed_config(comparison, seed, seed_dir / f"seed-{seed}")
     candidates = comparison.per_seed[0].outcomes["ap"].confirmation
     out = []
     with Run.open(cfg, log=print) as run:

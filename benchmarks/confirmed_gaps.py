@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprune import labels
+from attnprune.selection import window_differences
 from attnprune.store import Store
 from common import write
 
@@ -59,12 +60,10 @@ def gaps(path: Path) -> dict:
             continue
         s = searched[key]
         search_change, confirm_change = s.perplexity / base_s.perplexity - 1, c.perplexity / base_c.perplexity - 1
-        window = np.asarray(c.perplexity_result.per_window) - np.asarray(base_c.perplexity_result.per_window)
         rows.append({"heads": c.mask.n_pruned, "group": group_of(named[key]), "labels": sorted(named[key]),
                      "search": search_change, "confirmation": confirm_change,
                      "gap": math.log1p(confirm_change) - math.log1p(search_change),
-                     "confirmation_window_sd": float(np.std(window / (c.perplexity_result.tokens / len(window)),
-                                                            ddof=1))})
+                     "confirmation_window_sd": float(np.std(window_differences(c, base_c), ddof=1))})
     rows.sort(key=lambda r: (GROUPS.index(r["group"]), r["heads"]))
     summary = {}
     for g in GROUPS:

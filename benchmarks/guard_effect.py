@@ -25,15 +25,13 @@ measured on test, and marked as not guarded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from attnprune import labels
 from attnprune.compare import read_comparison
-from attnprune.config import CompareConfig
 from attnprune.heads import HeadMask
 from attnprune.run import Run
-from common import RESULTS, write
+from common import RESULTS, seed_config, write
 
 
 def _row(name: str, t, margin: float, flip: bool = False) -> dict:
@@ -57,9 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     guarded, unguarded = read_comparison(args.guarded), read_comparison(args.unguarded)
-    known = {f.name for f in dataclasses.fields(CompareConfig)}
-    cfg = CompareConfig(**{k: v for k, v in guarded.config.items() if k in known})
-    seed_cfg = dataclasses.replace(cfg, seed=args.seed, out=str(args.guarded / f"seed-{args.seed}"))
+    seed_cfg = seed_config(guarded, args.seed, args.guarded / f"seed-{args.seed}")
     outcomes = {}
     for label, comparison in (("guarded", guarded), ("unguarded", unguarded)):
         entry = next(s for s in comparison.per_seed if s.seed == args.seed)

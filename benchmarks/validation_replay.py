@@ -16,25 +16,22 @@ Writes ``validation_replay.json`` into the copy's directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from attnprune import labels
 from attnprune.compare import read_comparison
-from attnprune.config import CompareConfig
 from attnprune.methods import MethodContext, get_method
 from attnprune.run import Run
 from attnprune.selection import SelectionPolicy
+from common import seed_config
 
 
 def replay(seed_dir: Path, methods: list[str]) -> dict:
     """Each of ``methods``' validation choice on the store of ``seed_dir`` (a one-seed comparison directory)."""
     comparison = read_comparison(seed_dir)
     seed = comparison.seeds[0]
-    known = {f.name for f in dataclasses.fields(CompareConfig)}
-    cfg = CompareConfig(**{k: v for k, v in comparison.config.items() if k in known})
-    cfg = dataclasses.replace(cfg, seed=seed, out=str(seed_dir / f"seed-{seed}"))
+    cfg = seed_config(comparison, seed, seed_dir / f"seed-{seed}")
     policy = SelectionPolicy.of(cfg)
     out = {"seed": seed, "rule": policy.rule(), "methods": {}}
     with Run.open(cfg, log=print) as run:
