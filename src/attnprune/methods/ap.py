@@ -337,7 +337,7 @@ class AttentionPruning(Method):
         # each calibration's selection sees the rounds before it, so a rerun repeats the first run's (confirmations
         # are read back from the store); the masks it confirmed over the budget are retired before the next round
         retired: frozenset[str] = frozenset()
-        kept: frozenset[str] = frozenset()  # confirmed admissible by a selection before a calibration round
+        kept: frozenset[str] = frozenset()  # confirmed admissible by any of the calibration's selections
         for j in range(c.calibrate):
             cal, failed, admitted = self.calibrated_budget(ctx, c.rounds + j, retired)
             kept |= admitted
@@ -381,7 +381,7 @@ class AttentionPruning(Method):
             for r in ctx.rows([source]):
                 stage_of.setdefault(r.mask.key, labels.stage(source))
         if kept:
-            notes += (f"; {len(kept)} confirmed within the budget before a calibration round, kept among the "
+            notes += (f"; {len(kept)} confirmed within the budget by the calibration's selections, kept among the "
                       "candidates of the choice")
         return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept)
 

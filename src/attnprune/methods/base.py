@@ -299,7 +299,7 @@ class Proposal:
         return out
 
     def kept_rows(self) -> list[StoredEvaluation]:
-        """The rows of the :attr:`kept` masks (confirmed admissible before a calibration round)."""
+        """The rows of the :attr:`kept` masks (confirmed admissible by a selection of the calibration)."""
         return [r for r in self.rows if r.mask.key in self.kept and r.mask.key not in self.retired]
 
     def selectable(self) -> list[StoredEvaluation]:
