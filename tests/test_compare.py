@@ -465,6 +465,24 @@ def test_each_seed_says_what_code_ran_it_and_a_pool_says_when_its_parts_ran_diff
     assert pool([a, a], log=lambda s: None).per_seed[0].code == old  # the same code twice is the same code
 
 
+def test_a_pool_of_seeds_run_at_different_commits_says_so_in_its_table_and_its_log(tmp_path):
+    from attnprune.compare import markdown, pool
+
+    old, new = {"attnprune": "0.1.0", "commit": "aaaaaaa", "modified": False}, {"attnprune": "0.1.0", "commit": "bbbbbbb",
+                                                                             "modified": False}
+    a = _written_comparison(tmp_path / "a", {31: {"ap": (-0.7, [[0, 1]])}}, code=old)
+    b = _written_comparison(tmp_path / "b", {32: {"ap": (-0.5, [[0, 2]])}}, code=new)
+    said: list[str] = []
+    md = markdown(pool([a, b], log=said.append))
+    line = next(x for x in md.splitlines() if x.startswith("Code differs between the pooled seeds"))
+    assert "attnprune 0.1.0 at commit aaaaaaa (31); attnprune 0.1.0 at commit bbbbbbb (32)" in line
+    assert any(s.startswith("warning: Code differs") for s in said)
+    c = _written_comparison(tmp_path / "c", {33: {"ap": (-0.6, [[0, 3]])}}, code=old)
+    said.clear()
+    assert "Code differs" not in markdown(pool([a, c], log=said.append))  # one commit ran every seed
+    assert not any("Code differs" in s for s in said)
+
+
 def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(tmp_path):
     from attnprune.cli import main
     from attnprune.compare import pool

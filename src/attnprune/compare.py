@@ -240,6 +240,9 @@ def markdown(result: Comparison) -> str:
              f"{', '.join(map(str, result.seeds))} (each seed: its own prompt split, sampling and search).", ""]
     if result.sources:
         lines += [f"Pooled by `attnprune pool` from {', '.join(f'`{p}`' for p in result.sources)}.", ""]
+        mixed = code_mix(result)
+        if mixed:
+            lines += [mixed, ""]
     for s in result.per_seed:
         tested = [o.test for o in s.outcomes.values() if o.test is not None]
         lines.append(f"## Seed {s.seed}")
@@ -411,6 +414,22 @@ def _merged(kept: dict, other: dict, note: str) -> dict:
     return kept or other
 
 
+def code_mix(result: Comparison) -> str | None:
+    """One sentence when a pooled comparison's seeds ran different or unrecorded code (None when one commit ran all).
+
+    ``pool`` compares options, not code: a method changed between two commits pools silently,
+    so the table says which commit ran which seed and leaves the judgement to its reader.
+    """
+    by_code: dict[str, list[int]] = {}
+    for s in result.per_seed:
+        by_code.setdefault(code_line(s.code), []).append(s.seed)
+    if len(by_code) < 2:
+        return None
+    parts = "; ".join(f"{code} ({', '.join(map(str, seeds))})" for code, seeds in by_code.items())
+    return (f"Code differs between the pooled seeds: {parts}. `attnprune pool` checks that the options agree, not "
+            "the code; pool these seeds only if no commit between them changed how a method chooses.")
+
+
 def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
     """One comparison from several (seeds run on other machines or at other times), re-summarised over all seeds.
 
@@ -465,4 +484,7 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
                         seconds=sum(r.seconds for r in runs), sources=[str(p) for p in paths])
     result.summary = summarize(result, first.config["tau"])
     log(f"pooled {len(paths)} comparisons: seeds {', '.join(map(str, result.seeds))}; methods {', '.join(methods)}")
+    mixed = code_mix(result)
+    if mixed:
+        log(f"warning: {mixed}")
     return result
