@@ -178,3 +178,20 @@ def test_perplexity_promise_recovers_the_rule_at_another_confidence():
     assert at80["p_test_bound_within_budget"] < 0.5 < at95["p_test_bound_within_budget"]
     assert out["search_to_confirmation_gap"] == pytest.approx(
         math.expm1((0.042 + 0.02) / 2 - math.log(1.01)))
+
+
+def test_each_bootstrap_resample_is_the_least_squares_fit_of_its_own_rows():
+    """The normal-equation solve per resample equals refitting score ~ bucket + template on the drawn rows."""
+    rng = np.random.default_rng(8)
+    n = 150
+    buckets, templates = rng.choice(["a", "b", "c"], size=n), rng.integers(0, 5, size=n)
+    values = rng.normal(size=n) + 0.5 * (buckets == "a") + templates
+    d = stats.BucketDesign(buckets, None, templates)
+    boot = d.bootstrap_biases(values, reps=20, seed=3)[0]
+    for r, rows in enumerate(stats.stratified_resamples(buckets, 20, 3)):
+        X = np.zeros((n, 3 + 4))
+        X[np.arange(n), d.bucket_index_[rows]] = 1.0
+        t = d.template_index_[rows]
+        X[np.nonzero(t > 0)[0], 3 + t[t > 0] - 1] = 1.0
+        beta = np.linalg.lstsq(X, values[rows], rcond=None)[0]
+        assert boot[r] == pytest.approx(float(stats.bias_from_means(beta[:3], d.weights)), rel=1e-8)
