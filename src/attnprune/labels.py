@@ -9,8 +9,11 @@ from __future__ import annotations
 
 SAMPLE = "sample"  # the design's random masks and the unrepaired model
 KNOCKOUT = "knockout"  # single-head knockouts (shared by every knockout method of a run)
+# AP's single-head knockouts measured for the bias only (--knockout-ppl below 1), under the
+# validation evaluator's bias-only setting: not shared, since other methods need their perplexity
+KNOCKOUT_BIAS = "knockout-bias"
 CONFIRM_UNREPAIRED = "confirm:unrepaired"  # the unrepaired model on the confirmation data
-DESIGN = frozenset({SAMPLE, KNOCKOUT})  # what a store may hold before any search result
+DESIGN = frozenset({SAMPLE, KNOCKOUT, KNOCKOUT_BIAS})  # what a store may hold before any search result
 # the guard on StereoSet's language-modelling score (every other guard is a HolisticBias axis)
 LMS_GUARD = "lms"
 # every other HolisticBias axis whose unrepaired bias clears its noise floor, and lms
@@ -33,7 +36,7 @@ def is_candidate(source: str) -> bool:
 def stage(source: str) -> str:
     """What part of a method's work a validation evaluation labelled ``source`` was (for cost tables)."""
     kind = source.rsplit(":", 1)[-1] if not source.startswith(("method:", "confirm:")) else source.split(":", 1)[0]
-    if kind == KNOCKOUT:
+    if kind in (KNOCKOUT, KNOCKOUT_BIAS):
         return "knockouts"
     if kind == SAMPLE:
         return "samples"

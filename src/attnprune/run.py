@@ -230,19 +230,35 @@ class Run:
         return self._executor
 
     # ---- validation evaluations in the store ---------------------------------------------
-    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]:
-        """Evaluate (validation split) the masks not yet stored, committing each as it arrives; return all."""
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str,
+                 with_perplexity: bool = True) -> list[StoredEvaluation]:
+        """Evaluate (validation split) the masks not yet stored, committing each as it arrives; return all.
+
+        ``with_perplexity`` False measures the search's bias only, stored under the validation
+        evaluator's bias-only setting (:attr:`bias_only_setting`; its rows read NaN perplexity).
+        """
         _ = self.valid
-        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, self.valid_setting) is None]
+        setting = self.valid_setting if with_perplexity else self.bias_only_setting
+        todo = [m for m in dict.fromkeys(masks) if self.store.get(m, setting) is None]
         if todo:
             with progress(total=len(todo), desc=desc) as bar:
                 def commit(ev) -> None:
-                    self.store.add(self.valid_setting, "valid", source, ev)
+                    self.store.add(setting, "valid", source, ev)
                     bar.update(1)
 
-                self.executor.evaluate(todo, commit)
-        self.store.label(self.valid_setting, source, masks)
-        return [self.store.get(m, self.valid_setting) for m in masks]
+                self.executor.evaluate(todo, commit, with_perplexity=with_perplexity)
+        self.store.label(setting, source, masks)
+        return [self.store.get(m, setting) for m in masks]
+
+    @property
+    def bias_only_setting(self) -> str | None:
+        """The store setting of validation evaluations of the search's bias without perplexity (AP's light knockouts).
+
+        A run opened from its store alone finds it by the label of those knockouts (None when there are none).
+        """
+        if self.loaded is None:
+            return self.store.setting_of(labels.KNOCKOUT_BIAS)
+        return self.store.register_setting({**self.valid.describe(), "with_perplexity": False})
 
     def confirm(self, masks: Sequence[HeadMask], source: str, needs_bias: NeedsBias | None = None,
                 ) -> tuple[list[StoredEvaluation], StoredEvaluation]:
@@ -428,9 +444,15 @@ class Run:
                     rows[m.key] = r
         return len(rows), float(sum(r.seconds for r in rows.values()))
 
-    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
-        """The validation evaluations in the store (of ``sources`` when given), in insertion order."""
-        return self.store.evaluations(self.cache_setting, sources)
+    def rows(self, sources: Sequence[str] | None = None, with_perplexity: bool = True) -> list[StoredEvaluation]:
+        """The validation evaluations in the store (of ``sources`` when given), in insertion order.
+
+        ``with_perplexity`` False: those of the search's bias alone (:attr:`bias_only_setting`).
+        """
+        if with_perplexity:
+            return self.store.evaluations(self.cache_setting, sources)
+        setting = self.bias_only_setting
+        return [] if setting is None else self.store.evaluations(setting, sources)
 
     def base(self) -> StoredEvaluation:
         """The unrepaired model's validation evaluation."""

@@ -268,6 +268,8 @@ class Store:
             detail = json.loads(detail or "{}")
             if detail.get("bias") == {}:  # measured without bias (see :meth:`add`)
                 bias, lo, hi = float("nan"), float("nan"), float("nan")
+            if ppl is None:  # measured without perplexity: SQLite keeps NaN as NULL
+                ppl = float("nan")
             out.append(StoredEvaluation(HeadMask.from_key(k, *self.shape), split, source, bias, (lo, hi), ppl, detail,
                                         secs, created))
         return out

@@ -244,7 +244,9 @@ class AdditiveSurrogate:
         S(m)      = sum_{h pruned in m} E[h];  log_ppl(m) = log_ppl(0) + S(m) + c * S(m)^2
 
     ``fit`` takes the evaluated masks (pruned indicators), their summaries and
-    log-perplexities; rows that prune one head (knockouts) give ``D``/``E`` directly, and
+    log-perplexities; rows that prune one head (knockouts) give ``D``/``E`` directly (a
+    knockout with NaN log-perplexity, measured for the bias only, gives ``D`` alone: its ``E``
+    is the prior's value on the line the other knockouts fit), and
     multi-head rows refine them by ridge regression toward the knockout values (``ridge``
     is the penalty in units of one mask's squared error). ``c >= 0`` lets removals compound
     in perplexity. With ``shrink``, each knockout effect is shrunk by its own noise toward
@@ -310,22 +312,29 @@ class AdditiveSurrogate:
         self.knocked_ = np.zeros(N, dtype=bool)
         singles = np.nonzero(counts == 1)[0]
         heads = np.array([int(np.argmax(P[i])) for i in singles], dtype=int)  # the head each knockout prunes
-        D0[heads], E0[heads] = Y[singles] - self.base_summary_, lp[singles] - self.base_log_ppl_
+        with_ppl = np.isfinite(lp[singles])  # knockouts measured for the bias alone read NaN perplexity
+        D0[heads] = Y[singles] - self.base_summary_
+        E0[heads[with_ppl]] = lp[singles[with_ppl]] - self.base_log_ppl_
         self.knocked_[heads] = True
         k = self.knocked_
+        kp = np.zeros(N, dtype=bool)  # heads whose knockout measured perplexity
+        kp[heads[with_ppl]] = True
         if self.shrink and summary_var is not None and len(singles) > 2:
             V = np.zeros_like(D0)
             V[heads] = np.asarray(summary_var)[singles]
             D0[k] = _shrunk(D0[k], target[k], V[k], 1e-12)
-        if self.shrink and log_ppl_var is not None and log_ppl_prior is not None and len(singles) > 2:
+        if self.shrink and log_ppl_var is not None and log_ppl_prior is not None and kp.sum() > 2:
             # the first-order prior on the knockouts' scale (a linearisation's scale is not a knockout's)
             prior_lp = np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1)
-            slope, intercept = np.polyfit(prior_lp[k], E0[k], 1)
+            slope, intercept = np.polyfit(prior_lp[kp], E0[kp], 1)
             line = intercept + slope * prior_lp
             V = np.zeros(N)
-            V[heads] = np.asarray(log_ppl_var)[singles]
-            measured, E0 = E0, line.copy()  # heads without a knockout take the line
-            E0[k] = _shrunk(measured[k], line[k], V[k], 1e-18)
+            V[heads[with_ppl]] = np.asarray(log_ppl_var)[singles[with_ppl]]
+            measured, E0 = E0, line.copy()  # heads without a perplexity measurement take the line
+            E0[kp] = _shrunk(measured[kp], line[kp], V[kp], 1e-18)
+        elif not with_ppl.all():
+            raise ValueError("knockouts without perplexity need log_ppl_var and log_ppl_prior (and shrink) to take "
+                             "their perplexity effects from the prior's line, and at least 3 knockouts with it")
         multi = counts > 1
         self.D_, self.E_ = D0.copy(), E0.copy()
         if multi.any():

@@ -166,6 +166,8 @@ class AttentionPruning(Method):
         search prompts, the unrepaired model's own means coming from the anchor's many more
         prompts; the first-order estimates are the prior of each head's shift.
         """
+        light = self.sampler(ctx).bias_only_rows(ctx) if with_summaries else []
+        measured, rows = len(rows), [*rows, *light]  # knockouts of the bias alone last: their perplexity reads NaN
         bits = np.stack([r.mask.bits for r in rows])
         log_ppl = np.log(np.clip([r.perplexity for r in rows], 1e-6, 1e6))
         bias = np.array([r.bias for r in rows])
@@ -182,8 +184,11 @@ class AttentionPruning(Method):
         prior = np.asarray(first["summary"]) if first is not None and summaries.shape[1] > 1 else None
         inside = log_ppl - log_ppl[base_row] <= math.log(1 + c.tau)
         ppl_prior = self.perplexity_prior(ctx)
+        ppl_var = log_perplexity_variance(rows[:measured], rows[base_row])
+        if ppl_var is not None:
+            ppl_var = np.concatenate([ppl_var, np.full(len(light), np.nan)])
         return dataclasses.replace(data, summaries=summaries, statistic=statistic, summary_var=var, prior=prior,
-                                   inside=inside, log_ppl_var=log_perplexity_variance(rows, rows[base_row]),
+                                   inside=inside, log_ppl_var=ppl_var,
                                    log_ppl_prior=None if ppl_prior is None else np.asarray(ppl_prior["log_perplexity"]))
 
     # ---- stage 3 ------------------------------------------------------------------------
@@ -375,7 +380,8 @@ class AttentionPruning(Method):
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
-        evaluations, seconds = charged_totals(rows, extras)
+        light = self.sampler(ctx).bias_only_rows(ctx)  # knockouts of the bias alone: charged, never chosen
+        evaluations, seconds = charged_totals([*rows, *light], extras)
         stage_of: dict[str, str] = {}  # each mask under the first of this method's own labels that holds it
         for source in self.round_sources(ctx, c.rounds + c.calibrate):
             for r in ctx.rows([source]):
@@ -383,7 +389,8 @@ class AttentionPruning(Method):
         if kept:
             notes += (f"; {len(kept)} confirmed within the budget by the calibration's selections, kept among the "
                       "candidates of the choice")
-        return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept)
+        return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept,
+                        charged=[*rows, *light] if light else None)
 
 
 def head_charged(predict, per_head: float, cells: int):

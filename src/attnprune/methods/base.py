@@ -44,8 +44,9 @@ class Session(Protocol):
 
     def log(self, message: str) -> None: ...
     def timed(self, stage: str) -> AbstractContextManager: ...
-    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]: ...
-    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]: ...
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str,
+                 with_perplexity: bool = True) -> list[StoredEvaluation]: ...
+    def rows(self, sources: Sequence[str] | None = None, with_perplexity: bool = True) -> list[StoredEvaluation]: ...
     def base(self) -> StoredEvaluation: ...
     def confirm(self, masks: Sequence[HeadMask], source: str): ...
     def meta_value(self, key: str): ...
@@ -150,13 +151,21 @@ class MethodContext:
         return self._session.timed(stage)
 
     # ---- validation evaluations ---------------------------------------------------------
-    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str) -> list[StoredEvaluation]:
-        """Evaluate ``masks`` on validation (stored under ``source``; each at most once per run)."""
-        return self._session.evaluate(masks, source, desc)
+    def evaluate(self, masks: Sequence[HeadMask], source: str, desc: str,
+                 with_perplexity: bool = True) -> list[StoredEvaluation]:
+        """Evaluate ``masks`` on validation (stored under ``source``; each at most once per run).
 
-    def rows(self, sources: Sequence[str] | None = None) -> list[StoredEvaluation]:
-        """The stored validation evaluations (of ``sources`` when given), in insertion order."""
-        return self._session.rows(sources)
+        ``with_perplexity`` False measures the bias only: such rows (NaN perplexity) live
+        apart, read back by ``rows(..., with_perplexity=False)``, never among the others.
+        """
+        return self._session.evaluate(masks, source, desc, with_perplexity=with_perplexity)
+
+    def rows(self, sources: Sequence[str] | None = None, with_perplexity: bool = True) -> list[StoredEvaluation]:
+        """The stored validation evaluations (of ``sources`` when given), in insertion order.
+
+        ``with_perplexity`` False: the bias-only evaluations instead.
+        """
+        return self._session.rows(sources, with_perplexity=with_perplexity)
 
     def base(self) -> StoredEvaluation:
         """The unrepaired model's validation evaluation."""

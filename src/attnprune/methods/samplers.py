@@ -55,6 +55,10 @@ class Sampler:
         """The rows of ``rows`` that belong to this design (a store may hold other methods' knockouts)."""
         return rows
 
+    def bias_only_rows(self, ctx: MethodContext) -> list[StoredEvaluation]:
+        """The design's evaluations of the bias alone (NaN perplexity; kept apart from the others)."""
+        return []
+
     def describe(self, ctx: MethodContext, rows: list[StoredEvaluation]) -> str:
         """What the design evaluated, for the method's notes (after the evaluation count)."""
         return ""
@@ -81,18 +85,51 @@ class BoundarySampler(Sampler):
     def __init__(self, options):
         super().__init__(options)
         self._screens: dict[str, np.ndarray] = {}  # scope -> free heads
+        self._measured: dict[str, np.ndarray] = {}  # scope -> knocked-out heads whose perplexity is measured
 
     def design(self, ctx: MethodContext, label: Label) -> list[StoredEvaluation]:
         c = self.options
         base = ctx.base()
-        free = self.free(ctx)
+        free, measured = self.free(ctx), self.perplexity_measured(ctx)
         masks = [m for m in knockout_masks(ctx.shape, ctx.heads) if free[head_index(m, ctx.shape)]]
-        knock = ctx.evaluate(masks, labels.KNOCKOUT, "single-head knockouts (valid)")
+        full = [m for m in masks if measured[head_index(m, ctx.shape)]]
+        knock = ctx.evaluate(full, labels.KNOCKOUT, "single-head knockouts (valid)")
+        if len(full) < len(masks):
+            ctx.evaluate([m for m in masks if not measured[head_index(m, ctx.shape)]], labels.KNOCKOUT_BIAS,
+                         "single-head knockouts, bias only (valid)", with_perplexity=False)
         effect = np.zeros(ctx.cells)
         for r in knock:
             effect[head_index(r.mask, ctx.shape)] = math.log(r.perplexity) - math.log(base.perplexity)
+        if len(full) < len(masks):  # the other knocked-out heads: their first-order estimates on the measured ones' line
+            est = np.asarray(first_order(ctx)["log_perplexity"], dtype=float)
+            effect[free & ~measured] = on_line(est, effect, measured)[free & ~measured]
         masks = boundary_masks(c.samples, ctx.shape, effect, c.tau, ctx.bounds, c.seed, free=free)
         return [base, *knock, *ctx.evaluate(masks, label(labels.SAMPLE), "samples near the budget (valid)")]
+
+    def perplexity_measured(self, ctx: MethodContext) -> np.ndarray:
+        """The knocked-out heads whose knockout measures perplexity too (bool ``[L*H]``): all, or ``--knockout-ppl``'s share.
+
+        The share is spread evenly over the ranks of the heads' first-order perplexity
+        estimates (cheapest and dearest included), so that the line from the estimates to the
+        knockout effects, on which the other heads' effects are read, spans them all.
+        """
+        if ctx.scope not in self._measured:
+            free = self.free(ctx)
+            screened = np.flatnonzero(free)
+            k = self.options.ppl_knockouts(len(screened))
+            if k >= len(screened):
+                self._measured[ctx.scope] = free.copy()
+            else:
+                first = first_order(ctx)
+                if first is None:
+                    raise UserError(f"--knockout-ppl below 1 spreads the knockouts it measures over first-order "
+                                    f"perplexity estimates, which {ctx.measure_name} has not; use --knockout-ppl 1.")
+                est = np.asarray(first["log_perplexity"], dtype=float)[screened]
+                ranked = screened[np.argsort(est, kind="stable")]
+                measured = np.zeros(ctx.cells, dtype=bool)
+                measured[ranked[np.unique(np.linspace(0, len(ranked) - 1, k).round().astype(int))]] = True
+                self._measured[ctx.scope] = measured
+        return self._measured[ctx.scope]
 
     def sources(self, label: Label) -> list[str]:
         return [label(labels.SAMPLE), labels.KNOCKOUT]
@@ -139,15 +176,26 @@ class BoundarySampler(Sampler):
         return free
 
     def training_rows(self, ctx: MethodContext, rows: list[StoredEvaluation]) -> list[StoredEvaluation]:
-        if self.options.knockouts >= 1:
+        if self.options.knockouts >= 1 and self.options.knockout_ppl >= 1:
             return rows
-        free = self.free(ctx)
-        return [r for r in rows if r.source != labels.KNOCKOUT or free[head_index(r.mask, ctx.shape)]]
+        # a store may hold more knockouts with perplexity (FASP's), which this design did not pay for
+        measured = self.perplexity_measured(ctx)
+        return [r for r in rows if r.source != labels.KNOCKOUT or measured[head_index(r.mask, ctx.shape)]]
+
+    def bias_only_rows(self, ctx: MethodContext) -> list[StoredEvaluation]:
+        if self.options.knockout_ppl >= 1:
+            return []
+        free, measured = self.free(ctx), self.perplexity_measured(ctx)
+        return [r for r in ctx.rows([labels.KNOCKOUT_BIAS], with_perplexity=False)
+                if free[i := head_index(r.mask, ctx.shape)] and not measured[i]]
 
     def describe(self, ctx: MethodContext, rows: list[StoredEvaluation]) -> str:
-        knocked = sum(r.source == labels.KNOCKOUT for r in rows)
+        with_ppl = sum(r.source == labels.KNOCKOUT for r in rows)
+        knocked = with_ppl + len(self.bias_only_rows(ctx))
         screened = knocked < ctx.n_total and ctx.cached("first_order") is not None
-        return f"{knocked} single-head knockouts{' chosen by one first-order gradient pass' if screened else ''}, "
+        light = f" ({knocked - with_ppl} of them measuring the bias only)" if knocked > with_ppl else ""
+        return (f"{knocked} single-head knockouts{' chosen by one first-order gradient pass' if screened else ''}"
+                f"{light}, ")
 
 
 @register_sampler("paper")
@@ -236,6 +284,16 @@ def boundary_masks(n: int, shape: tuple[int, int], log_ppl_effect: np.ndarray, t
         m = HeadMask.from_pruned(*shape, [divmod(int(h), shape[1]) for h in heads])
         pool.setdefault(m.key, (abs(math.expm1(effect[heads].sum()) - target * tau), m))
     return [m for _, m in sorted(pool.values(), key=lambda x: (x[0], x[1].key))[:n]]
+
+
+def on_line(estimate: np.ndarray, measured: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``estimate`` put on the scale of ``measured`` by the least-squares line fitted ``where`` both are known.
+
+    A first-order estimate is a linearisation: it ranks the heads' perplexity effects, but its
+    scale is not a knockout's.
+    """
+    slope, intercept = np.polyfit(estimate[where], measured[where], 1)
+    return intercept + slope * estimate
 
 
 def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:
