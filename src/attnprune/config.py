@@ -317,9 +317,10 @@ class SearchOptions(Options):
                            "the search prunes only them (1 = every head; at least 24 heads, so small models knock out all)")
     knockout_ppl: float = opt(1.0, "share of the screened knockouts whose perplexity is measured too (boundary "
                               "sampler, additive surrogate): spread over the heads' first-order perplexity estimates "
-                              "(at least 8); the others measure the bias only, about a third of a knockout's time, and "
+                              "(at least 8); the others measure the bias only, about 40% of a knockout's time, and "
                               "take their perplexity effect from the first-order estimates on the line the measured "
-                              "knockouts fit (1 = all, shared with FASP)")
+                              "knockouts fit (1 = all, shared with FASP; 0.15 on development seeds saved 10-18% of AP's "
+                              "seconds and lost 10.5 points of bias reduction: docs/RESULTS.md)")
     samples: int = opt(16, "random masks evaluated on the real model besides the knockouts (paper sampler: all of "
                        "them; the paper used about 120)")
     r_min: float = opt(0.01, "smallest pruning ratio of random masks and of the search")
