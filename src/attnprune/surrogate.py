@@ -325,9 +325,7 @@ class AdditiveSurrogate:
             D0[k] = _shrunk(D0[k], target[k], V[k], 1e-12)
         if self.shrink and log_ppl_var is not None and log_ppl_prior is not None and kp.sum() > 2:
             # the first-order prior on the knockouts' scale (a linearisation's scale is not a knockout's)
-            prior_lp = np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1)
-            slope, intercept = np.polyfit(prior_lp[kp], E0[kp], 1)
-            line = intercept + slope * prior_lp
+            line = on_line(np.asarray(log_ppl_prior, dtype=np.float64).reshape(-1), E0, kp)
             V = np.zeros(N)
             V[heads[with_ppl]] = np.asarray(log_ppl_var)[singles[with_ppl]]
             measured, E0 = E0, line.copy()  # heads without a perplexity measurement take the line
@@ -363,6 +361,16 @@ class AdditiveSurrogate:
         """(bias, log-perplexity) for ``X [n, N]``."""
         b, lp = self.predict_torch(torch.as_tensor(np.asarray(X, dtype=np.float32)))
         return b.numpy().astype(np.float64), lp.numpy().astype(np.float64)
+
+
+def on_line(estimate: np.ndarray, measured: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``estimate`` put on the scale of ``measured`` by the least-squares line fitted ``where`` both are known.
+
+    A first-order estimate is a linearisation: it ranks the heads' perplexity effects, but its
+    scale is not a knockout's.
+    """
+    slope, intercept = np.polyfit(estimate[where], measured[where], 1)
+    return intercept + slope * estimate
 
 
 def _shrunk(effects: np.ndarray, target: np.ndarray, variance: np.ndarray, eps: float) -> np.ndarray:

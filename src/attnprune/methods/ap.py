@@ -381,7 +381,8 @@ class AttentionPruning(Method):
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
         light = self.sampler(ctx).bias_only_rows(ctx)  # knockouts of the bias alone: charged, never chosen
-        evaluations, seconds = charged_totals([*rows, *light], extras)
+        charged = [*rows, *light]
+        evaluations, seconds = charged_totals(charged, extras)
         stage_of: dict[str, str] = {}  # each mask under the first of this method's own labels that holds it
         for source in self.round_sources(ctx, c.rounds + c.calibrate):
             for r in ctx.rows([source]):
@@ -390,7 +391,7 @@ class AttentionPruning(Method):
             notes += (f"; {len(kept)} confirmed within the budget by the calibration's selections, kept among the "
                       "candidates of the choice")
         return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept,
-                        charged=[*rows, *light] if light else None)
+                        charged=charged if light else None)
 
 
 def head_charged(predict, per_head: float, cells: int):

@@ -27,6 +27,7 @@ from attnprune.heads import HeadMask
 from attnprune.methods.base import MethodContext, knockout_masks
 from attnprune.registry import Registry
 from attnprune.store import StoredEvaluation
+from attnprune.surrogate import on_line
 
 Label = Callable[[str], str]  # a method's store label of one of its stages (AP variants carry a prefix)
 
@@ -92,15 +93,14 @@ class BoundarySampler(Sampler):
         base = ctx.base()
         free, measured = self.free(ctx), self.perplexity_measured(ctx)
         masks = [m for m in knockout_masks(ctx.shape, ctx.heads) if free[head_index(m, ctx.shape)]]
-        full = [m for m in masks if measured[head_index(m, ctx.shape)]]
-        knock = ctx.evaluate(full, labels.KNOCKOUT, "single-head knockouts (valid)")
-        if len(full) < len(masks):
-            ctx.evaluate([m for m in masks if not measured[head_index(m, ctx.shape)]], labels.KNOCKOUT_BIAS,
-                         "single-head knockouts, bias only (valid)", with_perplexity=False)
+        light = [m for m in masks if not measured[head_index(m, ctx.shape)]]  # knocked out for the bias alone
+        knock = ctx.evaluate([m for m in masks if m not in light], labels.KNOCKOUT, "single-head knockouts (valid)")
+        if light:
+            ctx.evaluate(light, labels.KNOCKOUT_BIAS, "single-head knockouts, bias only (valid)", with_perplexity=False)
         effect = np.zeros(ctx.cells)
         for r in knock:
             effect[head_index(r.mask, ctx.shape)] = math.log(r.perplexity) - math.log(base.perplexity)
-        if len(full) < len(masks):  # the other knocked-out heads: their first-order estimates on the measured ones' line
+        if light:  # their first-order estimates on the line of the measured ones
             est = np.asarray(first_order(ctx)["log_perplexity"], dtype=float)
             effect[free & ~measured] = on_line(est, effect, measured)[free & ~measured]
         masks = boundary_masks(c.samples, ctx.shape, effect, c.tau, ctx.bounds, c.seed, free=free)
@@ -284,16 +284,6 @@ def boundary_masks(n: int, shape: tuple[int, int], log_ppl_effect: np.ndarray, t
         m = HeadMask.from_pruned(*shape, [divmod(int(h), shape[1]) for h in heads])
         pool.setdefault(m.key, (abs(math.expm1(effect[heads].sum()) - target * tau), m))
     return [m for _, m in sorted(pool.values(), key=lambda x: (x[0], x[1].key))[:n]]
-
-
-def on_line(estimate: np.ndarray, measured: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """``estimate`` put on the scale of ``measured`` by the least-squares line fitted ``where`` both are known.
-
-    A first-order estimate is a linearisation: it ranks the heads' perplexity effects, but its
-    scale is not a knockout's.
-    """
-    slope, intercept = np.polyfit(estimate[where], measured[where], 1)
-    return intercept + slope * estimate
 
 
 def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:
