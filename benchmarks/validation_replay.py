@@ -19,9 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from attnprune import labels
-from attnprune.compare import read_comparison
-from attnprune.methods import MethodContext, get_method
+from attnprune.compare import propose_and_select, read_comparison
+from attnprune.methods import MethodContext
 from attnprune.run import Run
 from attnprune.selection import SelectionPolicy
 from common import seed_config
@@ -38,9 +37,8 @@ def replay(seed_dir: Path, methods: list[str]) -> dict:
         base = run.base()
         ctx = MethodContext(run, policy, seed)
         for name in methods:
-            proposal = get_method(name).propose(ctx)
-            selection = policy.select(proposal.selectable(), base, run.confirm, labels.confirm(name),
-                                      guard=run.guard, keep=proposal.kept_rows())
+            a = propose_and_select(run, ctx, policy, name, base)
+            proposal, selection = a.proposal, a.selection
             valid = selection.summary(policy)
             out["methods"][name] = {
                 "evaluations": proposal.evaluations, "seconds": proposal.seconds, "notes": proposal.notes,

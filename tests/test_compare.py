@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import pytest
 
-from attnprune.compare import compare, over_seeds
+from attnprune.compare import compare, over_seeds, propose_and_select
 from attnprune.config import CompareConfig, RepairConfig
 from attnprune.errors import UserError
 from attnprune.heads import HeadMask
@@ -349,6 +349,42 @@ def test_confirmation_cost_counts_each_confirmation_once(tmp_path):
         assert count == 3
         assert seconds == pytest.approx(sum(r.seconds for r in rows) + shortlist_rows[1].seconds)
         assert isinstance(rows[0], StoredEvaluation)
+
+
+def test_propose_and_select_charges_its_confirmations_and_can_require_a_choice(tmp_path):
+    """One path for compare, repair and the benchmarks: the proposal, the policy's choice, the confirmations charged;
+    ``require`` turns "nothing admissible" into the policy's one sentence."""
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "confirm": 2, "confirm_prompts": 16,
+                          "confirm_ppl_tokens": 128})
+    policy = SelectionPolicy.of(cfg)
+    with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=lambda s: None) as run:
+        base = run.base()
+        a = propose_and_select(run, MethodContext(run, policy, cfg.seed), policy, "magnitude", base)
+        assert a.selection.base_confirmed is not None and a.confirmations > 0
+        assert (a.confirmations, a.confirm_seconds) == run.confirmation_cost("confirm:magnitude", a.selection)
+        assert a.evaluations == a.proposal.evaluations + a.confirmations
+        assert a.evaluation_seconds == pytest.approx(a.proposal.seconds + a.confirm_seconds)
+        assert a.stages()["confirmations"] == {"evaluations": a.confirmations, "seconds": a.confirm_seconds}
+        impossible = dataclasses.replace(policy, tau=-0.5)  # a budget below the unrepaired perplexity
+        none = propose_and_select(run, MethodContext(run, impossible, cfg.seed), impossible, "magnitude", base)
+        assert none.selection.chosen is None
+        with pytest.raises(UserError, match="No evaluated mask lowers validation bias"):
+            propose_and_select(run, MethodContext(run, impossible, cfg.seed), impossible, "magnitude", base,
+                               require=True)
+
+
+def test_ap_variant_benchmark_sets_decision_options_only():
+    """benchmarks/ap_variant.py: --set KEY=VALUE is cast to the option's type; measurement options are refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from ap_variant import overrides
+
+    assert overrides(["knockouts=0.25", "samples=8", "shrink=false", "knockout-ppl=0.5"]) == {
+        "knockouts": 0.25, "samples": 8, "shrink": False, "knockout_ppl": 0.5}
+    with pytest.raises(SystemExit, match="decision options"):
+        overrides(["prompts=100"])
 
 
 def test_confirmation_measures_bias_only_where_the_perplexity_bound_holds(tmp_path):

@@ -25,10 +25,10 @@ from attnprune import labels
 from attnprune.config import CompareConfig
 from attnprune.errors import UserError
 from attnprune.machine import code_line, code_version, describe_machine, machine_line
-from attnprune.methods import MethodContext, get_method
+from attnprune.methods import MethodContext, Proposal, get_method
 from attnprune.results import Comparison, MethodOutcome, SeedComparison, SeedValidation, measured, read_result
 from attnprune.run import Log, Run
-from attnprune.selection import SelectionPolicy
+from attnprune.selection import Selection, SelectionPolicy
 
 logger = logging.getLogger("attnprune")
 
@@ -68,26 +68,62 @@ def compare(cfg: CompareConfig, loaded=None, log: Log = logger.info) -> Comparis
     return result
 
 
+@dataclasses.dataclass
+class Attempt:
+    """A method's proposal, the policy's choice among it on validation, and the confirmations that choice cost."""
+
+    proposal: Proposal
+    selection: Selection
+    confirmations: int  # every confirmation the method caused, those of AP's calibration included
+    confirm_seconds: float
+    seconds: float  # wall-clock of proposing and choosing
+
+    @property
+    def evaluations(self) -> int:
+        """LLM evaluations charged to the method: its proposal's and its confirmations."""
+        return self.proposal.evaluations + self.confirmations
+
+    @property
+    def evaluation_seconds(self) -> float:
+        """Seconds of real-model evaluation charged to the method (as stored)."""
+        return self.proposal.seconds + self.confirm_seconds
+
+    def stages(self) -> dict[str, dict]:
+        """Where the charged evaluations went: the proposal's stages, then the confirmations."""
+        return {**self.proposal.stages(), **({"confirmations": {"evaluations": self.confirmations,
+                                                                "seconds": self.confirm_seconds}}
+                                             if self.confirmations else {})}
+
+
+def propose_and_select(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str, base,
+                       require: bool = False) -> Attempt:
+    """Method ``name`` proposes through ``ctx``; the shared policy chooses on validation (nothing on test).
+
+    ``require``: a selection with no choice raises one sentence saying what to change
+    (:meth:`~attnprune.selection.SelectionPolicy.choose`) instead of returning ``chosen=None``.
+    """
+    t = time.perf_counter()
+    proposal = get_method(name).propose(ctx)
+    select = policy.choose if require else policy.select
+    selection = select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard,
+                       keep=proposal.kept_rows())
+    confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
+    return Attempt(proposal, selection, confirmations, confirm_seconds, time.perf_counter() - t)
+
+
 def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str, base, log: Log) -> MethodOutcome:
     cfg = run.cfg
-    t = time.perf_counter()
     before = run.store.count()
-    proposal = get_method(name).propose(ctx)
-    selection = policy.select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard,
-                              keep=proposal.kept_rows())
+    a = propose_and_select(run, ctx, policy, name, base)
+    proposal, selection = a.proposal, a.selection
     chosen = selection.chosen
-    # every confirmation the method caused, those of AP's calibration included
-    confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
     outcome = MethodOutcome(
-        method=name, seed=cfg.seed, llm_evaluations=proposal.evaluations + confirmations,
-        validation_evaluations=proposal.evaluations,
-        evaluation_seconds=proposal.seconds + confirm_seconds,
-        new_evaluations=run.store.count() - before, seconds=time.perf_counter() - t, candidates=len(proposal.rows),
-        notes="; ".join(x for x in (proposal.notes, f"{confirmations} confirmed" if confirmations else "") if x),
+        method=name, seed=cfg.seed, llm_evaluations=a.evaluations, validation_evaluations=proposal.evaluations,
+        evaluation_seconds=a.evaluation_seconds, new_evaluations=run.store.count() - before, seconds=a.seconds,
+        candidates=len(proposal.rows),
+        notes="; ".join(x for x in (proposal.notes, f"{a.confirmations} confirmed" if a.confirmations else "") if x),
         valid=selection.summary(policy), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
-        confirmation=selection.candidates,
-        stages={**proposal.stages(), **({"confirmations": {"evaluations": confirmations, "seconds": confirm_seconds}}
-                                        if confirmations else {})})
+        confirmation=selection.candidates, stages=a.stages())
     log(f"{name}: " + (no_choice(selection.candidates, cfg.tau) if chosen is None else
                        f"{chosen.mask.n_pruned} heads, valid bias {chosen.bias:.3f}, perplexity {chosen.perplexity:.2f}")
         + f" ({proposal.evaluations} LLM evaluations, {outcome.seconds:.0f} s)")

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnprune import labels
+from attnprune.compare import propose_and_select
 from attnprune.config import FrontConfig, RepairConfig, command_line, split_list
 from attnprune.front import front
 from attnprune.heads import HeadMask
 from attnprune.machine import code_version, describe_machine
-from attnprune.methods import MethodContext, get_method
+from attnprune.methods import MethodContext
 from attnprune.results import (ConfirmationSummary, EvaluationCounts, RepairReport, ValidationPoint,
                                ValidationSummary, measured)
 from attnprune.run import Log, Run
@@ -61,11 +61,9 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
         budget = policy.budget(base)
         log(f"unrepaired (valid): bias {base.bias:.3f} [{base.bias_ci[0]:.3f}, {base.bias_ci[1]:.3f}], "
             f"perplexity {base.perplexity:.2f}; budget {budget.limit:.2f}")
-        proposal = get_method("ap").propose(MethodContext(run, policy, cfg.seed))
-        selection = policy.choose(proposal.selectable(), base, run.confirm, labels.confirm("ap"), guard=run.guard,
-                                  keep=proposal.kept_rows())
+        attempt = propose_and_select(run, MethodContext(run, policy, cfg.seed), policy, "ap", base, require=True)
+        proposal, selection, n_confirmed = attempt.proposal, attempt.selection, attempt.confirmations
         chosen = selection.chosen
-        n_confirmed, confirm_seconds = run.confirmation_cost(labels.confirm("ap"), selection)
         log(f"chosen (valid): {chosen.mask.n_pruned} heads pruned, bias {chosen.bias:.3f}, perplexity "
             f"{chosen.perplexity:.2f} (from {chosen.source})"
             + (f"; confirmed on fresh validation data: bias {selection.confirmed.bias:.3f} vs unrepaired "
@@ -90,7 +88,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
                 validation=len(proposal.rows),
                 confirmation=n_confirmed + (1 if selection.base_confirmed is not None else 0),
                 new_this_run=run.store.count() - evals_before, in_store=run.store.count(),
-                evaluation_seconds=proposal.seconds + confirm_seconds + (
+                evaluation_seconds=attempt.evaluation_seconds + (
                     selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None},
             machine=describe_machine(cfg.device), code=code)

@@ -1,0 +1,175 @@
+"""A change of AP's decision options against today's defaults, side by side on development seeds (validation only).
+
+For each development seed, on this machine:
+
+1. **today**: AP at today's defaults in a fresh store (read back when ``--out`` holds it from
+   an earlier run), and the shared policy's choice, confirmed on the confirmation half of
+   validation.
+2. **variant**: AP with the ``--set`` options on a copy of that store holding only what both
+   designs share: the unrepaired model, the single-head knockouts and the first-order,
+   anchor and prior caches (each charged at its stored seconds, as a fresh run would be;
+   a knockout the variant's design does not ask for is neither used nor charged). The
+   samples, candidates and confirmations are the variant's own, evaluated afresh.
+
+It prints and writes, per seed and arm: the chosen heads, the confirmed bias against the
+unrepaired model on the same confirmation prompts (and the variant minus today's, a paired
+bootstrap CI on those prompts), the confirmed perplexity change and its bound, the
+calibrations, AP's charged LLM evaluations and seconds by stage, and the ratio of seconds.
+Validation data only: nothing here reads a test split, and only development seeds are
+accepted.
+
+    .venv/bin/python benchmarks/ap_variant.py --seeds 0,1,2 --set knockout_ppl=0.15 --name knockout_ppl \
+        [--out runs/ap-variant]
+
+Writes ``benchmarks/results/<name>.json``. ``knockout_ppl.json`` (the fifteenth session's
+study of ``--knockout-ppl 0.15``) was written by this script's first form, whose arms were
+named ``full`` and ``share`` (today's ``today`` and ``variant``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+from attnprune import load_model
+from attnprune.compare import propose_and_select
+from attnprune.config import RepairConfig
+from attnprune.heads import HeadMask
+from attnprune.methods import MethodContext
+from attnprune.run import Run
+from attnprune.selection import SelectionPolicy
+from attnprune.store import Store
+from common import DEVELOPMENT_SEEDS, write
+
+
+def arm(cfg: RepairConfig, lm) -> dict:
+    """AP's proposal and the policy's confirmed choice under ``cfg`` (validation only), with its cost by stage."""
+    policy = SelectionPolicy.of(cfg)
+    with Run.open(cfg, loaded=lm, log=print) as run:
+        base = run.base()
+        a = propose_and_select(run, MethodContext(run, policy, cfg.seed), policy, "ap", base)
+        proposal, selection = a.proposal, a.selection
+        bias_measure = run.evaluator(run.confirm_spec)[0].bias_measure
+        out = {"evaluations": a.evaluations, "seconds": a.evaluation_seconds, "stages": a.stages(),
+               "wall_seconds": a.seconds, "calibrations": len(proposal.details.calibration), "notes": proposal.notes,
+               "surrogates": [{"round": s["round"], "log_perplexity_spearman": s.get("cv", {}).get(
+                   "log_perplexity", {}).get("additive", {}).get("spearman")} for s in proposal.details.surrogates]}
+        if selection.confirmed is None:
+            return {**out, "chosen": None}
+        k, b = selection.confirmed, selection.base_confirmed
+        vs_base = bias_measure.paired_difference(k.prompt_scores, b.prompt_scores)
+        bound = policy.change_bound(k, b)[1]
+        return {**out, "chosen": {"heads": k.mask.n_pruned, "pruned": [list(p) for p in k.mask.pruned],
+                                  "source": selection.chosen.source, "confirmed_bias": k.bias,
+                                  "unrepaired_confirmed_bias": b.bias,
+                                  "bias_change": vs_base["diff"], "bias_change_ci": vs_base["diff_ci"],
+                                  "relative_bias_change": vs_base["diff"] / b.bias,
+                                  "perplexity_change": k.perplexity / b.perplexity - 1,
+                                  "perplexity_change_bound": bound},
+                "_scores": k.prompt_scores, "_measure": bias_measure}
+
+
+def shared_copy(src: Path, dst: Path, base_key: str) -> None:
+    """Copy the store at ``src`` to ``dst`` keeping only the unrepaired model, the knockouts and the meta caches."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    shutil.copy(src / "store.sqlite", dst / "store.sqlite")
+    db = sqlite3.connect(dst / "store.sqlite")
+    with db:
+        db.execute("DELETE FROM labels WHERE label != ? AND mask_key != ?", (labels.KNOCKOUT, base_key))
+        db.execute("DELETE FROM evaluations WHERE NOT EXISTS (SELECT 1 FROM labels WHERE labels.mask_key = "
+                   "evaluations.mask_key AND labels.setting = evaluations.setting)")
+    db.close()
+
+
+def describe(name: str, a: dict) -> str:
+    c = a["chosen"]
+    cost = f"{a['evaluations']} LLM evaluations, {a['seconds']:.0f} s, {a['calibrations']} calibration(s)"
+    if c is None:
+        return f"  {name}: no admissible choice ({cost})"
+    lo, hi = c["bias_change_ci"]
+    return (f"  {name}: {c['heads']} heads, confirmed bias {c['confirmed_bias']:.3f} vs {c['unrepaired_confirmed_bias']:.3f}"
+            f" ({100 * c['relative_bias_change']:+.1f}%, change CI [{lo:+.3f}, {hi:+.3f}]), perplexity "
+            f"{100 * c['perplexity_change']:+.1f}% (bound {100 * c['perplexity_change_bound']:+.1f}%); {cost}")
+
+
+def overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs of decision options (see :attr:`RepairConfig.DECISION_KEYS`), each cast to its option's type."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in RepairConfig.DECISION_KEYS or not value:
+            raise SystemExit(f"--set {pair}: name one of the decision options {', '.join(RepairConfig.DECISION_KEYS)} "
+                             "as KEY=VALUE (the measurement options stay today's, so that both arms share the "
+                             "store's evaluations)")
+        default = getattr(RepairConfig(), key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated development seeds")
+    ap.add_argument("--set", action="append", required=True, metavar="KEY=VALUE",
+                    help="a decision option of the variant arm (repeatable), e.g. knockout_ppl=0.15 or knockouts=0.25")
+    ap.add_argument("--name", default=None, help="the results' name: benchmarks/results/<name>.json (default from --set)")
+    ap.add_argument("--out", default="runs/ap-variant", help="where the arms' stores go: seed-N-today (read back when "
+                    "it is there, so variants run one after another share it) and seed-N-<name>")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if any(s not in DEVELOPMENT_SEEDS for s in seeds):
+        raise SystemExit(f"only development seeds {DEVELOPMENT_SEEDS} may be read here")
+    change = overrides(args.set)
+    label = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                     for k, v in change.items())
+    name = args.name or "ap_variant-" + "-".join(f"{k}{v}" for k, v in change.items())
+    lm = load_model("smollm2-135m")
+    base_key = HeadMask.all_active(*lm.layout.shape).key
+    results = []
+    for seed in seeds:
+        today_dir, variant_dir = Path(args.out) / f"seed-{seed}-today", Path(args.out) / f"seed-{seed}-{name}"
+        today_cfg = RepairConfig(seed=seed, out=str(today_dir), checks="none", export=False)
+        today = arm(today_cfg, lm)
+        shared_copy(today_dir, variant_dir, base_key)
+        variant_cfg = dataclasses.replace(today_cfg, out=str(variant_dir), **change)
+        store = Store(variant_dir / "store.sqlite", None)
+        store.update_config(**{k: v for k, v in variant_cfg.store_config().items() if k in change})
+        store.close()
+        variant = arm(variant_cfg, lm)
+        row = {"seed": seed, "today": today, "variant": variant, "seconds_ratio": variant["seconds"] / today["seconds"]}
+        if today["chosen"] and variant["chosen"]:
+            d = today["_measure"].paired_difference(variant["_scores"], today["_scores"])
+            row["variant_minus_today"] = {"bias": d["diff"], "ci": d["diff_ci"]}
+        for a in (today, variant):
+            a.pop("_scores", None), a.pop("_measure", None)
+        results.append(row)
+        print(f"seed {seed} (validation only):")
+        print(describe("today's defaults", today))
+        print(describe(label, variant))
+        more = ""
+        if "variant_minus_today" in row:
+            lo, hi = row["variant_minus_today"]["ci"]
+            more = (f"; confirmed bias, variant minus today: {row['variant_minus_today']['bias']:+.3f} "
+                    f"[{lo:+.3f}, {hi:+.3f}]")
+        print(f"  seconds, variant / today: {row['seconds_ratio']:.2f}{more}")
+        write(name, {"setup": {"model": "smollm2-135m", "split": "valid (search and confirmation halves)",
+                               "variant": change, "seeds": seeds, "defaults": "RepairConfig()"},
+                     "seeds": results})
+    print(json.dumps([{"seed": r["seed"], "seconds_ratio": round(r["seconds_ratio"], 3)} for r in results]))
+
+
+if __name__ == "__main__":
+    main()
