@@ -35,7 +35,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from attnprune import load_model
+from attnprune import labels, load_model
 from attnprune.compare import propose_and_select
 from attnprune.config import RepairConfig
 from attnprune.heads import HeadMask

@@ -55,14 +55,14 @@ def main() -> None:
     args = ap.parse_args()
 
     guarded, unguarded = read_comparison(args.guarded), read_comparison(args.unguarded)
-    seed_cfg = seed_config(guarded, args.seed, args.guarded / f"seed-{args.seed}")
+    cfg = seed_config(guarded, args.seed, args.guarded / f"seed-{args.seed}")
     outcomes = {}
     for label, comparison in (("guarded", guarded), ("unguarded", unguarded)):
         entry = next(s for s in comparison.per_seed if s.seed == args.seed)
         outcomes[label] = entry.outcomes[args.method]
 
     rows = {}
-    with Run.open(seed_cfg, log=print) as run:
+    with Run.open(cfg, log=print) as run:
         for label, o in outcomes.items():
             if o.mask is None:  # no admissible candidate: the unrepaired model is kept, nothing changes
                 rows[label] = None
