@@ -69,6 +69,32 @@ def test_no_import_cycle_and_methods_see_neither_the_run_nor_the_config():
             assert not deps & {"attnprune.run", "attnprune.config", "attnprune.compare", "attnprune.repair"}, (name, deps)
 
 
+def test_no_name_is_used_undefined_in_the_package_its_benchmarks_or_its_tests():
+    """pyflakes' undefined-name check: a benchmark script no test runs fails here, not at a user's first run of it."""
+    from pyflakes import api, messages
+
+    undefined = (messages.UndefinedName, messages.UndefinedLocal, messages.UndefinedExport)
+    found: list[str] = []
+
+    class Collect:
+        def flake(self, message):
+            if isinstance(message, undefined):
+                found.append(str(message))
+
+        def syntaxError(self, filename, msg, lineno, offset, text):  # noqa: N802 (pyflakes' reporter interface)
+            found.append(f"{filename}:{lineno}: {msg}")
+
+        def unexpectedError(self, filename, msg):  # noqa: N802
+            found.append(f"{filename}: {msg}")
+
+    root = SRC.parent
+    files = [f for part in ("src", "benchmarks", "tests") for f in sorted((root / part).rglob("*.py"))]
+    assert len(files) > 50
+    for f in files:
+        api.checkPath(str(f), Collect())
+    assert not found, "\n".join(found)
+
+
 def test_no_module_reads_a_stored_evaluation_through_a_string_path():
     """``StoredEvaluation.bias_result/prompt_scores/perplexity_result`` are the only readers of the row's layout."""
     offenders = []
