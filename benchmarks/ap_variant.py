@@ -6,10 +6,11 @@ For each development seed, on this machine:
    an earlier run), and the shared policy's choice, confirmed on the confirmation half of
    validation.
 2. **variant**: AP with the ``--set`` options on a copy of that store holding only what both
-   designs share: the unrepaired model, the single-head knockouts and the first-order,
-   anchor and prior caches (each charged at its stored seconds, as a fresh run would be;
-   a knockout the variant's design does not ask for is neither used nor charged). The
-   samples, candidates and confirmations are the variant's own, evaluated afresh.
+   designs share: the single-head knockouts and the first-order, anchor and prior caches
+   (each charged at its stored seconds, as a fresh run would be; a knockout the variant's
+   design does not ask for is neither used nor charged). The unrepaired model, the
+   samples, candidates and confirmations are the variant's own, evaluated afresh (the
+   unrepaired model pays the evaluator's start-up, as in a fresh run).
 
 It prints and writes, per seed and arm: the chosen heads, the confirmed bias against the
 unrepaired model on the same confirmation prompts (and the variant minus today's, a paired
@@ -38,7 +39,6 @@ from pathlib import Path
 from attnprune import labels, load_model
 from attnprune.compare import propose_and_select
 from attnprune.config import RepairConfig
-from attnprune.heads import HeadMask
 from attnprune.methods import MethodContext
 from attnprune.run import Run
 from attnprune.selection import SelectionPolicy
@@ -73,15 +73,20 @@ def arm(cfg: RepairConfig, lm) -> dict:
                 "_scores": k.prompt_scores, "_measure": bias_measure}
 
 
-def shared_copy(src: Path, dst: Path, base_key: str) -> None:
-    """Copy the store at ``src`` to ``dst`` keeping only the unrepaired model, the knockouts and the meta caches."""
+def shared_copy(src: Path, dst: Path) -> None:
+    """Copy the store at ``src`` to ``dst`` keeping only the single-head knockouts and the meta caches.
+
+    The unrepaired model is left out so that the variant evaluates it again and pays the
+    evaluator's start-up there, once, as a fresh run does (kept, its stored seconds would
+    carry one start-up and the variant's first new mask another).
+    """
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     shutil.copy(src / "store.sqlite", dst / "store.sqlite")
     db = sqlite3.connect(dst / "store.sqlite")
     with db:
-        db.execute("DELETE FROM labels WHERE label != ? AND mask_key != ?", (labels.KNOCKOUT, base_key))
+        db.execute("DELETE FROM labels WHERE label != ?", (labels.KNOCKOUT,))
         db.execute("DELETE FROM evaluations WHERE NOT EXISTS (SELECT 1 FROM labels WHERE labels.mask_key = "
                    "evaluations.mask_key AND labels.setting = evaluations.setting)")
     db.close()
@@ -137,13 +142,12 @@ def main() -> None:
                      for k, v in change.items())
     name = args.name or "ap_variant-" + "-".join(f"{k}{v}" for k, v in change.items())
     lm = load_model("smollm2-135m")
-    base_key = HeadMask.all_active(*lm.layout.shape).key
     results = []
     for seed in seeds:
         today_dir, variant_dir = Path(args.out) / f"seed-{seed}-today", Path(args.out) / f"seed-{seed}-{name}"
         today_cfg = RepairConfig(seed=seed, out=str(today_dir), checks="none", export=False)
         today = arm(today_cfg, lm)
-        shared_copy(today_dir, variant_dir, base_key)
+        shared_copy(today_dir, variant_dir)
         variant_cfg = dataclasses.replace(today_cfg, out=str(variant_dir), **change)
         store = Store(variant_dir / "store.sqlite", None)
         store.update_config(**{k: v for k, v in variant_cfg.store_config().items() if k in change})

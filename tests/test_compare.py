@@ -387,6 +387,35 @@ def test_ap_variant_benchmark_sets_decision_options_only():
         overrides(["prompts=100"])
 
 
+def test_ap_variant_copy_keeps_the_knockouts_and_caches_only(tmp_path):
+    """benchmarks/ap_variant.py's store copy: the knockouts and meta caches stay (charged at their stored seconds);
+    the unrepaired model and everything else are evaluated again by the variant."""
+    import sys
+    from pathlib import Path
+
+    from attnprune import labels
+    from attnprune.store import Store
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from ap_variant import shared_copy
+
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "today")})
+    with Run.open(cfg, loaded=tiny_loaded("llama", seed=3), log=lambda s: None) as run:
+        run.base()
+        knock = run.evaluate([HeadMask.from_pruned(3, 4, [(0, h)]) for h in range(2)], labels.KNOCKOUT, "k")
+        run.evaluate([HeadMask.from_pruned(3, 4, [(1, 0), (2, 1)])], labels.SAMPLE, "s")
+        run.set_meta_value("first_order", {"kept": True})
+    shared_copy(tmp_path / "today", tmp_path / "variant")
+    store = Store(tmp_path / "variant" / "store.sqlite", None)
+    setting = store.setting_of(labels.KNOCKOUT)
+    kept = store.evaluations(setting)
+    assert sorted(r.mask.key for r in kept) == sorted(r.mask.key for r in knock)
+    assert [r.seconds for r in sorted(kept, key=lambda r: r.mask.key)] == [
+        r.seconds for r in sorted(knock, key=lambda r: r.mask.key)]
+    assert store.meta_value("first_order") == {"kept": True}
+    store.close()
+
+
 def test_confirmation_measures_bias_only_where_the_perplexity_bound_holds(tmp_path):
     """Perplexity first: a candidate over the budget has no bias measured, the choice is the one a full
     confirmation makes, and a larger budget later measures only the missing bias (nothing twice)."""
