@@ -36,9 +36,12 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import yaml
+
 from attnprune import labels, load_model
 from attnprune.compare import propose_and_select
-from attnprune.config import RepairConfig
+from attnprune.config import RepairConfig, _typed
+from attnprune.errors import UserError
 from attnprune.methods import MethodContext
 from attnprune.run import Run
 from attnprune.selection import SelectionPolicy
@@ -104,7 +107,9 @@ def describe(name: str, a: dict) -> str:
 
 
 def overrides(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs of decision options (see :attr:`RepairConfig.DECISION_KEYS`), each cast to its option's type."""
+    """``KEY=VALUE`` pairs of decision options (see :attr:`RepairConfig.DECISION_KEYS`), each read as YAML and typed
+    as its option, as a ``--config`` file's values are."""
+    fields = {f.name: f for f in dataclasses.fields(RepairConfig)}
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -113,15 +118,16 @@ def overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set {pair}: name one of the decision options {', '.join(RepairConfig.DECISION_KEYS)} "
                              "as KEY=VALUE (the measurement options stay today's, so that both arms share the "
                              "store's evaluations)")
-        default = getattr(RepairConfig(), key)
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(value)
-        elif isinstance(default, float):
-            out[key] = float(value)
-        else:
-            out[key] = value
+        try:
+            out[key] = _typed(yaml.safe_load(value), fields[key], f"--set {pair}", fix="fix --set")
+        except yaml.YAMLError:
+            raise SystemExit(f"--set {pair}: {value!r} is not a value; fix --set.") from None
+        except UserError as exc:
+            raise SystemExit(str(exc)) from None
+    try:
+        dataclasses.replace(RepairConfig(), **out).validate()  # the variant's own checks, before any evaluation
+    except UserError as exc:
+        raise SystemExit(str(exc)) from None
     return out
 
 

@@ -381,10 +381,17 @@ def test_ap_variant_benchmark_sets_decision_options_only():
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from ap_variant import overrides
 
-    assert overrides(["knockouts=0.25", "samples=8", "shrink=false", "knockout-ppl=0.5"]) == {
-        "knockouts": 0.25, "samples": 8, "shrink": False, "knockout_ppl": 0.5}
+    assert overrides(["knockouts=0.25", "samples=8", "knockout-ppl=0.5"]) == {
+        "knockouts": 0.25, "samples": 8, "knockout_ppl": 0.5}
+    assert overrides(["shrink=false"]) == {"shrink": False}
+    with pytest.raises(SystemExit, match="--knockout-ppl below 1 needs"):  # the variant's options are validated
+        overrides(["shrink=false", "knockout_ppl=0.5"])
     with pytest.raises(SystemExit, match="decision options"):
         overrides(["prompts=100"])
+    with pytest.raises(SystemExit, match="knockouts must be a number"):
+        overrides(["knockouts=many"])
+    with pytest.raises(SystemExit, match="--knockouts must be a share"):
+        overrides(["knockouts=1.5"])
 
 
 def test_ap_variant_copy_keeps_the_knockouts_and_caches_only(tmp_path):

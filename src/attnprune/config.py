@@ -753,8 +753,8 @@ def model_slug(model: str) -> str:
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
 
 
-def _typed(value, f, source: str):
-    """``value`` (from a YAML file) as field ``f``'s type, or a UserError naming the option and the type."""
+def _typed(value, f, source: str, fix: str = "fix the file"):
+    """``value`` (from a YAML file) as field ``f``'s type, or a UserError naming the option, the type and ``fix``."""
     type_name = str(f.type)
     if value is None:
         if "None" in type_name:
@@ -774,7 +774,7 @@ def _typed(value, f, source: str):
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     kind = {int: "an integer", float: "a number", str: "a text value"}[want]
-    raise UserError(f"{source}: {f.name} must be {kind}, got {value!r}; fix the file.")
+    raise UserError(f"{source}: {f.name} must be {kind}, got {value!r}; {fix}.")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
