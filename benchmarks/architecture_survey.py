@@ -19,7 +19,6 @@ Writes ``benchmarks/results/architecture_survey.json`` and ``.md``. The slow tes
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
@@ -154,7 +153,7 @@ def survey_one(model_type: str) -> dict:
 
     from attnprune.errors import UserError
     from attnprune.export import bake_mask, unbake
-    from attnprune.heads import HeadMask, apply_mask, check_masking
+    from attnprune.heads import apply_mask, check_masking
     from attnprune.methods.samplers import random_masks
     from attnprune.models.layouts import head_layout
 

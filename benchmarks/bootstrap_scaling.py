@@ -38,7 +38,6 @@ def pinv_bootstrap(design: BucketDesign, values: np.ndarray, reps: int, seed: in
 
 
 def main() -> None:
-    pool = hb.split_prompts("gender_and_sex", "valid", 0)
     shares = hb.bucket_shares("gender_and_sex", "valid", 0)
     rng = np.random.default_rng(0)
     rows = []

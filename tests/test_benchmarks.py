@@ -112,10 +112,10 @@ def test_evaluate_several_measures_in_one_call(tmp_path, capsys):
     assert set(data) == {"likelihood", "crows_pairs", "stereoset"}
     assert data["crows_pairs"]["setup"]["bias_inputs"]["pairs"] == 210
     stats = [m["bias_detail"]["statistics"] for m in data["stereoset"]["masks"]]
-    for st in stats:  # the statistics agree with their definitions (ICAT = LMS x min(SS, 100 - SS) / 50)
-        ss, lms = st["ss"]["value"], st["lms"]["value"]
-        assert 0 <= ss <= 100 and 0 <= lms <= 100 and st["bias"]["value"] == pytest.approx(abs(ss - 50))
-        assert st["icat"]["value"] == pytest.approx(lms * min(ss, 100 - ss) / 50)
+    for stat in stats:  # the statistics agree with their definitions (ICAT = LMS x min(SS, 100 - SS) / 50)
+        ss, lms = stat["ss"]["value"], stat["lms"]["value"]
+        assert 0 <= ss <= 100 and 0 <= lms <= 100 and stat["bias"]["value"] == pytest.approx(abs(ss - 50))
+        assert stat["icat"]["value"] == pytest.approx(lms * min(ss, 100 - ss) / 50)
     assert stats[0]["lms"]["value"] != stats[1]["lms"]["value"], "the mask changes the scores"
     assert main(["evaluate", "--model", str(d), "--bias", "likelihood,stereo_set"]) == 2
     assert "Unknown --bias value(s) stereo_set" in capsys.readouterr().err

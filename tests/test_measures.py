@@ -153,8 +153,6 @@ def test_toxicity_scores_the_neutralized_text_by_default_offline(loaded, monkeyp
 
 
 def test_top_k_sequence_nll_is_the_samplers_distribution(loaded):
-    import torch.nn.functional as F
-
     backend = Backend(loaded)
     seqs = [[5, 9, 14, 3, 22, 7], [4, 8, 2, 11]]
     rows = backend.rows(seqs)

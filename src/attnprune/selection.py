@@ -386,11 +386,11 @@ class SelectionPolicy:
                 f"re-measured on confirmation data the search never saw (fresh validation prompts, the other half of the "
                 f"validation text); the choice is the lowest confirmed bias among those whose confirmed perplexity change is at "
                 f"most {100 * self.tau:.0f}% at one-sided {100 * self.confidence:.0f}% confidence (paired over text "
-                f"windows" + (f"; the bound is on what a fresh text of {self.hold_tokens:,} tokens, the test text, "
+                "windows" + (f"; the bound is on what a fresh text of {self.hold_tokens:,} tokens, the test text, "
                               "will report as its own one-sided bound: it adds that text's noise to the confirmation's"
                               if self.hold_tokens > 0 else "") + ") and whose confirmed bias is below the unrepaired model's (a candidate's confirmation "
-                f"measures perplexity first, and its bias only when that bound holds; after AP's calibration, the "
-                f"masks an earlier confirmation admitted stay among the candidates)" + self.guard_rule())
+                "measures perplexity first, and its bias only when that bound holds; after AP's calibration, the "
+                "masks an earlier confirmation admitted stay among the candidates)" + self.guard_rule())
 
     def guard_rule(self) -> str:
         """The guards' part of :meth:`rule` (empty without guards)."""
