@@ -12,6 +12,12 @@ For each development seed, on this machine:
    samples, candidates and confirmations are the variant's own, evaluated afresh (the
    unrepaired model pays the evaluator's start-up, as in a fresh run).
 
+``--base KEY=VALUE`` gives both arms an option (a study at another budget: ``--base tau=0.02``);
+``--share all`` copies today's whole store to the variant (for a variant that changes only what
+AP does after today's search has ended, such as ``--set trim=1``: it pays only for what it
+adds); ``--design-from DIR`` starts a new today's store from the knockouts and first-order
+caches of ``DIR/seed-N-today`` (charged at their stored seconds).
+
 It prints and writes, per seed and arm: the chosen heads, the confirmed bias against the
 unrepaired model on the same confirmation prompts (and the variant minus today's, a paired
 bootstrap CI on those prompts), the confirmed perplexity change and its bound, the
@@ -58,7 +64,8 @@ def arm(cfg: RepairConfig, lm) -> dict:
         proposal, selection = a.proposal, a.selection
         bias_measure = run.evaluator(run.confirm_spec)[0].bias_measure
         out = {"evaluations": a.evaluations, "seconds": a.evaluation_seconds, "stages": a.stages(),
-               "wall_seconds": a.seconds, "calibrations": len(proposal.details.calibration), "notes": proposal.notes,
+               "wall_seconds": a.seconds, "calibrations": len(proposal.details.calibration),
+               "trims": [t.to_dict() for t in proposal.details.trim], "notes": proposal.notes,
                "surrogates": [{"round": s["round"], "log_perplexity_spearman": s.get("cv", {}).get(
                    "log_perplexity", {}).get("additive", {}).get("spearman")} for s in proposal.details.surrogates]}
         if selection.confirmed is None:
@@ -76,28 +83,37 @@ def arm(cfg: RepairConfig, lm) -> dict:
                 "_scores": k.prompt_scores, "_measure": bias_measure}
 
 
-def shared_copy(src: Path, dst: Path) -> None:
-    """Copy the store at ``src`` to ``dst`` keeping only the single-head knockouts and the meta caches.
+def shared_copy(src: Path, dst: Path, cfg: RepairConfig, keys, everything: bool = False) -> None:
+    """Copy the store at ``src`` to ``dst`` keeping only the single-head knockouts and the meta caches (``everything``:
+    all of it), and record ``cfg``'s values of the decision options ``keys`` as the copy's.
 
     The unrepaired model is left out so that the variant evaluates it again and pays the
     evaluator's start-up there, once, as a fresh run does (kept, its stored seconds would
-    carry one start-up and the variant's first new mask another).
+    carry one start-up and the variant's first new mask another). ``everything`` is for a
+    variant that changes only what AP does after today's search has ended (``--trim``): it
+    reads today's evaluations back and pays only for what it adds.
     """
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     shutil.copy(src / "store.sqlite", dst / "store.sqlite")
-    db = sqlite3.connect(dst / "store.sqlite")
-    with db:
-        db.execute("DELETE FROM labels WHERE label != ?", (labels.KNOCKOUT,))
-        db.execute("DELETE FROM evaluations WHERE NOT EXISTS (SELECT 1 FROM labels WHERE labels.mask_key = "
-                   "evaluations.mask_key AND labels.setting = evaluations.setting)")
-    db.close()
+    if not everything:
+        db = sqlite3.connect(dst / "store.sqlite")
+        with db:
+            db.execute("DELETE FROM labels WHERE label != ?", (labels.KNOCKOUT,))
+            db.execute("DELETE FROM evaluations WHERE NOT EXISTS (SELECT 1 FROM labels WHERE labels.mask_key = "
+                       "evaluations.mask_key AND labels.setting = evaluations.setting)")
+        db.close()
+    store = Store(dst / "store.sqlite", None)
+    store.update_config(**{k: v for k, v in cfg.store_config().items() if k in keys})
+    store.close()
 
 
 def describe(name: str, a: dict) -> str:
     c = a["chosen"]
-    cost = f"{a['evaluations']} LLM evaluations, {a['seconds']:.0f} s, {a['calibrations']} calibration(s)"
+    cost = (f"{a['evaluations']} LLM evaluations, {a['seconds']:.0f} s, {a['calibrations']} calibration(s)"
+            + "".join(f", a trim of {t['heads']} heads to {t['kept']} in {len(t['probes'])} probe(s)"
+                      for t in a.get("trims", [])))
     if c is None:
         return f"  {name}: no admissible choice ({cost})"
     lo, hi = c["bias_change_ci"]
@@ -106,9 +122,9 @@ def describe(name: str, a: dict) -> str:
             f"{100 * c['perplexity_change']:+.1f}% (bound {100 * c['perplexity_change_bound']:+.1f}%); {cost}")
 
 
-def overrides(pairs: list[str]) -> dict:
+def overrides(pairs: list[str], base: dict | None = None) -> dict:
     """``KEY=VALUE`` pairs of decision options (see :attr:`RepairConfig.DECISION_KEYS`), each read as YAML and typed
-    as its option, as a ``--config`` file's values are."""
+    as its option, as a ``--config`` file's values are; checked together with ``base`` (both arms' options)."""
     fields = {f.name: f for f in dataclasses.fields(RepairConfig)}
     out = {}
     for pair in pairs:
@@ -125,7 +141,7 @@ def overrides(pairs: list[str]) -> dict:
         except UserError as exc:
             raise SystemExit(str(exc)) from None
     try:
-        dataclasses.replace(RepairConfig(), **out).validate()  # the variant's own checks, before any evaluation
+        dataclasses.replace(RepairConfig(), **{**(base or {}), **out}).validate()  # the arm's checks, before any evaluation
     except UserError as exc:
         raise SystemExit(str(exc)) from None
     return out
@@ -136,6 +152,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated development seeds")
     ap.add_argument("--set", action="append", required=True, metavar="KEY=VALUE",
                     help="a decision option of the variant arm (repeatable), e.g. knockout_ppl=0.15 or knockouts=0.25")
+    ap.add_argument("--base", action="append", default=[], metavar="KEY=VALUE",
+                    help="a decision option of both arms (repeatable), e.g. tau=0.02: today's arm is today's defaults "
+                    "with these")
+    ap.add_argument("--share", choices=["design", "all"], default="design",
+                    help="what the variant's store copies from today's: the knockouts and first-order caches "
+                    "(design), or every evaluation (all: for a variant that changes only what happens after today's "
+                    "search ended, e.g. trim=1; it pays only for what it adds)")
+    ap.add_argument("--design-from", default=None, metavar="DIR",
+                    help="start each new today's store from DIR/seed-N-today's knockouts and first-order caches "
+                    "(measured there, charged at their stored seconds) instead of measuring them again")
     ap.add_argument("--name", default=None, help="the results' name: benchmarks/results/<name>.json (default from --set)")
     ap.add_argument("--out", default="runs/ap-variant", help="where the arms' stores go: seed-N-today (read back when "
                     "it is there, so variants run one after another share it) and seed-N-<name>")
@@ -143,7 +169,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if any(s not in DEVELOPMENT_SEEDS for s in seeds):
         raise SystemExit(f"only development seeds {DEVELOPMENT_SEEDS} may be read here")
-    change = overrides(args.set)
+    base = overrides(args.base) if args.base else {}
+    change = overrides(args.set, base)
     label = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                      for k, v in change.items())
     name = args.name or "ap_variant-" + "-".join(f"{k}{v}" for k, v in change.items())
@@ -151,13 +178,12 @@ def main() -> None:
     results = []
     for seed in seeds:
         today_dir, variant_dir = Path(args.out) / f"seed-{seed}-today", Path(args.out) / f"seed-{seed}-{name}"
-        today_cfg = RepairConfig(seed=seed, out=str(today_dir), checks="none", export=False)
+        today_cfg = RepairConfig(seed=seed, out=str(today_dir), checks="none", export=False, **base)
+        if args.design_from and not (today_dir / "store.sqlite").exists():
+            shared_copy(Path(args.design_from) / f"seed-{seed}-today", today_dir, today_cfg, RepairConfig.DECISION_KEYS)
         today = arm(today_cfg, lm)
-        shared_copy(today_dir, variant_dir)
         variant_cfg = dataclasses.replace(today_cfg, out=str(variant_dir), **change)
-        store = Store(variant_dir / "store.sqlite", None)
-        store.update_config(**{k: v for k, v in variant_cfg.store_config().items() if k in change})
-        store.close()
+        shared_copy(today_dir, variant_dir, variant_cfg, change, everything=args.share == "all")
         variant = arm(variant_cfg, lm)
         row = {"seed": seed, "today": today, "variant": variant, "seconds_ratio": variant["seconds"] / today["seconds"]}
         if today["chosen"] and variant["chosen"]:
@@ -176,7 +202,8 @@ def main() -> None:
                     f"[{lo:+.3f}, {hi:+.3f}]")
         print(f"  seconds, variant / today: {row['seconds_ratio']:.2f}{more}")
         write(name, {"setup": {"model": "smollm2-135m", "split": "valid (search and confirmation halves)",
-                               "variant": change, "seeds": seeds, "defaults": "RepairConfig()"},
+                               "variant": change, "both_arms": base, "share": args.share,
+                               "design_from": args.design_from, "seeds": seeds, "defaults": "RepairConfig()"},
                      "seeds": results})
     print(json.dumps([{"seed": r["seed"], "seconds_ratio": round(r["seconds_ratio"], 3)} for r in results]))
 

@@ -629,3 +629,52 @@ def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(t
     with pytest.raises(UserError, match=r"is not a comparison of this attnprune version \(JSONDecodeError\)"):
         pool([a, odd])
     assert main(["pool", "--runs", f"{a},{tmp_path / 'missing'}", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_ap_trims_an_over_budget_candidate_on_the_real_path_and_a_rerun_repeats_it(tmp_path, monkeypatch):
+    """``--trim 1``: when the last selection says a search candidate missed the budget and none held it, AP cuts the
+    lowest-bias one down along nested sub-masks, evaluated under the trim round's label, confirmed by the policy, kept
+    for the choice when admissible and charged; with ``--trim 0`` nothing of it happens; a rerun evaluates nothing."""
+    import attnprune.methods.ap as ap
+    from attnprune import labels
+    from attnprune.results import Calibration
+
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "surrogate": "ridge", "top_k": 3, "confirm": 2,
+                          "confirm_prompts": 16, "confirm_ppl_tokens": 128, "calibrate": 0, "trim": 1,
+                          "r_min": 0.25})  # every candidate prunes 3 heads or more
+    policy = SelectionPolicy.of(cfg)
+    checks: list[int] = []
+
+    def over_budget(self, ctx, before_round=None, retired=frozenset()):
+        """Every search candidate of the search's rounds missed the budget (a tiny model's budget means nothing)."""
+        checks.append(before_round)
+        missed = frozenset(r.mask.key for r in self.training_data(ctx, before_round) if labels.is_candidate(r.source))
+        return Calibration(gap=0.01, margin=0.01, search_budget=None, confirmed=2), missed, frozenset()
+
+    monkeypatch.setattr(ap.AttentionPruning, "calibrated_budget", over_budget)
+
+    def propose(trim: int, out: str = "run"):
+        with Run.open(dataclasses.replace(cfg, trim=trim, out=str(tmp_path / out)), loaded=tiny_loaded("llama", seed=3),
+                      log=lambda s: None) as run:
+            before = run.store.count()
+            proposal = ap.AttentionPruning().propose(MethodContext(run, policy, cfg.seed))
+            trimmed = run.rows([labels.candidates(cfg.rounds + cfg.calibrate)])
+            return proposal, run.store.count() - before, trimmed
+
+    first, new, trimmed = propose(1)
+    assert checks == [cfg.rounds], "one selection after the search's round, none before it"
+    (t,) = first.details.trim
+    start = min((r for r in first.rows if r.source == labels.candidates(0)), key=lambda r: r.bias)
+    assert t.heads == start.mask.n_pruned and t.valid_bias == start.bias and 1 <= t.guess < t.heads
+    assert [p.heads for p in t.probes] == [r.mask.n_pruned for r in trimmed]
+    assert all(set(r.mask.pruned) < set(start.mask.pruned) for r in trimmed), "nested in the trimmed candidate"
+    assert len({p.heads for p in t.probes}) == len(t.probes) and t.probes[0].heads == t.guess
+    admitted = {r.mask.key for r, p in zip(trimmed, t.probes) if p.admissible}
+    assert admitted <= first.kept and t.kept == max((p.heads for p in t.probes if p.admissible), default=0)
+    assert {r.mask.key for r in trimmed} <= {r.mask.key for r in first.rows}, "the choice can take them"
+    assert first.stages()["candidates"]["evaluations"] >= len(trimmed) and f"in {len(t.probes)} probe(s)" in first.notes
+    again, new_again, _ = propose(1)
+    assert new_again == 0 and again.details.trim == first.details.trim
+    checks.clear()
+    plain, _, _ = propose(0, "plain")  # a store of its own: --trim is a decision option
+    assert checks == [] and plain.details.trim == [] and len(plain.rows) == len(first.rows) - len(trimmed)

@@ -336,3 +336,103 @@ def test_trust_region_without_a_feasible_multi_head_mask_uses_the_per_head_cost(
     assert trust_region([big(0, 100.0), big(1, 101.0)], budget, 1, 32) == (1, 2)
     assert fitting_count([big(0, 100.0), big(1, 101.0)], budget) == (1, False)  # no estimate: the log stays silent
     assert fitting_count([big(0, 100.0), big(8, 104.9)], budget) == (8, False)
+
+
+# ---------------------------------------------------------------------------------------
+# --trim: an over-budget search candidate cut down along nested sub-masks
+# ---------------------------------------------------------------------------------------
+
+def additive(bias_of: dict, lp_of: dict, shape=(2, 4)):
+    """A surrogate (states -> bias, log-perplexity) that adds each pruned head's effect."""
+    import torch
+
+    b = torch.zeros(shape[0] * shape[1])
+    lp = torch.zeros(shape[0] * shape[1])
+    for (l, h), v in bias_of.items():
+        b[l * shape[1] + h] = v
+    for (l, h), v in lp_of.items():
+        lp[l * shape[1] + h] = v
+
+    def predict(states):
+        pruned = 1 - states
+        return 1.0 + pruned @ b, pruned @ lp
+
+    return predict
+
+
+def test_the_trim_path_restores_harmful_heads_first_then_the_least_bias_per_perplexity():
+    from attnprune.methods.ap import removal_path
+
+    good, dear, harmful, weak = (0, 0), (0, 1), (1, 0), (1, 1)
+    predict = additive({good: -1.0, dear: -1.0, harmful: 0.5, weak: -0.1},
+                       {good: 0.01, dear: 0.04, harmful: 0.01, weak: 0.03})
+    mask = HeadMask.from_pruned(2, 4, [good, dear, harmful, weak])
+    path, lps = removal_path(mask, predict)
+    # restored in turn: the head whose pruning raises bias, then 0.1 / 0.03 < 1 / 0.04 < 1 / 0.01
+    assert [sorted(m.pruned) for m in path] == [[good], [good, dear], [good, dear, weak]]
+    assert lps == pytest.approx([0.01, 0.05, 0.08, 0.09])
+
+
+def test_the_trim_guess_scales_the_path_to_the_confirmed_change_and_leaves_the_bound_margin():
+    from attnprune.methods.ap import trim_guess
+
+    predicted = [0.005 * i for i in range(1, 11)]  # a 10-head candidate, the surrogate's change along its path
+    # confirmed +6% (bound +8%): the sizes whose scaled change is within log(1.05) - log(1.08 / 1.06)
+    room = math.log(1.05) - math.log(1.08 / 1.06)
+    expected = max(i for i in range(1, 10) if math.log(1.06) * i / 10 <= room)
+    assert trim_guess(predicted, 0.06, 0.08, 0.05) == expected == 5
+    assert trim_guess(predicted, 0.06, 0.2, 0.05) == 1  # a margin over the budget: the smallest size
+    assert trim_guess([0.0] * 10, 0.06, 0.08, 0.05) == 5  # no predicted cost: the middle of the path
+
+
+def trim_context(admissible_up_to: int, probed: list):
+    """A method context whose confirmation admits a sub-mask of at most ``admissible_up_to`` heads."""
+    import contextlib
+    import types
+
+    from attnprune.selection import Selection
+
+    policy = SelectionPolicy(tau=0.05, penalty=1.0, confirm=6)
+    base = row([], 1.0, 100.0)
+
+    def confirmed(r):
+        n = r.mask.n_pruned
+        change = 0.006 * n
+        return ConfirmedCandidate(pruned=[list(p) for p in r.mask.pruned], source=r.source, valid_bias=r.bias,
+                                  valid_perplexity=r.perplexity, confirmed_bias=0.5, confirmed_perplexity_change=change,
+                                  confirmed_perplexity_change_bound=change + 0.02, admissible=n <= admissible_up_to)
+
+    def select(rows, source):
+        (r,) = rows
+        return Selection(None, None, base, [confirmed(r)], shortlist=[r.mask])
+
+    def evaluate(masks, source, desc):
+        probed.append(masks[0].n_pruned)
+        return [row(m.pruned, 1.0 - 0.05 * m.n_pruned, 100.0 + m.n_pruned) for m in masks]
+
+    return types.SimpleNamespace(options=types.SimpleNamespace(trim=1), policy=policy, cells=8, select=select,
+                                 evaluate=evaluate, timed=lambda stage: contextlib.nullcontext(), log=lambda m: None)
+
+
+@pytest.mark.parametrize("admissible_up_to, probes", [(5, [5, 6]), (3, [5, 4, 2, 3]), (7, [5, 6, 7])])
+def test_a_trim_confirms_the_largest_admissible_sub_mask_in_a_few_probes(monkeypatch, admissible_up_to, probes):
+    from attnprune.methods.ap import AttentionPruning, Surrogates
+    from attnprune.results import SearchDetails
+
+    heads = [(0, h) for h in range(4)] + [(1, h) for h in range(4)]
+    over = dataclasses.replace(row(heads, 0.3, 110.0), source="candidate-r4")  # 8 heads, confirmed +4.8% (bound +6.8%)
+    worse = dataclasses.replace(row(heads[:7], 0.4, 109.0), source="candidate-r4")  # trimmed only with --trim 2
+    design = dataclasses.replace(row(heads[:1], 0.2, 101.0), source="knockout")  # not a search candidate
+    probed: list[int] = []
+    ctx = trim_context(admissible_up_to, probed)
+    ap = AttentionPruning()
+    monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [over, worse, design])
+    monkeypatch.setattr(ap, "fit", lambda ctx, r: Surrogates(additive({}, {h: 0.005 for h in heads}), {}))
+    details = SearchDetails()
+    kept = ap.trim(ctx, 5, frozenset(r.mask.key for r in (over, worse, design)), details)
+    (t,) = details.trim
+    assert probed == probes and [p.heads for p in t.probes] == probes
+    assert t.heads == 8 and t.kept == admissible_up_to
+    # every admissible probe is kept for the choice, the largest among them
+    assert {HeadMask.from_key(k, 2, 4).n_pruned for k in kept} == {p for p in probes if p <= admissible_up_to}
+    assert [p.admissible for p in t.probes] == [p <= admissible_up_to for p in probes]

@@ -347,6 +347,11 @@ class SearchOptions(Options):
     calibrate: int = opt(2, "extra rounds when none of the search's confirmed candidates holds the budget: the "
                          "search charges each pruned head what the search's perplexity under-stated the confirmed "
                          "change by, per head, within tau less the choice rule's margin (0: none)")
+    trim: int = opt(0, "when the calibration ends with no search candidate holding the budget on confirmation: cut "
+                    "down this many of the over-budget candidates (lowest validation bias first) along nested "
+                    "sub-masks, dropping first the heads the surrogates say buy the least bias per unit of "
+                    "perplexity, and confirm the largest that holds (a few probes each, outward from a guess, then "
+                    "bisection; 0: off)")
 
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
@@ -388,6 +393,8 @@ class SearchOptions(Options):
         self.check_at_least_one("prompts", "ppl_tokens", "chains", "steps", "top_k", "rounds")
         if self.calibrate < 0:
             raise UserError("--calibrate must be 0 or more rounds.")
+        if self.trim < 0:
+            raise UserError("--trim must be 0 (off) or a number of candidates.")
         return self
 
 
@@ -488,7 +495,7 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
     DECISION_KEYS = ("sampler", "knockouts", "knockout_ppl", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
-                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "confirm",
+                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "trim", "confirm",
                      "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens")
 
     @property
@@ -506,6 +513,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
             del out["hold_tokens"]  # the rule before --hold-tokens: its stores match it, and only it
         if out["knockout_ppl"] == 1:
             del out["knockout_ppl"]  # every knockout with perplexity, as before the option: those stores match it
+        if out["trim"] == 0:
+            del out["trim"]  # no trim, as before the option: those stores match it
         if model_name is not None:
             out["model"] = model_name
         return out

@@ -168,6 +168,14 @@ def markdown(report: RepairReport) -> str:
           + (f"; the {c.retired} masks it confirmed over the budget were not shortlisted again"
              if c.retired and c.search_budget is not None else "")
           for i, c in enumerate(report.search.calibration)],
+        *[f"- trim {i + 1}: a {t.heads}-head candidate confirmed at {_pct(t.confirmed_perplexity_change)} perplexity "
+          f"(bound {_pct(t.confirmed_perplexity_change_bound)}) was cut along nested sub-masks; probed "
+          + ", ".join(f"{p.heads} heads ("
+                      + ("not shortlisted" if p.confirmed_perplexity_change_bound is None else
+                         f"bound {_pct(p.confirmed_perplexity_change_bound)}"
+                         + (", admissible" if p.admissible else ", not admissible")) + ")" for p in t.probes)
+          + (f"; kept {t.kept} heads" if t.kept else "; nothing admissible")
+          for i, t in enumerate(report.search.trim)],
         "",
         "Surrogate accuracy on masks it did not see (K-fold over the evaluated masks; the additive model keeps the "
         "knockouts in training and is scored on the multi-head masks):",

@@ -250,6 +250,38 @@ class Calibration(Serialisable):
 
 
 @dataclass
+class TrimProbe(Serialisable):
+    """One sub-mask of a trimmed candidate, measured on validation and (when it passed the screen) confirmed."""
+
+    heads: int
+    valid_bias: float
+    valid_perplexity: float
+    confirmed_perplexity_change: float | None = None  # None: the screen did not shortlist it (not confirmed)
+    confirmed_perplexity_change_bound: float | None = None
+    admissible: bool = False
+
+
+@dataclass
+class Trim(Serialisable):
+    """AP's trim of a search candidate confirmed over the budget (``--trim``): its nested sub-masks, probed.
+
+    ``heads``: the candidate's pruned count; ``confirmed_perplexity_change`` and ``..._bound``:
+    its own confirmation; ``guess``: the first size probed, where the surrogate's perplexity
+    along the path, scaled to the candidate's confirmed change, meets the budget less the
+    bound's margin; ``probes``: every sub-mask measured (outward from the guess, then bisection);
+    ``kept``: the largest admissible size (0: none).
+    """
+
+    heads: int
+    valid_bias: float
+    confirmed_perplexity_change: float
+    confirmed_perplexity_change_bound: float
+    guess: int
+    probes: list[TrimProbe] = field(default_factory=list)
+    kept: int = 0
+
+
+@dataclass
 class SearchDetails(Serialisable):
     """What Attention Pruning's search did: surrogate accuracy, annealing runs, validated candidates."""
 
@@ -257,6 +289,7 @@ class SearchDetails(Serialisable):
     annealing: list[AnnealingSummary] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     calibration: list[Calibration] = field(default_factory=list)  # search budgets lowered after failed confirmations
+    trim: list[Trim] = field(default_factory=list)  # over-budget candidates cut down to the budget (--trim)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, charged_totals, register_method
 from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
-from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails
+from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails, Trim, TrimProbe
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import fitting_count, trust_region, window_differences
 from attnprune.store import StoredEvaluation, fingerprint
@@ -83,6 +83,11 @@ class AttentionPruning(Method):
     def source(self, label: str) -> str:
         """The store source label of this method's ``label`` evaluations."""
         return self.prefix + label
+
+    def all_rounds(self, ctx: MethodContext) -> int:
+        """The search's rounds, the calibration's and, with ``--trim``, the trim's (its sub-masks' label)."""
+        c = self.options(ctx)
+        return c.rounds + c.calibrate + (1 if c.trim > 0 else 0)
 
     def round_sources(self, ctx: MethodContext, rounds: int) -> list[str]:
         """Store sources of the design and of the candidates of the first ``rounds`` rounds."""
@@ -140,8 +145,7 @@ class AttentionPruning(Method):
 
         With ``before_round=r`` a rerun's round ``r`` sees the same data as the first run's.
         """
-        c = self.options(ctx)
-        rounds = c.rounds + c.calibrate if before_round is None else before_round
+        rounds = self.all_rounds(ctx) if before_round is None else before_round
         rows = ctx.rows(self.round_sources(ctx, rounds))
         if not any(r.mask.n_pruned == 0 for r in rows):  # the unrepaired model is stored under AP's label
             rows = [ctx.base(), *rows]
@@ -309,6 +313,83 @@ class AttentionPruning(Method):
                            gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
                            heads=float(np.mean(heads)), retired=len(failed)), failed, admitted
 
+    # ---- trim ---------------------------------------------------------------------------
+    def trim(self, ctx: MethodContext, r: int, missed: frozenset[str], details: SearchDetails,
+             gap_per_head: float = 0.0) -> frozenset[str]:
+        """Cut over-budget search candidates down to the budget; the keys of the sub-masks confirmed admissible.
+
+        When the calibration ends and none of the search's candidates holds the budget on
+        confirmation data (evaluation seeds 30 and 35: every calibrated round's candidates were
+        confirmed over it, and the choice fell to one head or none), the search's own best
+        masks are still the best guess of *which* heads to prune; they prune too many. The
+        ``--trim`` candidates of ``missed`` (search candidates confirmed over the budget) with
+        the lowest validation bias are each cut along a nested path: the surrogates (fitted on
+        everything before round ``r``, with the calibration's ``gap_per_head`` charged) restore
+        one head at a time, first any whose pruning the surrogate says raises bias, then the
+        one that buys the least bias per unit of log-perplexity. The path's sizes are probed
+        on the real model: each probe is evaluated on the search half (stored under round
+        ``r``'s label) and put through the policy's own selection alone, so it is confirmed
+        only when the screen would shortlist it, and admissible by the policy's rule. The
+        first probe is the size where the surrogate's perplexity along the path, scaled to the
+        candidate's own confirmed change, meets the budget less its bound's margin; then steps
+        of 1, 2, 4 ... in the direction the probes point, and bisection once probes on both
+        sides bracket the largest admissible size.
+        """
+        c = self.options(ctx)
+        policy = ctx.policy
+        source, confirm_source = labels.candidates(r, self.prefix), labels.confirm(self.name)
+        rows = [x for x in self.training_data(ctx, r) if x.mask.key in missed and labels.is_candidate(x.source)]
+        if not rows:
+            return frozenset()
+        surrogates = self.fit(ctx, r)
+        predict = head_charged(surrogates.predict_torch, gap_per_head, ctx.cells)
+        admitted: set[str] = set()
+        for start in sorted(rows, key=lambda x: x.bias)[: c.trim]:
+            own = ctx.select([start], confirm_source)  # read back: it was confirmed over the budget
+            if not own.candidates:
+                continue
+            x = own.candidates[0]
+            path, predicted = removal_path(start.mask, predict)  # path[i]: i + 1 heads pruned, i < k - 1
+            k = start.mask.n_pruned
+            guess = trim_guess(predicted, x.confirmed_perplexity_change, x.confirmed_perplexity_change_bound,
+                               policy.tau)
+            record = Trim(heads=k, valid_bias=start.bias, confirmed_perplexity_change=x.confirmed_perplexity_change,
+                          confirmed_perplexity_change_bound=x.confirmed_perplexity_change_bound, guess=guess)
+            # sizes: lo is admissible (0: nothing), hi is not; from the guess, steps of 1, 2, 4 ... in the
+            # direction the probes point, then bisection once probes on both sides bracket the answer
+            lo, hi, size, step, last = 0, k, guess, 1, None
+            with ctx.timed("trim"):
+                while hi - lo > 1:
+                    size = min(max(size, lo + 1), hi - 1)
+                    mask = path[size - 1]
+                    row = ctx.evaluate([mask], source, f"trimming a {k}-head candidate: {size} heads")[0]
+                    sel = ctx.select([row], confirm_source)
+                    probe = TrimProbe(heads=size, valid_bias=row.bias, valid_perplexity=row.perplexity)
+                    if sel.candidates:
+                        y = sel.candidates[0]
+                        probe.confirmed_perplexity_change = y.confirmed_perplexity_change
+                        probe.confirmed_perplexity_change_bound = y.confirmed_perplexity_change_bound
+                        probe.admissible = y.admissible
+                    record.probes.append(probe)
+                    if probe.admissible:
+                        admitted.add(mask.key)
+                        lo = record.kept = size
+                    else:
+                        hi = size
+                    if last is not None and last != probe.admissible:
+                        step = 0  # bracketed
+                    last = probe.admissible
+                    if step:
+                        size, step = (lo + step if probe.admissible else hi - step), 2 * step
+                    else:
+                        size = (lo + hi) // 2
+            details.trim.append(record)
+            ctx.log(f"trim: a {k}-head candidate confirmed at {100 * x.confirmed_perplexity_change:+.1f}% (bound "
+                    f"{100 * x.confirmed_perplexity_change_bound:+.1f}%) cut to "
+                    + (f"{record.kept} heads" if record.kept else "nothing admissible")
+                    + f" in {len(record.probes)} probe(s), the first at {guess} heads")
+        return frozenset(admitted)
+
     # ---- the method ---------------------------------------------------------------------
     def round(self, ctx: MethodContext, r: int, details: SearchDetails, ladder: tuple[float, ...] | None = None,
               gap_per_head: float = 0.0) -> None:
@@ -343,11 +424,18 @@ class AttentionPruning(Method):
         # are read back from the store); the masks it confirmed over the budget are retired before the next round
         retired: frozenset[str] = frozenset()
         kept: frozenset[str] = frozenset()  # confirmed admissible by any of the calibration's selections
-        for j in range(c.calibrate):
+        missed: frozenset[str] = frozenset()  # search candidates over the budget while none held it (--trim)
+        gap_per_head = 0.0
+        # with --trim, one more selection after the last calibration round says whether its candidates held
+        for j in range(c.calibrate + (1 if c.trim > 0 else 0)):
             cal, failed, admitted = self.calibrated_budget(ctx, c.rounds + j, retired)
             kept |= admitted
             if cal is None:
+                missed = frozenset()
                 break
+            missed = retired | failed
+            if j == c.calibrate:
+                break  # the calibration rounds are spent: what is left is the trim
             details.calibration.append(cal)
             said = (f"calibration: search perplexity under-states the confirmed change by {100 * cal.gap:.1f}% "
                     f"({100 * cal.gap_per_head:.2f}% per pruned head over {cal.heads:.1f} heads on average) and the "
@@ -358,8 +446,11 @@ class AttentionPruning(Method):
             ctx.log(said + f"; searching again within {100 * cal.search_budget:+.2f}% with "
                     f"{100 * cal.gap_per_head:.2f}% charged per pruned head")
             retired |= failed
+            gap_per_head = cal.gap_per_head
             scale = cal.search_budget / c.tau
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
+        if c.trim > 0 and missed:
+            kept |= self.trim(ctx, c.rounds + c.calibrate, missed, details, gap_per_head)
         rows = self.training_data(ctx)
         knocked = sum(r.source == labels.KNOCKOUT for r in rows)
         # the first-order pass is this method's cost where it uses it: the boundary sampler's screen, the additive
@@ -384,12 +475,15 @@ class AttentionPruning(Method):
         charged = [*rows, *light]
         evaluations, seconds = charged_totals(charged, extras)
         stage_of: dict[str, str] = {}  # each mask under the first of this method's own labels that holds it
-        for source in self.round_sources(ctx, c.rounds + c.calibrate):
+        for source in self.round_sources(ctx, self.all_rounds(ctx)):
             for r in ctx.rows([source]):
                 stage_of.setdefault(r.mask.key, labels.stage(source))
         if kept:
             notes += (f"; {len(kept)} confirmed within the budget by the calibration's selections, kept among the "
                       "candidates of the choice")
+        for t in details.trim:
+            notes += (f"; trimmed a {t.heads}-head candidate over the budget to "
+                      + (f"{t.kept} heads" if t.kept else "nothing admissible") + f" in {len(t.probes)} probe(s)")
         return Proposal(rows, evaluations, seconds, notes, details, retired, extras, stage_of=stage_of, kept=kept,
                         charged=charged if light else None)
 
@@ -404,6 +498,58 @@ def head_charged(predict, per_head: float, cells: int):
         return b, lp + per_head * (cells - states.sum(1))
 
     return charged
+
+
+def removal_path(mask: HeadMask, predict) -> tuple[list[HeadMask], list[float]]:
+    """Nested sub-masks of ``mask`` (``[i]`` prunes ``i + 1`` heads), restoring one pruned head at a time.
+
+    At each step the head restored is, by ``predict`` (states -> bias, log-perplexity), one
+    whose pruning raises bias (the most such first), else the one that buys the least bias
+    per unit of log-perplexity it costs. Also returned: the predicted log-perplexity change
+    from the unrepaired model at every size, ``mask``'s own last.
+    """
+    state = torch.as_tensor(mask.bits).clone()
+    shape = mask.shape
+    _, base_lp = predict(torch.ones(1, state.numel()))
+    path: list[HeadMask] = []
+    lps: list[float] = []
+    while True:
+        pruned = torch.nonzero(state == 0).flatten()
+        b, lp = predict(state[None])
+        lps.append(float(lp[0] - base_lp[0]))
+        if len(pruned) <= 1:
+            break
+        trial = state.repeat(len(pruned), 1)
+        trial[torch.arange(len(pruned)), pruned] = 1
+        tb, tlp = predict(trial)
+        raise_bias = tb - b[0]  # what restoring each head costs in bias
+        saves = lp[0] - tlp  # and saves in log-perplexity
+        if bool((raise_bias <= 0).any()):
+            pick = int(torch.argmin(raise_bias))
+        else:
+            pick = int(torch.argmin(raise_bias / saves.clamp_min(1e-9)))
+        state[pruned[pick]] = 1
+        path.append(HeadMask(state.numpy().reshape(shape).copy()))
+    path.reverse()
+    lps.reverse()
+    return path, lps
+
+
+def trim_guess(predicted: list[float], change: float, bound: float, tau: float) -> int:
+    """The first size a trim probes: the largest whose predicted change meets the budget less the bound's margin.
+
+    ``predicted[i]``: the surrogate's log-perplexity change at ``i + 1`` heads along the path
+    (the candidate itself last), scaled so that the candidate's own reads its confirmed
+    ``change``; ``bound - change`` (in log terms) is the rule's margin. The middle of the path
+    when the surrogate predicts no cost for the candidate.
+    """
+    k = len(predicted)
+    full, measured = predicted[-1], math.log1p(change)
+    if full <= 0 or measured <= 0:
+        return max(1, k // 2)
+    room = math.log1p(tau) - (math.log1p(bound) - measured)
+    fits = [i + 1 for i, p in enumerate(predicted[:-1]) if measured * p / full <= room]
+    return max(fits) if fits else 1
 
 
 def describe_metrics(metrics: dict) -> str:
