@@ -412,7 +412,8 @@ def test_ap_variant_copy_keeps_the_knockouts_and_caches_only(tmp_path):
         knock = run.evaluate([HeadMask.from_pruned(3, 4, [(0, h)]) for h in range(2)], labels.KNOCKOUT, "k")
         run.evaluate([HeadMask.from_pruned(3, 4, [(1, 0), (2, 1)])], labels.SAMPLE, "s")
         run.set_meta_value("first_order", {"kept": True})
-    shared_copy(tmp_path / "today", tmp_path / "variant")
+    variant = dataclasses.replace(cfg, trim=1, out=str(tmp_path / "variant"))
+    shared_copy(tmp_path / "today", tmp_path / "variant", variant, ["trim"])
     store = Store(tmp_path / "variant" / "store.sqlite", None)
     setting = store.setting_of(labels.KNOCKOUT)
     kept = store.evaluations(setting)
@@ -420,7 +421,17 @@ def test_ap_variant_copy_keeps_the_knockouts_and_caches_only(tmp_path):
     assert [r.seconds for r in sorted(kept, key=lambda r: r.mask.key)] == [
         r.seconds for r in sorted(knock, key=lambda r: r.mask.key)]
     assert store.meta_value("first_order") == {"kept": True}
+    assert store.count() == len(knock) and store.config["trim"] == 1, "the variant's option is the copy's"
     store.close()
+    # --share all: every evaluation stays, read back by a variant that changes only what comes after the search
+    shared_copy(tmp_path / "today", tmp_path / "all", dataclasses.replace(variant, out=str(tmp_path / "all")), ["trim"],
+                everything=True)
+    store = Store(tmp_path / "all" / "store.sqlite", None)
+    assert store.count() == len(knock) + 2 and store.config["trim"] == 1
+    store.close()
+    with Run.open(dataclasses.replace(variant, out=str(tmp_path / "all")), loaded=tiny_loaded("llama", seed=3),
+                  log=lambda s: None) as run:
+        assert run.store.count() == len(knock) + 2, "the variant's options open the copy"
 
 
 def test_confirmation_measures_bias_only_where_the_perplexity_bound_holds(tmp_path):
