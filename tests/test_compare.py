@@ -689,3 +689,39 @@ def test_ap_trims_an_over_budget_candidate_on_the_real_path_and_a_rerun_repeats_
     checks.clear()
     plain, _, _ = propose(0, "plain")  # a store of its own: --trim is a decision option
     assert checks == [] and plain.details.trim == [] and len(plain.rows) == len(first.rows) - len(trimmed)
+
+
+def test_trim_when_better_cuts_the_over_budget_candidates_below_a_choice_that_held(tmp_path, monkeypatch):
+    """``--trim-when better``: a search candidate held, so the calibration stops; the last selection is read again
+    and its over-budget candidates go to the trim with the choice's search bias as the bar; ``none-held`` does not."""
+    import attnprune.methods.ap as ap
+    from attnprune import labels
+    from attnprune.results import ConfirmedCandidate
+    from attnprune.selection import Selection
+
+    monkeypatch.setattr(ap.AttentionPruning, "calibrated_budget",
+                        lambda self, ctx, before_round=None, retired=frozenset(): (None, frozenset(), frozenset()))
+
+    def select(self, rows, source):
+        """The second-lowest search bias holds; the others are over the budget (tau 1.0: bounds of 2)."""
+        found = sorted((r for r in rows if labels.is_candidate(r.source)), key=lambda r: r.bias)
+        cands = [ConfirmedCandidate(pruned=[list(p) for p in r.mask.pruned], source=r.source, valid_bias=r.bias,
+                                    valid_perplexity=r.perplexity, confirmed_bias=0.5, confirmed_perplexity_change=0.1,
+                                    confirmed_perplexity_change_bound=0.5 if i == 1 else 2.0, admissible=i == 1)
+                 for i, r in enumerate(found)]
+        return Selection(found[1], found[1], None, cands, shortlist=[r.mask for r in found])
+
+    monkeypatch.setattr(MethodContext, "select", select)
+    seen: list[tuple] = []
+    monkeypatch.setattr(ap.AttentionPruning, "trim", lambda self, ctx, r, missed, details, gap, below=float("inf"):
+                        seen.append((missed, below)) or frozenset())
+    cfg = RepairConfig(**{**TINY, "surrogate": "ridge", "top_k": 3, "confirm": 2, "calibrate": 0, "trim": 1,
+                          "trim_when": "better"})
+    for when, out in (("better", "b"), ("none-held", "n")):
+        with Run.open(dataclasses.replace(cfg, trim_when=when, out=str(tmp_path / out)),
+                      loaded=tiny_loaded("llama", seed=3), log=lambda s: None) as run:
+            proposal = ap.AttentionPruning().propose(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
+        if when == "better":
+            found = sorted((r for r in proposal.rows if labels.is_candidate(r.source)), key=lambda r: r.bias)
+            assert seen == [(frozenset(r.mask.key for i, r in enumerate(found) if i != 1), found[1].bias)]
+    assert len(seen) == 1, "none-held: a held search candidate leaves nothing to trim"

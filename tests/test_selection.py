@@ -436,3 +436,6 @@ def test_a_trim_confirms_the_largest_admissible_sub_mask_in_a_few_probes(monkeyp
     # every admissible probe is kept for the choice, the largest among them
     assert {HeadMask.from_key(k, 2, 4).n_pruned for k in kept} == {p for p in probes if p <= admissible_up_to}
     assert [p.admissible for p in t.probes] == [p <= admissible_up_to for p in probes]
+    # --trim-when better's bar: a candidate not below the choice's search bias is not cut
+    assert ap.trim(ctx, 5, frozenset([over.mask.key]), details, below=over.bias) == frozenset()
+    assert len(details.trim) == 1

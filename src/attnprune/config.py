@@ -352,6 +352,10 @@ class SearchOptions(Options):
                     "sub-masks, dropping first the heads the surrogates say buy the least bias per unit of "
                     "perplexity, and confirm the largest that holds (a few probes each, outward from a guess, then "
                     "bisection; 0: off)")
+    trim_when: str = opt("none-held", "when --trim cuts: 'none-held', only when no search candidate holds the budget "
+                         "after the calibration; 'better', also when one holds, the over-budget candidates whose search "
+                         "bias is below the search bias of the choice (the policy then chooses among everything "
+                         "confirmed)", choices=["none-held", "better"])
 
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
@@ -495,7 +499,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     # and, to add to it (sample, repair, compare), the options that decide which masks it holds
     # and which of them the run chooses: a rerun that differs in any is refused, never half-reused
     DECISION_KEYS = ("sampler", "knockouts", "knockout_ppl", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
-                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "trim", "confirm",
+                     "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "trim", "trim_when",
+                     "confirm",
                      "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens")
 
     @property
@@ -515,6 +520,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
             del out["knockout_ppl"]  # every knockout with perplexity, as before the option: those stores match it
         if out["trim"] == 0:
             del out["trim"]  # no trim, as before the option: those stores match it
+        if out["trim_when"] == "none-held":
+            del out["trim_when"]  # the trigger before the option
         if model_name is not None:
             out["model"] = model_name
         return out

@@ -315,7 +315,7 @@ class AttentionPruning(Method):
 
     # ---- trim ---------------------------------------------------------------------------
     def trim(self, ctx: MethodContext, r: int, missed: frozenset[str], details: SearchDetails,
-             gap_per_head: float = 0.0) -> frozenset[str]:
+             gap_per_head: float = 0.0, below: float = math.inf) -> frozenset[str]:
         """Cut over-budget search candidates down to the budget; the keys of the sub-masks confirmed admissible.
 
         When the calibration ends and none of the search's candidates holds the budget on
@@ -323,7 +323,8 @@ class AttentionPruning(Method):
         confirmed over it, and the choice fell to one head or none), the search's own best
         masks are still the best guess of *which* heads to prune; they prune too many. The
         ``--trim`` candidates of ``missed`` (search candidates confirmed over the budget) with
-        the lowest validation bias are each cut along a nested path: the surrogates (fitted on
+        the lowest validation bias (below ``below``: with ``--trim-when better`` the search bias of the
+        choice that held) are each cut along a nested path: the surrogates (fitted on
         everything before round ``r``, with the calibration's ``gap_per_head`` charged) restore
         one head at a time, first any whose pruning the surrogate says raises bias, then the
         one that buys the least bias per unit of log-perplexity. The path's sizes are probed
@@ -338,7 +339,8 @@ class AttentionPruning(Method):
         c = self.options(ctx)
         policy = ctx.policy
         source, confirm_source = labels.candidates(r, self.prefix), labels.confirm(self.name)
-        rows = [x for x in self.training_data(ctx, r) if x.mask.key in missed and labels.is_candidate(x.source)]
+        rows = [x for x in self.training_data(ctx, r) if x.mask.key in missed and labels.is_candidate(x.source)
+                and x.bias < below]
         if not rows:
             return frozenset()
         surrogates = self.fit(ctx, r)
@@ -427,8 +429,10 @@ class AttentionPruning(Method):
         missed: frozenset[str] = frozenset()  # search candidates over the budget while none held it (--trim)
         gap_per_head = 0.0
         # with --trim, one more selection after the last calibration round says whether its candidates held
+        last = c.rounds  # the rounds the last selection saw
         for j in range(c.calibrate + (1 if c.trim > 0 else 0)):
-            cal, failed, admitted = self.calibrated_budget(ctx, c.rounds + j, retired)
+            last = c.rounds + j
+            cal, failed, admitted = self.calibrated_budget(ctx, last, retired)
             kept |= admitted
             if cal is None:
                 missed = frozenset()
@@ -449,8 +453,16 @@ class AttentionPruning(Method):
             gap_per_head = cal.gap_per_head
             scale = cal.search_budget / c.tau
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
+        below = math.inf  # --trim-when better: only candidates below the choice's search bias
+        if c.trim > 0 and not missed and c.trim_when == "better":
+            # a search candidate held: the last selection again (its confirmations are read back)
+            sel = ctx.select([r for r in self.training_data(ctx, last) if r.mask.key not in retired],
+                             labels.confirm(self.name))
+            missed = retired | {m.key for m, x in zip(sel.shortlist, sel.candidates)
+                                if x.confirmed_perplexity_change_bound > ctx.policy.tau}
+            below = sel.chosen.bias if sel.chosen is not None else math.inf
         if c.trim > 0 and missed:
-            kept |= self.trim(ctx, c.rounds + c.calibrate, missed, details, gap_per_head)
+            kept |= self.trim(ctx, c.rounds + c.calibrate, missed, details, gap_per_head, below)
         rows = self.training_data(ctx)
         knocked = sum(r.source == labels.KNOCKOUT for r in rows)
         # the first-order pass is this method's cost where it uses it: the boundary sampler's screen, the additive
