@@ -660,7 +660,7 @@ def test_ap_trims_an_over_budget_candidate_on_the_real_path_and_a_rerun_repeats_
         """Every search candidate of the search's rounds missed the budget (a tiny model's budget means nothing)."""
         checks.append(before_round)
         missed = frozenset(r.mask.key for r in self.training_data(ctx, before_round) if labels.is_candidate(r.source))
-        return Calibration(gap=0.01, margin=0.01, search_budget=None, confirmed=2), missed, frozenset()
+        return Calibration(gap=0.01, margin=0.01, search_budget=None, confirmed=2), missed, frozenset(), None
 
     monkeypatch.setattr(ap.AttentionPruning, "calibrated_budget", over_budget)
 
@@ -692,15 +692,12 @@ def test_ap_trims_an_over_budget_candidate_on_the_real_path_and_a_rerun_repeats_
 
 
 def test_trim_when_better_cuts_the_over_budget_candidates_below_a_choice_that_held(tmp_path, monkeypatch):
-    """``--trim-when better``: a search candidate held, so the calibration stops; the last selection is read again
-    and its over-budget candidates go to the trim with the choice's search bias as the bar; ``none-held`` does not."""
+    """``--trim-when better``: a search candidate held, so the calibration stops; that selection's over-budget
+    candidates go to the trim with the choice's search bias as the bar; ``none-held`` does not."""
     import attnprune.methods.ap as ap
     from attnprune import labels
     from attnprune.results import ConfirmedCandidate
     from attnprune.selection import Selection
-
-    monkeypatch.setattr(ap.AttentionPruning, "calibrated_budget",
-                        lambda self, ctx, before_round=None, retired=frozenset(): (None, frozenset(), frozenset()))
 
     def select(self, rows, source):
         """The second-lowest search bias holds; the others are over the budget (tau 1.0: bounds of 2)."""

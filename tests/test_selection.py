@@ -65,10 +65,11 @@ def test_calibration_charges_the_gap_per_pruned_head_within_tau_less_the_margin(
     ap = AttentionPruning()
     monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base])
     monkeypatch.setattr(SelectionPolicy, "select", lambda self, *a: Selection(None, None, base, candidates, shortlist=masks(candidates)))
-    cal, failed, admitted = ap.calibrated_budget(FakeRun())
+    cal, failed, admitted, chosen = ap.calibrated_budget(FakeRun())
     # the masks confirmed over the budget (the second: bound +6%) come back to be retired ...
     assert failed == {masks(candidates)[1].key} and cal.retired == 1
     assert admitted == frozenset()  # neither was admissible (the choice keeps the admissible ones)
+    assert chosen is None  # the selection chose nothing
     # ... and a retired mask is not offered to the next selection
     seen = []
     monkeypatch.setattr(ap, "training_data", lambda ctx, before_round=None: [base, row([(1, 1)], 0.2, 100.5)])

@@ -261,7 +261,7 @@ class AttentionPruning(Method):
     # ---- calibration ---------------------------------------------------------------------
     def calibrated_budget(self, ctx: MethodContext, before_round: int | None = None,
                           retired: frozenset[str] = frozenset()
-                          ) -> tuple[Calibration | None, frozenset[str], frozenset[str]]:
+                          ) -> tuple[Calibration | None, frozenset[str], frozenset[str], StoredEvaluation | None]:
         """When none of the search's own candidates holds the budget on confirmation data: how to search again.
 
         The confirmation measures how much the search's perplexity under-states the change on
@@ -279,14 +279,15 @@ class AttentionPruning(Method):
 
         The selection is the policy's on the rows before ``before_round`` (all when None) less
         the ``retired`` masks; returned with it are the masks this selection confirmed over the
-        budget, which the caller retires before searching again. Retired masks are not
-        shortlisted again: otherwise the first pass's failures, whose search-text numbers look
-        best, take every slot of the next shortlist and the calibrated search's candidates are
-        never confirmed (evaluation seed 21's store, rerun).
+        budget, which the caller retires before searching again, those it confirmed admissible,
+        and its choice's search row (None: none; ``--trim-when better`` trims below its bias).
+        Retired masks are not shortlisted again: otherwise the first pass's failures, whose
+        search-text numbers look best, take every slot of the next shortlist and the calibrated
+        search's candidates are never confirmed (evaluation seed 21's store, rerun).
         """
         policy = ctx.policy
         if policy.confirm <= 0:
-            return None, frozenset(), frozenset()
+            return None, frozenset(), frozenset(), None
         base = ctx.base()
         rows = [r for r in self.training_data(ctx, before_round) if r.mask.key not in retired]
         selection = ctx.select(rows, labels.confirm(self.name))
@@ -296,11 +297,11 @@ class AttentionPruning(Method):
         missed = [selection.candidates[i] for i in over]
         if not missed:
             # nothing confirmed, or the candidates failed on bias: a lower budget will not help
-            return None, failed, admitted
+            return None, failed, admitted, selection.chosen
         chosen = selection.chosen
         if chosen is not None and (labels.is_candidate(chosen.source)
                                    or not any(labels.is_candidate(x.source) for x in missed)):
-            return None, failed, admitted  # a search candidate holds, or only design masks missed on perplexity
+            return None, failed, admitted, chosen  # a search candidate holds, or only design masks missed on perplexity
         gaps = [math.log1p(x.confirmed_perplexity_change) - math.log(x.valid_perplexity / base.perplexity)
                 for x in selection.candidates]
         heads = [len(x.pruned) for x in selection.candidates]
@@ -311,7 +312,7 @@ class AttentionPruning(Method):
                            search_budget=math.expm1(log_budget) if log_budget > 0 else None,
                            confirmed=len(selection.candidates),
                            gap_per_head=max(float(np.sum(gaps)) / max(sum(heads), 1), 0.0),
-                           heads=float(np.mean(heads)), retired=len(failed)), failed, admitted
+                           heads=float(np.mean(heads)), retired=len(failed)), failed, admitted, chosen
 
     # ---- trim ---------------------------------------------------------------------------
     def trim(self, ctx: MethodContext, r: int, missed: frozenset[str], details: SearchDetails,
@@ -429,13 +430,15 @@ class AttentionPruning(Method):
         missed: frozenset[str] = frozenset()  # search candidates over the budget while none held it (--trim)
         gap_per_head = 0.0
         # with --trim, one more selection after the last calibration round says whether its candidates held
-        last = c.rounds  # the rounds the last selection saw
+        below = math.inf  # --trim-when better: only candidates below the search bias of a choice that held
         for j in range(c.calibrate + (1 if c.trim > 0 else 0)):
-            last = c.rounds + j
-            cal, failed, admitted = self.calibrated_budget(ctx, last, retired)
+            cal, failed, admitted, chosen = self.calibrated_budget(ctx, c.rounds + j, retired)
             kept |= admitted
             if cal is None:
                 missed = frozenset()
+                if c.trim_when == "better":  # a search candidate held: its selection's over-budget masks
+                    missed = retired | failed
+                    below = chosen.bias if chosen is not None else math.inf
                 break
             missed = retired | failed
             if j == c.calibrate:
@@ -453,14 +456,6 @@ class AttentionPruning(Method):
             gap_per_head = cal.gap_per_head
             scale = cal.search_budget / c.tau
             self.round(ctx, c.rounds + j, details, tuple(f * scale for f in self.ladder), cal.gap_per_head)
-        below = math.inf  # --trim-when better: only candidates below the choice's search bias
-        if c.trim > 0 and not missed and c.trim_when == "better":
-            # a search candidate held: the last selection again (its confirmations are read back)
-            sel = ctx.select([r for r in self.training_data(ctx, last) if r.mask.key not in retired],
-                             labels.confirm(self.name))
-            missed = retired | {m.key for m, x in zip(sel.shortlist, sel.candidates)
-                                if x.confirmed_perplexity_change_bound > ctx.policy.tau}
-            below = sel.chosen.bias if sel.chosen is not None else math.inf
         if c.trim > 0 and missed:
             kept |= self.trim(ctx, c.rounds + c.calibrate, missed, details, gap_per_head, below)
         rows = self.training_data(ctx)
