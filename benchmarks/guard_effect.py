@@ -42,8 +42,9 @@ def _row(name: str, t, margin: float, flip: bool = False) -> dict:
     else:
         unrepaired, change, ci = t.unrepaired.bias, t.bias_change.absolute, t.bias_change.ci
     limit = margin * unrepaired
+    # holds: shown within the limit (--guard-test within's question); harm: a rise beyond it shown (harm's)
     return {"guard": name, "unrepaired": unrepaired, "change": change, "ci": ci, "limit": limit,
-            "holds": ci[1] <= limit}
+            "holds": ci[1] <= limit, "harm": ci[0] > limit}
 
 
 def main() -> None:
@@ -91,7 +92,7 @@ def main() -> None:
         if g["guard"] in left_out:
             return f"{g['change']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | (not guarded)"
         return (f"{g['change']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | "
-                f"{'yes' if g['holds'] else '**no**'}")
+                f"{'yes' if g['holds'] else '**no**'}{' (a rise beyond it shown)' if g.get('harm') else ''}")
 
     def primary(r):
         return "no choice (unrepaired kept, +0.0%)" if r is None else \
@@ -104,12 +105,14 @@ def main() -> None:
     left_out = [] if measured is None else [a for a in cfg.guarded_axes if a not in measured]
     given_up = (0 if rows["guarded"] is None else rows["guarded"]["relative_primary_change"]) - \
         (0 if rows["unguarded"] is None else rows["unguarded"]["relative_primary_change"])
-    md = [f"# Guards on the test split: seed {args.seed}, {args.method}, `--guard {cfg.guard}` "
+    md = [f"# Guards on the test split: seed {args.seed}, {args.method}, `--guard {cfg.guard} --guard-test "
+          f"{cfg.guard_test}` "
           f"(margin {100 * cfg.guard_margin:g}% of the unrepaired test value; "
           f"{cfg.guard_prompts or cfg.confirm_prompts} validation prompts per guarded axis at most)", "",
           f"Primary ({cfg.axis}, {some['test_prompts']} test prompts): guarded {primary(rows['guarded'])}; "
           f"unguarded {primary(rows['unguarded'])}; the guards gave up {100 * given_up:+.1f} points.", "",
-          "A guard holds on test when the paired 95% CI's upper end is within the limit.", "",
+          "A guard holds on test when the paired 95% CI's upper end is within the limit; a rise beyond the limit is "
+          "shown when the CI's lower end is above it.", "",
           "| guard | unrepaired (test) | limit | guarded choice: change [paired 95% CI] | holds | "
           "unguarded choice: change [paired 95% CI] | holds |", "|---|---|---|---|---|---|---|"]
     for i, g in enumerate(some["rows"]):
@@ -119,8 +122,9 @@ def main() -> None:
                   f"{cells(rows['unguarded'], i)} |")
     text = "\n".join(md) + "\n"
     print(text)
-    name = f"guard_effect-seed{args.seed}"
+    name = f"guard_effect-seed{args.seed}" + ("" if cfg.guard_test == "within" else f"-{cfg.guard_test}")
     write(name, {"seed": args.seed, "method": args.method, "guard": cfg.guard, "guard_margin": cfg.guard_margin,
+                 "guard_test": cfg.guard_test,
                  "guard_prompts": cfg.guard_prompts, "not_guarded": left_out, "results": rows})
     (RESULTS / f"{name}.md").write_text(text)
 

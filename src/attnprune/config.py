@@ -422,11 +422,18 @@ class SelectionOptions(Options):
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
                      "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
-                     "is admissible only if every guarded value (a bias, or 100 - LMS) rises by at most --guard-margin. "
+                     "is admissible only if no guarded value (a bias, or 100 - LMS) rises by more than --guard-margin, as "
+                     "--guard-test asks. "
                      "'auto': every other axis and lms, leaving out (and naming) the axes whose unrepaired bias is "
                      "within its noise floor on the confirmation prompts")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
+    guard_test: str = opt("within", "what a guard asks of a candidate, at the one-sided --confidence: 'within', "
+                          "that its rise is shown to be at most --guard-margin (the change's upper bound within the "
+                          "limit: strict, and where the limit is smaller than the noise of a change, only masks that "
+                          "lower the guarded value pass); 'harm', only that it is not shown to rise beyond the margin "
+                          "(the change's lower bound within the limit: a measurable rise beyond it is refused, an "
+                          "unresolved one is not)", choices=["within", "harm"])
     guard_prompts: int | None = opt(None, "prompts of each guarded axis, from the confirmation half of validation "
                                     "(default: --confirm-prompts; all of the half at most): the noise a guard's "
                                     "bound adds to a change falls as 1 / sqrt(prompts)")
@@ -474,6 +481,8 @@ class SelectionOptions(Options):
             raise UserError("--hold-tokens must be 0 (bound the change itself) or a number of test tokens.")
         if self.guard_margin < 0:
             raise UserError("--guard-margin must be >= 0 (0: a guarded axis may not get worse at all).")
+        if self.guard_test not in ("within", "harm"):
+            raise UserError(f"--guard-test must be 'within' or 'harm', not {self.guard_test!r}.")
         if self.guard_prompts is not None and self.guard_prompts < 1:
             raise UserError("--guard-prompts must be at least 1 (or left out: --confirm-prompts).")
         from attnprune.labels import AUTO_GUARD

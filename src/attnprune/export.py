@@ -159,7 +159,7 @@ def front_card_lines(point: FrontPoint, front: Front, mask: HeadMask) -> list[st
         f"## Chosen at a perplexity budget of +{100 * point.budget:g}% (a point of a front of repaired models)", "",
         f"The repair's selection rule at this budget, on the validation evaluations of `{front.run}` (its search "
         f"aimed at +{100 * front.search_budget:g}%). Guards (other axes or benchmarks that must not get worse): "
-        + (", ".join(front.guards) if front.guards else "none") + ".", "",
+        + front.guard_words() + ".", "",
         f"Confirmation data ({conf.setup.prompts} fresh validation prompts, axis {conf.setup.bias_inputs.get('axis')}; "
         f"{pi.get('tokens_scored')} tokens of {pi.get('corpus')} {pi.get('split')}):", "",
         "| model | bias | 95% CI | perplexity change |", "|---|---|---|---|",

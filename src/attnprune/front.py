@@ -87,7 +87,8 @@ def front(cfg: FrontConfig, loaded=None, log: Log = logger.info) -> Front:
             confidence=policy.confidence, candidates=len(rows),
             confirmation=ConfirmationSummary(setup=run.evaluator(run.confirm_spec)[0].setup(),
                                              unrepaired=measured(base_c)),
-            guards=list(policy.guards), guard_margin=policy.guard_margin, points=points,
+            guards=list(policy.guards), guard_margin=policy.guard_margin, guard_test=policy.guard_test,
+            points=points,
             seconds={"confirmations": sum(p.seconds for p in points)})
         if cfg.test:
             result.test = _test_points(run, rcfg, points)
@@ -128,8 +129,7 @@ def markdown(result: Front) -> str:
         f"`{result.run}` (its search aimed at +{100 * result.search_budget:g}%). Numbers are on the "
         f"confirmation data ({conf.setup.prompts} fresh validation prompts, {pi.get('tokens_scored')} tokens of "
         f"{pi.get('corpus')} {pi.get('split')}), never seen by the search. Guards: "
-        + (f"{', '.join(result.guards)} (each may rise by at most {100 * result.guard_margin:g}% of its unrepaired "
-           "bias)" if result.guards else "none") + ".", "",
+        + result.guard_words() + ".", "",
         f"Rule, as written for the search budget (each row applies it with its own budget in place of "
         f"+{100 * result.search_budget:g}%): {result.rule}.", "",
         "| budget | heads | confirmed bias [95% CI] | perplexity change | one-sided "

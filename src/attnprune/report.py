@@ -215,11 +215,14 @@ def markdown(report: RepairReport) -> str:
                          f"{verdict} |")
         guarded = [c for c in conf.candidates if c.guards]
         if guarded:
+            harm = report.config.get("guard_test") == "harm"
             lines += ["", "Guards (validation data the search never saw; change of the guarded value, a bias or "
-                          "for lms 100 - LMS, its one-sided upper bound and the limit):", ""]
+                          "for lms 100 - LMS, " + ("its one-sided lower bound (a rise beyond the limit is refused only "
+                                                   "when this bound shows it) " if harm else "its one-sided upper bound ")
+                      + "and the limit):", ""]
             for c in guarded:
                 lines.append(f"- {len(c.pruned)} heads: " + "; ".join(
-                    f"{axis} {g.change:+.3f} (bound {g.upper:+.3f}, limit {g.limit:+.3f}: "
+                    f"{axis} {g.change:+.3f} (bound {(g.lower if harm else g.upper):+.3f}, limit {g.limit:+.3f}: "
                     f"{'holds' if g.ok else 'fails'})" for axis, g in c.guards.items())
                     + ("; the guards after a failed one are not measured (it cannot be chosen)"
                        if not all(g.ok for g in c.guards.values()) else ""))

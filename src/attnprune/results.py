@@ -339,13 +339,20 @@ class Choice(Serialisable):
 
 @dataclass
 class GuardVerdict(Serialisable):
-    """One guard on one candidate (confirmation data): the unrepaired value, the change, its one-sided bound, the limit."""
+    """One guard on one candidate (confirmation data): the unrepaired value, the change, its one-sided bounds, the limit.
+
+    ``ok`` is the guard's test (``--guard-test``): ``within`` holds when ``upper`` is at most
+    ``limit``, ``harm`` when ``lower`` is (``lower`` is None in records made before that option,
+    all of them ``within``).
+    """
 
     unrepaired: float
     change: float
     upper: float
     limit: float
     ok: bool
+    lower: float | None = None
+    test: str = "within"
 
 
 @dataclass
@@ -413,9 +420,19 @@ class Front(Serialisable):
     confirmation: ConfirmationSummary
     guards: list[str] = field(default_factory=list)
     guard_margin: float = 0.0
+    guard_test: str = "within"
     points: list[FrontPoint] = field(default_factory=list)
     test: dict[str, FrontTest] | None = None  # mask key -> its test numbers (``attnprune front --test``)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def guard_words(self) -> str:
+        """The guards and what they asked, in words ("none" without guards)."""
+        if not self.guards:
+            return "none"
+        margin = f"{100 * self.guard_margin:g}% of its unrepaired value"
+        asked = (f"none may be shown to rise by more than {margin}" if self.guard_test == "harm"
+                 else f"each may rise by at most {margin}")
+        return f"{', '.join(self.guards)} ({asked})"
 
     def point(self, budget: float) -> FrontPoint | None:
         """The point at ``budget`` (a fraction), if the front has it."""

@@ -328,8 +328,11 @@ class Run:
         ``100 - LMS`` (the share of meaningless fillers the model does not rank last). The
         change is ``value(mask) - value(unrepaired)`` on the same items; its one-sided upper
         bound at ``cfg.confidence`` adds the paired bootstrap's (same resamples for both)
-        quantile above its median to the change. A guard holds when that bound is at most
-        ``cfg.guard_margin`` x the unrepaired value. Evaluations are stored (once each).
+        quantile above its median to the change, and its lower bound subtracts the quantile
+        below. The limit is ``cfg.guard_margin`` x the unrepaired value. With ``--guard-test
+        within`` a guard holds when the upper bound is within the limit (the rise is shown to
+        be at most the margin); with ``harm`` when the lower bound is (the rise is not shown
+        to exceed it). Evaluations are stored (once each).
 
         A mask that fails a guard cannot be chosen, so the guards after it are not measured
         for that mask (its verdict holds the guards up to the first that failed): each guard
@@ -358,10 +361,13 @@ class Run:
                     change = values[j + 1] - values[0]
                     # the bootstrap's spread around its median, put on the point change: a sum of absolute
                     # deviations is biased in resamples, so raw percentiles can sit below the change itself
-                    upper = change + float(np.quantile(d, c.confidence) - np.median(d))
+                    median = float(np.median(d))
+                    upper = change + float(np.quantile(d, c.confidence)) - median
+                    lower = change - (median - float(np.quantile(d, 1 - c.confidence)))
+                    ok = (lower if c.guard_test == "harm" else upper) <= limit
                     out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
-                                                ok=upper <= limit)
-                    if upper > limit and upper - change > limit:
+                                                ok=ok, lower=lower, test=c.guard_test)
+                    if not ok and c.guard_test == "within" and upper - change > limit:
                         self._warn_guard_below_its_noise(axis, out[i][axis])
                 open_ = [i for i in open_ if out[i][axis].ok]
         return out
@@ -395,13 +401,14 @@ class Run:
         """
         floor = (base.bias_result.noise_floor or {}).get("p95")
         warned = self._derived.setdefault("noise_level_guards", set())
-        if axis == labels.LMS_GUARD or floor is None or axis in warned or base.bias > floor:
+        if (axis == labels.LMS_GUARD or floor is None or axis in warned or base.bias > floor
+                or self.cfg.guard_test == "harm"):  # harm refuses only a measured rise: no noise makes it refuse all
             return
         warned.add(axis)
         self.log(f"warning: --guard {axis}: its unrepaired bias {base.bias:.3f} is within its noise floor (95th "
                  f"percentile {floor:.3f}) on these confirmation prompts, so a limit of {self.cfg.guard_margin:g} x "
                  "that bias is below the noise of a change and the guard holds only for candidates that lower it; "
-                 "raise --guard-margin or guard another axis")
+                 "raise --guard-margin, refuse only a measured rise (--guard-test harm) or guard another axis")
 
     def _warn_guard_below_its_noise(self, axis: str, verdict: GuardVerdict) -> None:
         """Say once per run when a guard failed although its limit is smaller than what noise adds to a change.
@@ -422,8 +429,8 @@ class Run:
                     "down to the limit, as far as the confirmation half holds them), ")
         self.log(f"warning: --guard {axis}: a candidate failed it with a change of {verdict.change:+.3f}, and the "
                  f"one-sided bound adds {noise:.3f} of noise to a change, more than the limit "
-                 f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; {more}raise --guard-margin "
-                 "or guard other axes")
+                 f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; {more}raise --guard-margin, "
+                 "refuse only a measured rise beyond it (--guard-test harm) or guard other axes")
 
     def confirmation_cost(self, source: str, selection: Selection) -> tuple[int, float]:
         """(count, seconds) of the confirmations stored under ``source`` and of ``selection``'s shortlist (each once).

@@ -233,6 +233,7 @@ class SelectionPolicy:
     confidence: float = 0.95
     guards: tuple[str, ...] = ()
     guard_margin: float = 0.1
+    guard_test: str = "within"  # --guard-test: the rise shown within the margin, or ("harm") not shown beyond it
     auto_guard: bool = False  # --guard auto: axes at their noise floor are left out (by the run, which measures them)
     hold_tokens: int = 0  # the budget holds on a fresh text of this many tokens as its bound says (0: the change)
 
@@ -240,7 +241,8 @@ class SelectionPolicy:
     def of(cls, cfg) -> "SelectionPolicy":
         """The policy a run's configuration asks for."""
         return cls(cfg.tau, cfg.penalty, cfg.confirm, confidence=cfg.confidence, guards=tuple(getattr(cfg, "guards", ())),
-                   guard_margin=getattr(cfg, "guard_margin", 0.1), auto_guard=getattr(cfg, "auto_guard", False),
+                   guard_margin=getattr(cfg, "guard_margin", 0.1),
+                   guard_test=getattr(cfg, "guard_test", "within"), auto_guard=getattr(cfg, "auto_guard", False),
                    hold_tokens=getattr(cfg, "held_tokens", 0))
 
     def budget(self, base: StoredEvaluation) -> Budget:
@@ -404,6 +406,11 @@ class SelectionPolicy:
                                         "its noise floor there is not guarded)" if self.auto_guard else "") + ",")
         if labels.LMS_GUARD in self.guards:
             what.append("StereoSet's error rate 100 - LMS, measured on its validation items of every bias type,")
-        return (f"; and {' and '.join(what)} rises by at most {100 * self.guard_margin:g}% of its unrepaired value "
-                f"at one-sided {100 * self.confidence:.0f}% confidence (paired bootstrap over the same prompts or "
-                "items)")
+        paired = "(paired bootstrap over the same prompts or items)"
+        margin = f"{100 * self.guard_margin:g}% of its unrepaired value"
+        if self.guard_test == "harm":
+            return (f"; and {' and '.join(what)} is not shown to rise by more than {margin} (the change's one-sided "
+                    f"{100 * self.confidence:.0f}% lower bound is within it: a measured rise beyond the margin is "
+                    f"refused, one the data cannot resolve is not) {paired}")
+        return (f"; and {' and '.join(what)} rises by at most {margin} at one-sided {100 * self.confidence:.0f}% "
+                f"confidence {paired}")
