@@ -485,7 +485,7 @@ class AttentionPruning(Method):
         for source in self.round_sources(ctx, self.all_rounds(ctx)):
             for r in ctx.rows([source]):
                 stage_of.setdefault(r.mask.key, labels.stage(source))
-        if kept:
+        if kept and (details.calibration or details.trim):  # without a calibration round nothing needed keeping
             notes += (f"; {len(kept)} confirmed within the budget by the calibration's selections, kept among the "
                       "candidates of the choice")
         for t in details.trim:
