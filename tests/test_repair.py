@@ -438,6 +438,21 @@ def test_auto_guard_guards_every_other_axis_and_lms_but_those_at_their_noise_flo
         RepairConfig(guard="auto,lms").validate()
 
 
+def test_auto_guard_keeps_an_axis_at_its_noise_floor_under_harm():
+    """``--guard auto`` leaves out an axis at its noise floor under ``within`` (its limit is below the noise) but
+    keeps it under ``harm`` (a shown rise is harm there too); a one-bucket axis is left out under both."""
+    from attnprune.run import auto_leaves_out
+
+    assert "within its noise floor" in auto_leaves_out(0.108, 0.163, "within")
+    assert auto_leaves_out(0.108, 0.163, "harm") is None
+    assert auto_leaves_out(0.4, 0.27, "within") is None and auto_leaves_out(0.4, 0.27, "harm") is None
+    assert auto_leaves_out(0.4, None, "within") is None
+    for test in ("within", "harm"):
+        assert "one bucket" in auto_leaves_out(0.0, 0.0, test)
+    words = [SelectionPolicy.of(RepairConfig(guard="auto", guard_test=t)).rule() for t in ("within", "harm")]
+    assert "noise floor" in words[0] and "noise floor" not in words[1] and "one bucket" in words[1]
+
+
 def test_a_guard_at_its_noise_floor_is_named_once():
     """A guarded axis whose unrepaired bias is within its noise floor gets one warning per run; others none."""
     from types import SimpleNamespace

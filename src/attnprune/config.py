@@ -424,8 +424,9 @@ class SelectionOptions(Options):
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
                      "is admissible only if no guarded value (a bias, or 100 - LMS) rises by more than --guard-margin, as "
                      "--guard-test asks. "
-                     "'auto': every other axis and lms, leaving out (and naming) the axes whose unrepaired bias is "
-                     "within its noise floor on the confirmation prompts")
+                     "'auto': every other axis and lms, leaving out (and naming) the axes whose prompts fall in one "
+                     "bucket and, under --guard-test within, those whose unrepaired bias is within its noise floor on "
+                     "the confirmation prompts (their limit is below the noise; 'harm' keeps them)")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
     guard_test: str = opt("within", "what a guard asks of a candidate, at the one-sided --confidence: 'within', "

@@ -373,23 +373,21 @@ class Run:
         return out
 
     def _at_noise_floor(self, axis: str, ev: Evaluator, setting: str) -> bool:
-        """``--guard auto``: whether ``axis``'s unrepaired bias is within its noise floor (then it is left out).
+        """``--guard auto``: whether ``axis`` is left out (see :func:`auto_leaves_out`), said once per run.
 
-        Measured on the unrepaired model alone, before any candidate is (said once per run).
+        Measured on the unrepaired model alone, before any candidate is.
         """
         if axis == labels.LMS_GUARD:
             return False
         base = self.stored_rows(ev, setting, "confirm", labels.guard(axis), [], with_perplexity=False)[
             HeadMask.all_active(*self.shape)]
         floor = (base.bias_result.noise_floor or {}).get("p95")
-        if floor is None or base.bias > floor:
+        why = auto_leaves_out(base.bias, floor, self.cfg.guard_test)
+        if why is None:
             return False
         left_out = self._derived.setdefault("guards_left_out", {})
         if axis not in left_out:
             left_out[axis] = {"bias": base.bias, "floor_p95": floor}
-            why = ("its prompts fall in one bucket, so its bias is 0 for every mask" if base.bias == floor == 0 else
-                   f"its unrepaired bias {base.bias:.3f} is within its noise floor (95th percentile {floor:.3f}) on the "
-                   "confirmation prompts")
             self.log(f"--guard auto: {axis} is not guarded, {why}")
         return True
 
@@ -598,6 +596,26 @@ def _extend_design(store: Store, samples: int) -> None:
                         f"{samples!r}) and already holds search results ({', '.join(searched[:3])}); rerun with "
                         f"--samples {recorded} or choose a new --out directory.")
     store.update_config(samples=samples)
+
+
+def auto_leaves_out(bias: float, floor: float | None, test: str) -> str | None:
+    """Why ``--guard auto`` leaves out an axis of unrepaired bias ``bias`` and noise floor 95th percentile ``floor``
+    on the confirmation prompts (``None``: it is guarded).
+
+    An axis whose prompts fall in one bucket reads 0 for every mask: nothing to guard, under either test. Under
+    ``--guard-test within`` an axis whose bias is within its noise floor is left out too: its limit (a share of that
+    bias) is smaller than the noise a change's upper bound adds, so it would refuse every mask that does not lower
+    it. ``harm`` refuses only a rise shown beyond the limit, which noise cannot produce, so it keeps such an axis: a
+    repair that raises an axis from its noise floor to a measurable bias is the harm it is there to refuse.
+    """
+    if floor is None or bias > floor:
+        return None
+    if bias == floor == 0:
+        return "its prompts fall in one bucket, so its bias is 0 for every mask"
+    if test == "harm":
+        return None
+    return (f"its unrepaired bias {bias:.3f} is within its noise floor (95th percentile {floor:.3f}) on the "
+            "confirmation prompts")
 
 
 def _guarded_values(name: str, ev: Evaluator, rows: Sequence[StoredEvaluation]) -> tuple[np.ndarray, np.ndarray]:

@@ -234,7 +234,7 @@ class SelectionPolicy:
     guards: tuple[str, ...] = ()
     guard_margin: float = 0.1
     guard_test: str = "within"  # --guard-test: the rise shown within the margin, or ("harm") not shown beyond it
-    auto_guard: bool = False  # --guard auto: axes at their noise floor are left out (by the run, which measures them)
+    auto_guard: bool = False  # --guard auto: the run leaves out some axes (run.auto_leaves_out)
     hold_tokens: int = 0  # the budget holds on a fresh text of this many tokens as its bound says (0: the change)
 
     @classmethod
@@ -394,6 +394,13 @@ class SelectionPolicy:
                 "measures perplexity first, and its bias only when that bound holds; after AP's calibration, the "
                 "masks an earlier confirmation admitted stay among the candidates)" + self.guard_rule())
 
+    def _auto_words(self) -> str:
+        """What ``--guard auto`` leaves out, as :func:`attnprune.run.auto_leaves_out` decides under this test."""
+        if self.guard_test == "harm":
+            return " (--guard auto: an axis whose prompts fall in one bucket there is not guarded)"
+        return (" (--guard auto: an axis whose unrepaired bias is within the 95th percentile of its noise floor there "
+                "is not guarded)")
+
     def guard_rule(self) -> str:
         """The guards' part of :meth:`rule` (empty without guards)."""
         if not self.guards:
@@ -402,8 +409,7 @@ class SelectionPolicy:
         what = []
         if axes:
             what.append(f"the bias of every guarded axis ({', '.join(axes)}), measured on the confirmation half of "
-                        "validation" + (" (--guard auto: an axis whose unrepaired bias is within the 95th percentile of "
-                                        "its noise floor there is not guarded)" if self.auto_guard else "") + ",")
+                        "validation" + (self._auto_words() if self.auto_guard else "") + ",")
         if labels.LMS_GUARD in self.guards:
             what.append("StereoSet's error rate 100 - LMS, measured on its validation items of every bias type,")
         paired = "(paired bootstrap over the same prompts or items)"
