@@ -222,7 +222,7 @@ def markdown(report: RepairReport) -> str:
                       + "and the limit):", ""]
             for c in guarded:
                 lines.append(f"- {len(c.pruned)} heads: " + "; ".join(
-                    f"{axis} {g.change:+.3f} (bound {(g.lower if harm else g.upper):+.3f}, limit {g.limit:+.3f}: "
+                    f"{axis} {g.change:+.3f} (bound {g.tested:+.3f}, limit {g.limit:+.3f}: "
                     f"{'holds' if g.ok else 'fails'})" for axis, g in c.guards.items())
                     + ("; the guards after a failed one are not measured (it cannot be chosen)"
                        if not all(g.ok for g in c.guards.values()) else ""))

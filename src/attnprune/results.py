@@ -354,6 +354,11 @@ class GuardVerdict(Serialisable):
     lower: float | None = None
     test: str = "within"
 
+    @property
+    def tested(self) -> float:
+        """The bound the guard's test reads: ``lower`` under ``harm``, ``upper`` under ``within``."""
+        return self.lower if self.test == "harm" else self.upper
+
 
 @dataclass
 class ConfirmedCandidate(Serialisable):

@@ -348,7 +348,7 @@ class Run:
                 if not open_:
                     break
                 ev, setting = self.evaluator(self.guard_spec(axis), with_perplexity=False)
-                if c.auto_guard and self._at_noise_floor(axis, ev, setting):
+                if c.auto_guard and self._left_out_by_auto(axis, ev, setting):
                     continue
                 measured = [masks[i] for i in open_]
                 rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), measured, with_perplexity=False)
@@ -364,15 +364,16 @@ class Run:
                     median = float(np.median(d))
                     upper = change + float(np.quantile(d, c.confidence)) - median
                     lower = change - (median - float(np.quantile(d, 1 - c.confidence)))
-                    ok = (lower if c.guard_test == "harm" else upper) <= limit
-                    out[i][axis] = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit,
-                                                ok=ok, lower=lower, test=c.guard_test)
-                    if not ok and c.guard_test == "within" and upper - change > limit:
+                    verdict = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit, ok=False,
+                                           lower=lower, test=c.guard_test)
+                    verdict.ok = verdict.tested <= limit
+                    out[i][axis] = verdict
+                    if not verdict.ok and c.guard_test == "within" and upper - change > limit:
                         self._warn_guard_below_its_noise(axis, out[i][axis])
                 open_ = [i for i in open_ if out[i][axis].ok]
         return out
 
-    def _at_noise_floor(self, axis: str, ev: Evaluator, setting: str) -> bool:
+    def _left_out_by_auto(self, axis: str, ev: Evaluator, setting: str) -> bool:
         """``--guard auto``: whether ``axis`` is left out (see :func:`auto_leaves_out`), said once per run.
 
         Measured on the unrepaired model alone, before any candidate is.
