@@ -8,9 +8,9 @@ batch-means one over consecutive blocks of ``--block`` windows, which grows when
 windows move together. Their ratio near 1 (mean square over a seed's masks) says the bound's
 noise model holds; AP's own confirmed masks are listed with theirs.
 
-    python benchmarks/window_correlation.py --stores /work/evalruns/seed-34,/work/evalruns/seed-37
+    .venv/bin/python benchmarks/window_correlation.py --stores /work/evalruns/seed-34,/work/evalruns/seed-37
 
-(a comparison's run directory: its ``seed-N/store.sqlite`` is opened read-only). Plain Python.
+(a comparison's run directory: its ``seed-N/store.sqlite`` is read; nothing is added).
 Writes ``benchmarks/results/window_correlation.json``.
 """
 
@@ -19,32 +19,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sqlite3
-import statistics
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import numpy as np
+
+from attnprune.selection import window_differences
+from attnprune.store import Store, StoredEvaluation
+from common import RESULTS
 
 
-def confirmations(store: Path) -> tuple[list[float], int, dict[str, tuple[str, int, list[float]]]]:
-    """(unrepaired per-window NLL sums, their scored tokens, {mask key: (source, heads, per-window sums)})."""
-    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    rows = {}
-    for key, source, heads, detail in db.execute(
-            "select mask_key, source, n_pruned, detail from evaluations where split = 'confirm'"):
-        ppl = (json.loads(detail) if detail else {}).get("perplexity") or {}
-        if ppl.get("per_window"):
-            rows[key] = (source, heads, ppl["per_window"], ppl["tokens"])
-    db.close()
-    base = next(r for r in rows.values() if r[1] == 0)
-    return base[2], base[3], {k: r[:3] for k, r in rows.items() if r[1] > 0}
+def confirmations(store: Store) -> tuple[StoredEvaluation, list[StoredEvaluation]]:
+    """(the unrepaired model's confirmation, every confirmed mask's, once each) among the rows with perplexity windows.
+
+    A mask confirmed for perplexity first and then for bias is stored under both confirmation
+    settings with the same windows: it counts once.
+    """
+    rows: dict[str, StoredEvaluation] = {}
+    for setting in sorted({s for s, _ in store.pairs()}):
+        for r in store.evaluations(setting):
+            if r.split == "confirm" and r.perplexity_result is not None and r.perplexity_result.per_window:
+                rows.setdefault(r.mask.key, r)
+    base = next(r for r in rows.values() if r.mask.n_pruned == 0)
+    return base, [r for r in rows.values() if r.mask.n_pruned > 0]
 
 
-def standard_errors(d: list[float], block: int) -> tuple[float, float]:
+def standard_errors(d: np.ndarray, block: int) -> tuple[float, float]:
     """(independent-window, batch-means) standard error of the mean of ``d``."""
-    se = statistics.stdev(d) / math.sqrt(len(d))
-    means = [statistics.mean(d[i:i + block]) for i in range(0, len(d) - block + 1, block)]
-    return se, statistics.stdev(means) / math.sqrt(len(means))
+    means = [d[i:i + block].mean() for i in range(0, len(d) - block + 1, block)]
+    return float(d.std(ddof=1) / math.sqrt(len(d))), float(np.std(means, ddof=1) / math.sqrt(len(means)))
 
 
 def main() -> None:
@@ -54,19 +56,21 @@ def main() -> None:
     args = ap.parse_args()
     out = []
     for run_dir in map(Path, args.stores.split(",")):
-        (store,) = run_dir.glob("seed-*/store.sqlite")
-        base, tokens, masks = confirmations(store)
-        per_token = tokens / len(base)
+        (path,) = run_dir.glob("seed-*/store.sqlite")
+        store = Store(path, None)
+        base, masks = confirmations(store)
+        store.close()
         ratios = []
-        for source, heads, windows in masks.values():
-            d = [(a - b) / per_token for a, b in zip(windows, base)]
+        for row in masks:
+            d = window_differences(row, base)
             se, batch = standard_errors(d, args.block)
-            ratios.append({"source": source, "heads": heads, "change": math.expm1(statistics.mean(d)),
+            ratios.append({"source": row.source, "heads": row.mask.n_pruned, "change": math.expm1(float(d.mean())),
                            "se": se, "batch_means_se": batch, "ratio": batch / se})
+        windows = len(base.perplexity_result.per_window)
         mean_square = sum(r["ratio"] ** 2 for r in ratios) / len(ratios)
-        out.append({"store": str(store), "windows": len(base), "masks": len(ratios),
+        out.append({"store": str(path), "windows": windows, "masks": len(ratios),
                     "ratio_mean_square": mean_square, "masks_detail": ratios})
-        print(f"{store.parent.name}: {len(ratios)} confirmed masks, {len(base)} windows; batch-means / independent "
+        print(f"{path.parent.name}: {len(ratios)} confirmed masks, {windows} windows; batch-means / independent "
               f"se, mean square {mean_square:.2f}; AP's: " + ", ".join(
                   f"{r['heads']} heads {r['ratio']:.2f}" for r in ratios if r["source"] == "confirm:ap"))
     RESULTS.mkdir(exist_ok=True)
