@@ -17,7 +17,8 @@ report them.
     .venv/bin/python benchmarks/guard_effect.py --guarded runs/compare-guard/runs/compare-smollm2-135m \\
         --unguarded benchmarks/results/compare/seed-16 --seed 16 [--method ap]
 
-Writes ``benchmarks/results/guard_effect-seed<N>.json`` and ``.md``. An axis that ``--guard auto``
+Writes ``benchmarks/results/guard_effect-seed<N>.json`` and ``.md`` (``-harm`` under ``--guard-test harm``,
+``-margin<M>`` at a margin other than the default). An axis that ``--guard auto``
 left out (its unrepaired bias within its noise floor on the confirmation prompts) is still
 measured on test, and marked as not guarded.
 """
@@ -25,6 +26,7 @@ measured on test, and marked as not guarded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from attnprune import labels
@@ -122,7 +124,9 @@ def main() -> None:
                   f"{cells(rows['unguarded'], i)} |")
     text = "\n".join(md) + "\n"
     print(text)
-    name = f"guard_effect-seed{args.seed}" + ("" if cfg.guard_test == "within" else f"-{cfg.guard_test}")
+    default_margin = next(f.default for f in dataclasses.fields(cfg) if f.name == "guard_margin")
+    name = f"guard_effect-seed{args.seed}" + ("" if cfg.guard_test == "within" else f"-{cfg.guard_test}") + \
+        ("" if cfg.guard_margin == default_margin else f"-margin{cfg.guard_margin:g}")
     write(name, {"seed": args.seed, "method": args.method, "guard": cfg.guard, "guard_margin": cfg.guard_margin,
                  "guard_test": cfg.guard_test,
                  "guard_prompts": cfg.guard_prompts, "not_guarded": left_out, "results": rows})
