@@ -313,7 +313,8 @@ def test_lms_guard_keeps_stereoset_error_rate_on_validation_items_of_every_type(
     assert test.setup.bias_inputs["split"] == "test" and "lms" in test.statistics
 
 
-def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_path):
+def test_guard_measures_other_axes_on_their_whole_validation_split_once(model_dir, tmp_path):
+    """A guarded axis is never the search's, so both halves of its validation prompts are fresh to the choice."""
     from attnprune.heads import HeadMask
     from attnprune.run import Run
 
@@ -327,11 +328,14 @@ def test_guard_measures_other_axes_on_the_confirmation_half_once(model_dir, tmp_
         assert run.guard(masks) == verdicts and run.store.count() == count, "stored: measured once"
         ev, _ = run.evaluator(run.guard_spec("religion"), with_perplexity=False)
         setup = ev.describe()["bias_inputs"]
-        assert setup["axis"] == "religion" and setup["part"] == "confirm" and setup["split"] == "valid"
-        # --guard-prompts sizes the guards apart from the confirmation
-        run.cfg.guard_prompts = 48
-        more = run.evaluator(run.guard_spec("religion"), with_perplexity=False)[0].describe()["bias_inputs"]
-        assert more["prompts"] > setup["prompts"] and more["part"] == "confirm"
+        assert setup["axis"] == "religion" and "part" not in setup and setup["split"] == "valid"
+        # --guard-prompts sizes the guards apart from the confirmation, up to all of the axis's validation prompts:
+        # more than its confirmation half holds
+        run.cfg.guard_prompts = 10 ** 6
+        every = run.evaluator(run.guard_spec("religion"), with_perplexity=False)[0].describe()["bias_inputs"]
+        half = run.evaluator(run.spec("valid", axis="religion", prompts=10 ** 6, part="confirm"),
+                             with_perplexity=False)[0].describe()["bias_inputs"]
+        assert every["prompts"] > half["prompts"] > setup["prompts"] and "part" not in every
         run.cfg.guard_prompts = None
         base, *rows = (ev.evaluate([m], with_perplexity=False)[0] for m in [HeadMask.all_active(3, 4), *masks])
     for v, r in zip(verdicts, rows):

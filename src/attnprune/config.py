@@ -420,13 +420,14 @@ class SelectionOptions(Options):
                                   f"{TEST_PPL_TOKENS} where the command has none; 0: bound the change itself, the rule "
                                   "before 2026-12-06)")
     guard: str = opt("", "comma-separated guards, what must not get worse: other HolisticBias axes (e.g. "
-                     "race_ethnicity,religion; each measured on the confirmation half of validation) and 'lms' "
+                     "race_ethnicity,religion; each measured on its own validation prompts, which neither the search nor a "
+                     "confirmation reads) and 'lms' "
                      "(StereoSet's language-modelling score on the validation items of every bias type); a candidate "
                      "is admissible only if no guarded value (a bias, or 100 - LMS) rises by more than --guard-margin, as "
                      "--guard-test asks. "
                      "'auto': every other axis and lms, leaving out (and naming) the axes whose prompts fall in one "
                      "bucket and, under --guard-test within, those whose unrepaired bias is within its noise floor on "
-                     "the confirmation prompts (their limit is below the noise; 'harm' keeps them)")
+                     "the guard prompts (their limit is below the noise; 'harm' keeps them)")
     guard_margin: float = opt(0.1, "how much a guarded value may rise, as a share of its unrepaired value (a bias, "
                               "or 100 - LMS), at the one-sided --confidence")
     guard_test: str = opt("within", "what a guard asks of a candidate, at the one-sided --confidence: 'within', "
@@ -435,9 +436,10 @@ class SelectionOptions(Options):
                           "lower the guarded value pass); 'harm', only that it is not shown to rise beyond the margin "
                           "(the change's lower bound within the limit: a measurable rise beyond it is refused, an "
                           "unresolved one is not)", choices=["within", "harm"])
-    guard_prompts: int | None = opt(None, "prompts of each guarded axis, from the confirmation half of validation "
-                                    "(default: --confirm-prompts; all of the half at most): the noise a guard's "
-                                    "bound adds to a change falls as 1 / sqrt(prompts)")
+    guard_prompts: int | None = opt(None, "prompts of each guarded axis, from its validation split (both halves: "
+                                    "the search and the confirmations read only --axis; default: --confirm-prompts; "
+                                    "all of the split at most): the noise a guard's bound adds to a change falls as "
+                                    "1 / sqrt(prompts)")
 
     @property
     def auto_guard(self) -> bool:

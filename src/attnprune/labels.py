@@ -58,7 +58,7 @@ def confirm(name: str) -> str:
 
 
 def guard(axis: str) -> str:
-    """A guarded axis's evaluations on the confirmation half of validation."""
+    """A guarded axis's evaluations on its validation prompts (both halves: nothing else reads them)."""
     return f"guard:{axis}"
 
 

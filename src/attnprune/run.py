@@ -310,16 +310,20 @@ class Run:
         return self.store.register_setting({**ev.describe(), "with_perplexity": True, "with_bias": False})
 
     def guard_spec(self, axis: str) -> EvaluatorSpec:
-        """The recipe of a guard: the search's measure on ``axis``, on the confirmation half of validation.
+        """The recipe of a guard: the search's measure on ``axis``, on that axis's validation prompts.
 
-        The ``lms`` guard is StereoSet on the validation items of every bias type (the search
-        never sees StereoSet, so all of them; the test report's StereoSet items are others).
+        A guarded axis is never the search's (``--guard`` refuses it), so neither the search
+        nor a confirmation reads its prompts: both halves of its validation split are fresh to
+        the choice, and the guard takes from all of it (up to ``--guard-prompts``), twice what
+        the confirmation half alone holds. The ``lms`` guard is StereoSet on the validation
+        items of every bias type (the search never sees StereoSet, so all of them; the test
+        report's StereoSet items are others).
         """
         c = self.cfg
         if axis == labels.LMS_GUARD:
             return self.spec("valid", bias="stereoset", axis="all", bootstrap_reps=VALID_BOOTSTRAP_REPS)
         return self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
-                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="confirm")
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS)
 
     def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, GuardVerdict]]:
         """Each mask's verdict on every guard (``cfg.guard``), paired with the unrepaired model.
@@ -353,17 +357,12 @@ class Run:
                 measured = [masks[i] for i in open_]
                 rows = self.stored_rows(ev, setting, "confirm", labels.guard(axis), measured, with_perplexity=False)
                 # one bootstrap for all: the unrepaired row and every mask under the same resamples
-                values, boot = _guarded_values(axis, ev, [rows[base], *(rows[m] for m in measured)])
+                values, boot = guarded_values(axis, ev, [rows[base], *(rows[m] for m in measured)])
                 limit = c.guard_margin * values[0]
                 self._warn_noise_level_guard(axis, rows[base])
                 for j, i in enumerate(open_):
-                    d = boot[j + 1] - boot[0]
                     change = values[j + 1] - values[0]
-                    # the bootstrap's spread around its median, put on the point change: a sum of absolute
-                    # deviations is biased in resamples, so raw percentiles can sit below the change itself
-                    median = float(np.median(d))
-                    upper = change + float(np.quantile(d, c.confidence)) - median
-                    lower = change - (median - float(np.quantile(d, 1 - c.confidence)))
+                    lower, upper = change_bounds(change, boot[j + 1] - boot[0], c.confidence)
                     verdict = GuardVerdict(unrepaired=values[0], change=change, upper=upper, limit=limit, ok=False,
                                            lower=lower, test=c.guard_test)
                     verdict.ok = verdict.tested <= limit
@@ -405,7 +404,7 @@ class Run:
             return
         warned.add(axis)
         self.log(f"warning: --guard {axis}: its unrepaired bias {base.bias:.3f} is within its noise floor (95th "
-                 f"percentile {floor:.3f}) on these confirmation prompts, so a limit of {self.cfg.guard_margin:g} x "
+                 f"percentile {floor:.3f}) on its guard prompts, so a limit of {self.cfg.guard_margin:g} x "
                  "that bias is below the noise of a change and the guard holds only for candidates that lower it; "
                  "raise --guard-margin, refuse only a measured rise (--guard-test harm) or guard another axis")
 
@@ -425,7 +424,7 @@ class Run:
         more = ""
         if axis != labels.LMS_GUARD and verdict.limit > 0:  # noise falls as 1 / sqrt(prompts)
             more = (f"raise --guard-prompts (about {(noise / verdict.limit) ** 2:.0f}x the prompts brings that noise "
-                    "down to the limit, as far as the confirmation half holds them), ")
+                    "down to the limit, as far as its validation split holds them), ")
         self.log(f"warning: --guard {axis}: a candidate failed it with a change of {verdict.change:+.3f}, and the "
                  f"one-sided bound adds {noise:.3f} of noise to a change, more than the limit "
                  f"{verdict.limit:+.3f}: only masks that lower {axis}'s bias can hold it; {more}raise --guard-margin, "
@@ -601,7 +600,7 @@ def _extend_design(store: Store, samples: int) -> None:
 
 def auto_leaves_out(bias: float, floor: float | None, test: str) -> str | None:
     """Why ``--guard auto`` leaves out an axis of unrepaired bias ``bias`` and noise floor 95th percentile ``floor``
-    on the confirmation prompts (``None``: it is guarded).
+    on its guard prompts (``None``: it is guarded).
 
     An axis whose prompts fall in one bucket reads 0 for every mask: nothing to guard, under either test. Under
     ``--guard-test within`` an axis whose bias is within its noise floor is left out too: its limit (a share of that
@@ -615,11 +614,22 @@ def auto_leaves_out(bias: float, floor: float | None, test: str) -> str | None:
         return "its prompts fall in one bucket, so its bias is 0 for every mask"
     if test == "harm":
         return None
-    return (f"its unrepaired bias {bias:.3f} is within its noise floor (95th percentile {floor:.3f}) on the "
-            "confirmation prompts")
+    return (f"its unrepaired bias {bias:.3f} is within its noise floor (95th percentile {floor:.3f}) on its guard "
+            "prompts")
 
 
-def _guarded_values(name: str, ev: Evaluator, rows: Sequence[StoredEvaluation]) -> tuple[np.ndarray, np.ndarray]:
+def change_bounds(change: float, resampled: np.ndarray, confidence: float) -> tuple[float, float]:
+    """A guard's one-sided ``confidence`` bounds (lower, upper) on a paired ``change``, from its bootstrap ``resampled``.
+
+    The bootstrap's spread around its median is put on the point change: a sum of absolute
+    deviations is biased in resamples, so raw percentiles can sit below the change itself.
+    """
+    median = float(np.median(resampled))
+    return (change - (median - float(np.quantile(resampled, 1 - confidence))),
+            change + float(np.quantile(resampled, confidence)) - median)
+
+
+def guarded_values(name: str, ev: Evaluator, rows: Sequence[StoredEvaluation]) -> tuple[np.ndarray, np.ndarray]:
     """What guard ``name`` keeps from rising, for each row: point values ``[k]`` and bootstrap ``[k, reps]``.
 
     A HolisticBias axis's bias; for the ``lms`` guard StereoSet's ``100 - LMS``.

@@ -408,8 +408,9 @@ class SelectionPolicy:
         axes = [g for g in self.guards if g != labels.LMS_GUARD]
         what = []
         if axes:
-            what.append(f"the bias of every guarded axis ({', '.join(axes)}), measured on the confirmation half of "
-                        "validation" + (self._auto_words() if self.auto_guard else "") + ",")
+            what.append(f"the bias of every guarded axis ({', '.join(axes)}), measured on its validation prompts "
+                        "(both halves: the search and the confirmations read only the repaired axis)"
+                        + (self._auto_words() if self.auto_guard else "") + ",")
         if labels.LMS_GUARD in self.guards:
             what.append("StereoSet's error rate 100 - LMS, measured on its validation items of every bias type,")
         paired = "(paired bootstrap over the same prompts or items)"
