@@ -28,6 +28,9 @@ accepted.
     .venv/bin/python benchmarks/ap_variant.py --seeds 0,1,2 --set knockout_ppl=0.15 --name knockout_ppl \
         [--out runs/ap-variant]
 
+A variant may also set the choice's guards (``--set guard=religion --set guard_margin=0 --share all``): the
+variant's choice is then today's search under the guarded rule, and its cost is the guards' evaluations.
+
 Writes ``benchmarks/results/<name>.json``. ``knockout_ppl.json`` (the fifteenth session's
 study of ``--knockout-ppl 0.15``) was written by this script's first form, whose arms were
 named ``full`` and ``share`` (today's ``today`` and ``variant``).
@@ -122,16 +125,21 @@ def describe(name: str, a: dict) -> str:
             f"{100 * c['perplexity_change']:+.1f}% (bound {100 * c['perplexity_change_bound']:+.1f}%); {cost}")
 
 
+# the options a variant may change: AP's decisions, and the choice's no-harm guards (which the store does not record:
+# a guarded variant with --share all reads today's evaluations back and pays only for its guards)
+VARIANT_KEYS = RepairConfig.DECISION_KEYS + ("guard", "guard_margin", "guard_test", "guard_prompts")
+
+
 def overrides(pairs: list[str], base: dict | None = None) -> dict:
-    """``KEY=VALUE`` pairs of decision options (see :attr:`RepairConfig.DECISION_KEYS`), each read as YAML and typed
+    """``KEY=VALUE`` pairs of decision options (:data:`VARIANT_KEYS`), each read as YAML and typed
     as its option, as a ``--config`` file's values are; checked together with ``base`` (both arms' options)."""
     fields = {f.name: f for f in dataclasses.fields(RepairConfig)}
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if key not in RepairConfig.DECISION_KEYS or not value:
-            raise SystemExit(f"--set {pair}: name one of the decision options {', '.join(RepairConfig.DECISION_KEYS)} "
+        if key not in VARIANT_KEYS or not value:
+            raise SystemExit(f"--set {pair}: name one of the decision options {', '.join(VARIANT_KEYS)} "
                              "as KEY=VALUE (the measurement options stay today's, so that both arms share the "
                              "store's evaluations)")
         try:
