@@ -19,14 +19,13 @@ report them.
 
 Writes ``benchmarks/results/guard_effect-seed<N>.json`` and ``.md`` (``-harm`` under ``--guard-test harm``,
 ``-margin<M>`` at a margin other than the default). An axis that ``--guard auto``
-left out (its unrepaired bias within its noise floor on the confirmation prompts) is still
+left out (one bucket, or under ``within`` its unrepaired bias within its noise floor on its guard prompts) is still
 measured on test, and marked as not guarded.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from attnprune import labels
@@ -124,9 +123,8 @@ def main() -> None:
                   f"{cells(rows['unguarded'], i)} |")
     text = "\n".join(md) + "\n"
     print(text)
-    default_margin = next(f.default for f in dataclasses.fields(cfg) if f.name == "guard_margin")
     name = f"guard_effect-seed{args.seed}" + ("" if cfg.guard_test == "within" else f"-{cfg.guard_test}") + \
-        ("" if cfg.guard_margin == default_margin else f"-margin{cfg.guard_margin:g}")
+        ("" if cfg.guard_margin == type(cfg).guard_margin else f"-margin{cfg.guard_margin:g}")  # the default's
     write(name, {"seed": args.seed, "method": args.method, "guard": cfg.guard, "guard_margin": cfg.guard_margin,
                  "guard_test": cfg.guard_test,
                  "guard_prompts": cfg.guard_prompts, "not_guarded": left_out, "results": rows})

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/window_correlation.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from attnprune.selection import window_differences
 from attnprune.store import Store, StoredEvaluation
-from common import RESULTS
+from common import write
 
 
 def confirmations(store: Store) -> tuple[StoredEvaluation, list[StoredEvaluation]]:
@@ -73,9 +72,8 @@ def main() -> None:
         print(f"{path.parent.name}: {len(ratios)} confirmed masks, {windows} windows; batch-means / independent "
               f"se, mean square {mean_square:.2f}; AP's: " + ", ".join(
                   f"{r['heads']} heads {r['ratio']:.2f}" for r in ratios if r["source"] == "confirm:ap"))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "window_correlation.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'window_correlation.json'}")
+    write("window_correlation", {"split": "valid (confirmations of evaluation seeds, read back)", "block": args.block,
+                                 "stores": out})
 
 
 if __name__ == "__main__":
