@@ -1,6 +1,7 @@
 """Methods as plugins: one contract for every registered method, FASP by hand, the comparison over seeds."""
 
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ def test_over_seeds_table_says_where_a_method_chose_nothing():
     assert "| random | -40.0%, none, none | -40.0% (1 of 3 seeds) | - | +4.0%, none, none | " \
            "yes; no choice on seeds 1, 2 |" in md
     assert ("| random | -10.0% [-20.0%, +0.0%], -40.0% [-50.0%, -30.0%], -30.0% [-40.0%, -20.0%] | -26.7% | "
-            "[-35.0%, -20.0%] | - | 11.00 |") in md
+            "[-35.0%, -20.0%] | - | - | 11.00 |") in md  # a pooled dict from before the sign test shows "-" for it
 
 
 @pytest.mark.slow
@@ -362,8 +363,14 @@ def test_propose_and_select_charges_its_confirmations_and_can_require_a_choice(t
         a = propose_and_select(run, MethodContext(run, policy, cfg.seed), policy, "magnitude", base)
         assert a.selection.base_confirmed is not None and a.confirmations > 0
         assert (a.confirmations, a.confirm_seconds) == run.confirmation_cost("confirm:magnitude", a.selection)
-        assert a.evaluations == a.proposal.evaluations + a.confirmations
-        assert a.evaluation_seconds == pytest.approx(a.proposal.seconds + a.confirm_seconds)
+        assert (a.guards, a.guard_seconds) == run.guard_cost(a.selection) == (0, 0.0)  # no --guard
+        assert a.evaluations == a.proposal.evaluations + a.confirmations + a.guards
+        assert a.evaluation_seconds == pytest.approx(a.proposal.seconds + a.confirm_seconds + a.guard_seconds)
+        assert "guards" not in a.stages()
+        guarded = dataclasses.replace(a, guards=2, guard_seconds=3.0)  # as a --guard run charges its candidates' guards
+        assert guarded.stages()["guards"] == {"evaluations": 2, "seconds": 3.0}
+        assert guarded.evaluations == a.evaluations + 2
+        assert guarded.evaluation_seconds == pytest.approx(a.evaluation_seconds + 3.0)
         assert a.stages()["confirmations"] == {"evaluations": a.confirmations, "seconds": a.confirm_seconds}
         impossible = dataclasses.replace(policy, tau=-0.5)  # a budget below the unrepaired perplexity
         none = propose_and_select(run, MethodContext(run, impossible, cfg.seed), impossible, "magnitude", base)
@@ -494,6 +501,14 @@ def test_pooled_difference_on_hand_made_seeds():
     half = t.ppf(0.975, 2) * 0.1 / 3 ** 0.5
     assert pooled["ci_seeds"] == pytest.approx([-0.1 - half, -0.1 + half])
     assert pooled_difference(seeds[:1])["ci_seeds"] is None
+    # a pre-registered look sets its own level: the t quantile of that two-sided confidence
+    wide = pooled_difference(seeds, level=0.9946)
+    half = t.ppf(1 - 0.0054 / 2, 2) * 0.1 / 3 ** 0.5
+    assert wide["ci_seeds"] == pytest.approx([-0.1 - half, -0.1 + half]) and wide["level"] == 0.9946
+    # the sign test: 2 of 3 below zero (the tie at 0.0 counts against AP); two-sided exact binomial p = 1
+    assert pooled["below_zero"] == 2 and pooled["sign_p"] == pytest.approx(1.0)
+    ten = pooled_difference([{"difference": -0.1}] * 9 + [{"difference": 0.3}])
+    assert ten["below_zero"] == 9 and ten["sign_p"] == pytest.approx(22 / 1024)  # 2 x P(at most 1 of 10)
 
 
 def test_ap_anchor_takes_the_unrepaired_means_from_more_prompts(tmp_path):
@@ -624,7 +639,14 @@ def test_pool_merges_seeds_run_apart_and_refuses_what_does_not_belong_together(t
     assert pooled.summary["ap_minus"]["random_search"]["pooled"]["seeds"] == 1
     assert pooled.sources == [str(a), str(b)]
     rc = main(["pool", "--runs", f"{a},{b}", "--out", str(tmp_path / "p")])
-    assert rc == 0 and "Pooled by `attnprune pool`" in (tmp_path / "p" / "comparison.md").read_text()
+    table = (tmp_path / "p" / "comparison.md").read_text()
+    assert rc == 0 and "Pooled by `attnprune pool`" in table
+    assert "| 95% CI (seeds) | sign test |" in table and "2 of 2, p = 0.5" in table
+    assert main(["pool", "--runs", f"{a},{b}", "--out", str(tmp_path / "look"), "--level", "0.9946"]) == 0
+    look = json.loads((tmp_path / "look" / "comparison.json").read_text())["summary"]["ap_minus"]["fasp"]["pooled"]
+    assert look["level"] == 0.9946 and look["ci_seeds"][0] < fasp["ci_seeds"][0]
+    assert "99.46% CI (seeds)" in (tmp_path / "look" / "comparison.md").read_text()
+    assert main(["pool", "--runs", f"{a},{b}", "--out", str(tmp_path / "bad"), "--level", "95"]) == 2
 
     other_tau = _written_comparison(tmp_path / "c", {12: {"ap": (-0.6, [[0, 3]])}}, config={"tau": 0.1})
     with pytest.raises(UserError, match="different options: tau"):

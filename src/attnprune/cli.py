@@ -231,7 +231,7 @@ def cmd_pool(cfg: C.PoolConfig) -> None:
     from attnprune.compare import pool, write_comparison
 
     out = Path(cfg.out)
-    write_comparison(pool(cfg.run_list), out)
+    write_comparison(pool(cfg.run_list, level=cfg.level), out)
     print()
     print((out / "comparison.md").read_text())
     print(f"wrote {out / 'comparison.md'}, comparison.json, comparison.png")

@@ -77,22 +77,24 @@ class Attempt:
     confirmations: int  # every confirmation the method caused, those of AP's calibration included
     confirm_seconds: float
     seconds: float  # wall-clock of proposing and choosing
+    guards: int = 0  # the guard evaluations of its candidates (``--guard``; the unrepaired model's are shared)
+    guard_seconds: float = 0.0
 
     @property
     def evaluations(self) -> int:
-        """LLM evaluations charged to the method: its proposal's and its confirmations."""
-        return self.proposal.evaluations + self.confirmations
+        """LLM evaluations charged to the method: its proposal's, its confirmations and its candidates' guards."""
+        return self.proposal.evaluations + self.confirmations + self.guards
 
     @property
     def evaluation_seconds(self) -> float:
         """Seconds of real-model evaluation charged to the method (as stored)."""
-        return self.proposal.seconds + self.confirm_seconds
+        return self.proposal.seconds + self.confirm_seconds + self.guard_seconds
 
     def stages(self) -> dict[str, dict]:
-        """Where the charged evaluations went: the proposal's stages, then the confirmations."""
-        return {**self.proposal.stages(), **({"confirmations": {"evaluations": self.confirmations,
-                                                                "seconds": self.confirm_seconds}}
-                                             if self.confirmations else {})}
+        """Where the charged evaluations went: the proposal's stages, then the confirmations and the guards."""
+        extra = {"confirmations": (self.confirmations, self.confirm_seconds), "guards": (self.guards, self.guard_seconds)}
+        return {**self.proposal.stages(),
+                **{k: {"evaluations": n, "seconds": s} for k, (n, s) in extra.items() if n}}
 
 
 def propose_and_select(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str, base,
@@ -108,7 +110,8 @@ def propose_and_select(run: Run, ctx: MethodContext, policy: SelectionPolicy, na
     selection = select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard,
                        keep=proposal.kept_rows())
     confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
-    return Attempt(proposal, selection, confirmations, confirm_seconds, time.perf_counter() - t)
+    guards, guard_seconds = run.guard_cost(selection)
+    return Attempt(proposal, selection, confirmations, confirm_seconds, time.perf_counter() - t, guards, guard_seconds)
 
 
 def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str, base, log: Log) -> MethodOutcome:
@@ -121,7 +124,8 @@ def _run_method(run: Run, ctx: MethodContext, policy: SelectionPolicy, name: str
         method=name, seed=cfg.seed, llm_evaluations=a.evaluations, validation_evaluations=proposal.evaluations,
         evaluation_seconds=a.evaluation_seconds, new_evaluations=run.store.count() - before, seconds=a.seconds,
         candidates=len(proposal.rows),
-        notes="; ".join(x for x in (proposal.notes, f"{a.confirmations} confirmed" if a.confirmations else "") if x),
+        notes="; ".join(x for x in (proposal.notes, f"{a.confirmations} confirmed" if a.confirmations else "",
+                                    f"{a.guards} guard evaluations" if a.guards else "") if x),
         valid=selection.summary(policy), mask=None if chosen is None else chosen.mask.to_dict(run.model_name),
         confirmation=selection.candidates, stages=a.stages())
     log(f"{name}: " + (no_choice(selection.candidates, cfg.tau) if chosen is None else
@@ -154,26 +158,33 @@ def paired_with_ap(run: Run, entry: SeedComparison) -> None:
             entry.ap_minus[name] = run.bench.paired_relative_difference(labels.paired("ap", name), ap, mask_of(o))
 
 
-def pooled_difference(per_seed: list[dict]) -> dict:
+def pooled_difference(per_seed: list[dict], level: float = 0.95) -> dict:
     """AP minus a method pooled over seeds: the equal-weight mean of the per-seed paired differences.
 
     Two intervals, because two kinds of noise matter: ``ci_prompts`` averages the seeds'
     bootstrap replicates resample by resample (prompt sampling only, the search's choices
-    held fixed); ``ci_seeds`` is Student's t over the per-seed differences (the spread of
-    the whole pipeline from seed to seed; it needs 2 or more seeds and is wide with few).
+    held fixed); ``ci_seeds`` is Student's t over the per-seed differences at two-sided
+    ``level`` (the spread of the whole pipeline from seed to seed; it needs 2 or more seeds
+    and is wide with few). Beside it the exact sign test: ``below_zero`` of the ``seeds``
+    differences are negative (a zero counts against AP) and ``sign_p`` is the two-sided
+    binomial p, which a skewed spread (one method's failure on one seed) cannot fool.
     """
+    from scipy.stats import binomtest
     from scipy.stats import t as student_t
 
     from attnprune.stats import percentile_ci
 
     diffs = np.array([d["difference"] for d in per_seed], dtype=float)
-    out = {"mean": float(diffs.mean()), "seeds": len(diffs), "ci_prompts": None, "ci_seeds": None}
+    below = int((diffs < 0).sum())
+    out = {"mean": float(diffs.mean()), "seeds": len(diffs), "ci_prompts": None, "ci_seeds": None, "level": level,
+           "below_zero": below, "sign_p": float(binomtest(below, len(diffs), 0.5).pvalue)}
     reps = [np.asarray(d["replicates"], dtype=float) for d in per_seed if d.get("replicates")]
     if len(reps) == len(per_seed) and reps:
         n = min(len(r) for r in reps)
         out["ci_prompts"] = percentile_ci(np.mean([r[:n] for r in reps], axis=0))
     if len(diffs) > 1:
-        half = float(student_t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+        quantile = student_t.ppf(1 - (1 - level) / 2, len(diffs) - 1)
+        half = float(quantile * diffs.std(ddof=1) / math.sqrt(len(diffs)))
         out["ci_seeds"] = [float(diffs.mean() - half), float(diffs.mean() + half)]
     return out
 
@@ -185,8 +196,11 @@ def _spread(values: list[float]) -> dict:
             "min": float(a.min()) if len(a) else float("nan"), "max": float(a.max()) if len(a) else float("nan")}
 
 
-def summarize(result: Comparison, tau: float) -> dict:
-    """Per method over seeds: test bias and perplexity changes (mean, spread), budget kept, cost; AP vs the rest."""
+def summarize(result: Comparison, tau: float, level: float = 0.95) -> dict:
+    """Per method over seeds: test bias and perplexity changes (mean, spread), budget kept, cost; AP vs the rest.
+
+    ``level``: the two-sided confidence of the pooled seeds' CI (:func:`pooled_difference`).
+    """
     out: dict = {"methods": {}, "ap_minus": {}}
     for name in result.methods:
         outcomes = [s.outcomes[name] for s in result.per_seed if name in s.outcomes]
@@ -226,7 +240,7 @@ def summarize(result: Comparison, tau: float) -> dict:
             out["ap_minus"][name] = {
                 "relative_bias_change": _spread(diffs), "evaluation_seconds_ratio": _spread(cost),
                 "paired": paired,
-                "pooled": pooled_difference([s.ap_minus[name] for s in result.per_seed if name in s.ap_minus])
+                "pooled": pooled_difference([s.ap_minus[name] for s in result.per_seed if name in s.ap_minus], level)
                 if paired else None}
     return out
 
@@ -344,12 +358,14 @@ def over_seeds(summary: dict) -> list[str]:
                      f"{kept} | {m['llm_evaluations']['mean']:.0f} | {m['evaluation_seconds']['mean']:.0f} |")
     diffs = summary.get("ap_minus", {})
     if diffs:
+        level = next((d["pooled"].get("level", 0.95) for d in diffs.values() if d.get("pooled")), 0.95)
         lines += ["", "AP minus each method, on the same test prompts (difference of relative test bias changes, "
                   "in points; negative = AP lower; a method without a choice keeps the unrepaired model). Per seed: "
                   "the paired bootstrap 95% CI. Pooled: the mean over seeds, with a 95% CI from the prompts alone "
-                  "(seeds' replicates averaged) and one from the spread over seeds (Student's t):", "",
-                  "| vs | per seed [paired 95% CI] | pooled mean | CI (prompts) | CI (seeds) | "
-                  "AP eval seconds / method's |", "|---|---|---|---|---|---|"]
+                  f"(seeds' replicates averaged), a {100 * level:g}% CI from the spread over seeds (Student's t), and "
+                  "the sign test (seeds where AP is lower, two-sided exact binomial p; a tie counts against AP):", "",
+                  f"| vs | per seed [paired 95% CI] | pooled mean | CI (prompts) | {100 * level:g}% CI (seeds) | "
+                  "sign test | AP eval seconds / method's |", "|---|---|---|---|---|---|---|"]
         for name, d in diffs.items():
             pooled = d.get("pooled")
             if not pooled:
@@ -358,7 +374,9 @@ def over_seeds(summary: dict) -> list[str]:
                                  for x in d["paired"])
             ci = [("[" + ", ".join(_pct(v) for v in pooled[k]) + "]") if pooled[k] else "-"
                   for k in ("ci_prompts", "ci_seeds")]
-            lines.append(f"| {name} | {per_seed} | {_pct(pooled['mean'])} | {ci[0]} | {ci[1]} | "
+            sign = (f"{pooled['below_zero']} of {pooled['seeds']}, p = {pooled['sign_p']:.3g}"
+                    if "sign_p" in pooled else "-")
+            lines.append(f"| {name} | {per_seed} | {_pct(pooled['mean'])} | {ci[0]} | {ci[1]} | {sign} | "
                          f"{d['evaluation_seconds_ratio']['mean']:.2f} |")
     lines.append("")
     return lines
@@ -466,8 +484,10 @@ def code_mix(result: Comparison) -> str | None:
             "the code; pool these seeds only if no commit between them changed how a method chooses.")
 
 
-def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
+def pool(paths: list[Path], log: Log = logger.info, level: float = 0.95) -> Comparison:
     """One comparison from several (seeds run on other machines or at other times), re-summarised over all seeds.
+
+    ``level``: the two-sided confidence of the seeds' CI (a pre-registered look can set its own).
 
     The runs must agree on the model and on every option that shapes a choice or a test
     number (everything but :data:`POOL_FREE`); options only one run records are not
@@ -518,7 +538,7 @@ def pool(paths: list[Path], log: Log = logger.info) -> Comparison:
     result = Comparison(model=first.model, config={**first.config, "seeds": ",".join(map(str, seeds))},
                         methods=methods, seeds=seeds, rule=first.rule, per_seed=per_seed,
                         seconds=sum(r.seconds for r in runs), sources=[str(p) for p in paths])
-    result.summary = summarize(result, first.config["tau"])
+    result.summary = summarize(result, first.config["tau"], level)
     log(f"pooled {len(paths)} comparisons: seeds {', '.join(map(str, result.seeds))}; methods {', '.join(methods)}")
     mixed = code_mix(result)
     if mixed:

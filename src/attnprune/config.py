@@ -754,6 +754,8 @@ class PoolConfig(Options):
 
     runs: str | None = opt(None, "comma-separated --out directories of `attnprune compare` runs", required=True)
     out: str | None = opt(None, "directory for the pooled comparison.json/.md/.png", required=True)
+    level: float = opt(0.95, "two-sided confidence of the seeds' CI (Student's t over the per-seed differences); a "
+                             "pre-registered look sets its own, e.g. 0.9946")
 
     @property
     def run_list(self) -> list[Path]:
@@ -762,6 +764,8 @@ class PoolConfig(Options):
 
     def validate(self) -> "PoolConfig":
         super().validate()
+        if not 0 < self.level < 1:
+            raise UserError(f"--level must be between 0 and 1 (a two-sided confidence such as 0.95), got {self.level}.")
         check_writable(self.out, "--out")
         return self
 

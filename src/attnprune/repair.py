@@ -87,7 +87,7 @@ def repair(cfg: RepairConfig, loaded=None, log: Log = logger.info) -> RepairResu
             llm_evaluations=EvaluationCounts(
                 validation=len(proposal.rows),
                 confirmation=n_confirmed + (1 if selection.base_confirmed is not None else 0),
-                new_this_run=run.store.count() - evals_before, in_store=run.store.count(),
+                new_this_run=run.store.count() - evals_before, in_store=run.store.count(), guards=attempt.guards,
                 evaluation_seconds=attempt.evaluation_seconds + (
                     selection.base_confirmed.seconds if selection.base_confirmed is not None else 0)),
             timings_s={}, outputs={"store": str(run.store.path), "mask": str(out / "mask.json"), "model": None},

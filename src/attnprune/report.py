@@ -158,7 +158,8 @@ def markdown(report: RepairReport) -> str:
         f"budget {v.budget:.2f}",
         f"- chosen: bias {v.chosen.bias:.3f}, perplexity {v.chosen.perplexity:.2f} (from {v.chosen.source})",
         f"- rule: {v.rule}",
-        f"- LLM evaluations: {ev.validation} on validation ({ev.new_this_run} new in this run)",
+        f"- LLM evaluations: {ev.validation} on validation ({ev.new_this_run} new in this run)"
+        + (f"; {ev.guards} guard evaluations of candidates" if ev.guards else ""),
         *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c.gap:.1f}% "
           f"({100 * c.gap_per_head:.2f}% per pruned head) and the rule's margin is {100 * c.margin:.1f}% (means over "
           f"{c.confirmed} confirmed candidates of {c.heads:.1f} heads on average): "

@@ -471,13 +471,15 @@ class ValidationSummary(Serialisable):
 @dataclass
 class EvaluationCounts(Serialisable):
     """A repair's real-model evaluations: on the search's validation data, on the confirmation data (the unrepaired
-    model's included), new in this run, in the store, and the seconds of the search's and confirmation's."""
+    model's included), new in this run, in the store, the seconds of the search's, confirmation's and guards', and
+    the guard evaluations of the candidates (``--guard``; the unrepaired model's guard rows are not counted)."""
 
     validation: int
     confirmation: int
     new_this_run: int
     in_store: int
     evaluation_seconds: float
+    guards: int = 0
 
 
 @dataclass

@@ -449,6 +449,21 @@ class Run:
                     rows[m.key] = r
         return len(rows), float(sum(r.seconds for r in rows.values()))
 
+    def guard_cost(self, selection: Selection) -> tuple[int, float]:
+        """(count, seconds) of the guard evaluations of ``selection``'s candidates: each guard a candidate was measured on.
+
+        The unrepaired model's guard evaluations are the reference every method's guards are
+        paired with, so they are charged to none (like the shared unrepaired validation row);
+        a mask guarded for two methods is charged to each, like the shared knockouts.
+        """
+        count, seconds = 0, 0.0
+        for mask, candidate in zip(selection.shortlist, selection.candidates):
+            for axis in candidate.guards or {}:
+                row = self.store.get(mask, self.evaluator(self.guard_spec(axis), with_perplexity=False)[1])
+                if row is not None:
+                    count, seconds = count + 1, seconds + row.seconds
+        return count, seconds
+
     def rows(self, sources: Sequence[str] | None = None, with_perplexity: bool = True) -> list[StoredEvaluation]:
         """The validation evaluations in the store (of ``sources`` when given), in insertion order.
 
