@@ -21,15 +21,13 @@ out=$root/guard-$name-$seed
   echo "no finished seed $seed under $root: run benchmarks/eval_seed.sh $seed first." >&2; exit 2; }
 [ -d "$out" ] || cp -a "$root/seed-$seed" "$out"
 cd "$tree"
-py=("$here/.venv/bin/python")
-export PYTHONPATH="$tree/src"
+export PYTHONPATH="$tree/src"  # the frozen worktree's code, ahead of the editable install's
 {
   echo "start $(date -u +%FT%TZ) commit $(git rev-parse --short=7 HEAD) flags $*"
   set +e
-  "${py[@]}" -c 'import sys; from attnprune.cli import main; sys.exit(main())' \
-    compare --methods ap --test-prompts 10000 --seeds "$seed" --transfer-axes "" --checks none --out "$out" "$@"
+  "$here/.venv/bin/attnprune" compare --methods ap --test-prompts 10000 --seeds "$seed" --transfer-axes "" --checks none --out "$out" "$@"
   echo "rc compare $?"
-  "${py[@]}" benchmarks/guard_effect.py --guarded "$out" --unguarded "$root/seed-$seed" --seed "$seed"
+  "$here/.venv/bin/python" benchmarks/guard_effect.py --guarded "$out" --unguarded "$root/seed-$seed" --seed "$seed"
   echo "rc guard_effect $?"
   echo "end $(date -u +%FT%TZ)"
 } >> "$out.log" 2>&1

@@ -31,9 +31,9 @@ cd "$tree"
 {
   echo "start $(date -u +%FT%TZ) commit $(git rev-parse --short=7 HEAD) cpu '$(lscpu | sed -n 's/^Model name: *//p')' cores $(nproc)"
   set +e
-  PYTHONPATH="$tree/src" "$here/.venv/bin/python" -c 'import sys; from attnprune.cli import main; sys.exit(main())' \
-    compare --methods ap,fasp,random_search,ap_paper --test-prompts 10000 --seeds "$seed" \
-    --transfer-axes "" --checks none --out "$root/seed-$seed"
+  # PYTHONPATH: the frozen worktree's code, ahead of the editable install's
+  PYTHONPATH="$tree/src" "$here/.venv/bin/attnprune" compare --methods ap,fasp,random_search,ap_paper \
+    --test-prompts 10000 --seeds "$seed" --transfer-axes "" --checks none --out "$root/seed-$seed"
   echo "rc $?"
   echo "end $(date -u +%FT%TZ)"
 } >> "$log" 2>&1
