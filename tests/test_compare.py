@@ -87,6 +87,24 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     assert [r.mask for r in other.rows] == [r.mask for r in first.rows]
 
 
+@pytest.mark.parametrize("name", ["ap", "ap_paper", "random_search", "fasp", "magnitude"])
+def test_no_method_prunes_a_protected_head(name, tmp_path):
+    """``--protect``: knockouts, samples, the search and the baselines work on the other heads only."""
+    lm = tiny_loaded("llama", seed=3)
+    cfg = RepairConfig(**{**TINY, "out": str(tmp_path / "run"), "surrogate": "ridge", "protect": "0,-1:3"})
+    with Run.open(cfg, loaded=lm, log=lambda s: None) as run:
+        protected = {(0, 0), (0, 1), (0, 2), (0, 3), (2, 3)}
+        assert run.n_total == 12 - 5 and not any(run.heads[c] for c in protected)
+        assert run.bounds == cfg.bounds(7)  # the ratios are shares of the heads it may prune
+        proposal = get_method(name).propose(MethodContext(run, SelectionPolicy(cfg.tau, cfg.penalty), cfg.seed))
+        assert any(r.mask.n_pruned for r in proposal.rows)
+        for row in run.rows():  # everything evaluated, not only what the method proposed
+            assert not protected & set(row.mask.pruned), (row.source, row.mask.pruned)
+    # a rerun in the same store with other protected heads would mix two searches: refused, naming the option
+    with pytest.raises(UserError, match="protect"):
+        Run.open(dataclasses.replace(cfg, protect="1"), loaded=lm, log=lambda s: None)
+
+
 def test_ap_screen_ignores_other_knockouts_in_the_store(tmp_path, monkeypatch):
     """A comparison's FASP knocks out every head; AP's screened design must not change when it finds them."""
     import attnprune.config as config_module

@@ -230,6 +230,8 @@ def test_end_to_end_repair_of_a_tiny_model(model_dir, tmp_path):
     # each second counts in one stage (the anchor is computed inside the fit)
     stages = {k: v for k, v in r.timings_s.items() if k not in ("total", "front")}
     assert {"anchor", "fit", "sample"} <= set(stages)
+    # and the test's parts are stages of their own (where a repair's test time goes)
+    assert {"test", "test_toxicity", "test_transfer", "test_checks"} <= set(stages)
     assert sum(stages.values()) <= r.timings_s["total"] + 1e-6
     fr = json.loads((result.out_dir / "front.json").read_text())
     at = {round(100 * p["budget"]): p for p in fr["points"]}

@@ -115,18 +115,27 @@ class TestBench:
         return out
 
     def report(self, chosen: HeadMask) -> TestReport:
-        """Unrepaired vs ``chosen`` on the TEST split: search measure, toxicity second opinion, transfer axes."""
+        """Unrepaired vs ``chosen`` on the TEST split: search measure, toxicity second opinion, transfer axes.
+
+        Timed as separate stages, so that a report says where the test's time went: ``test``
+        (the search measure and perplexity), ``test_toxicity`` and ``test_transfer`` (when they
+        are asked for) and ``test_checks`` (the held-out benchmarks).
+        """
         c = self.run.cfg
         with self.run.timed("test"):
             self.run.log("measuring on the TEST split ...")
             report = TestReport(search_measure=self.compare(c.bias, [chosen])[0])
-            if c.second_opinion != "none":
+        if c.second_opinion != "none":
+            with self.run.timed("test_toxicity"):
                 report.toxicity = self.compare(
                     f"toxicity/{c.second_opinion}", [chosen], bias="toxicity", prompts=c.toxicity_prompts,
                     extra={"classifier": c.second_opinion}, with_perplexity=False)[0]
-            for axis in c.measured_axes:
-                report.transfer[axis] = self.compare(f"{c.bias}/{axis}", [chosen], axis=axis,
-                                                with_perplexity=False)[0]
+        if c.measured_axes:
+            with self.run.timed("test_transfer"):
+                for axis in c.measured_axes:
+                    report.transfer[axis] = self.compare(f"{c.bias}/{axis}", [chosen], axis=axis,
+                                                         with_perplexity=False)[0]
+        with self.run.timed("test_checks"):
             report.checks = self.checks("check", chosen)
         return report
 

@@ -107,8 +107,9 @@ def propose_and_select(run: Run, ctx: MethodContext, policy: SelectionPolicy, na
     t = time.perf_counter()
     proposal = get_method(name).propose(ctx)
     select = policy.choose if require else policy.select
-    selection = select(proposal.selectable(), base, run.confirm, labels.confirm(name), guard=run.guard,
-                       keep=proposal.kept_rows())
+    free = run.heads  # a stored mask that prunes a --protect head (a copied store's) is never chosen
+    selection = select([r for r in proposal.selectable() if all(free[c] for c in r.mask.pruned)], base, run.confirm,
+                       labels.confirm(name), guard=run.guard, keep=proposal.kept_rows())
     confirmations, confirm_seconds = run.confirmation_cost(labels.confirm(name), selection)
     guards, guard_seconds = run.guard_cost(selection)
     return Attempt(proposal, selection, confirmations, confirm_seconds, time.perf_counter() - t, guards, guard_seconds)

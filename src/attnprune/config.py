@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from attnprune.backend import DEFAULT_CACHE_MB
 from attnprune.errors import UserError
 
@@ -356,6 +358,48 @@ class SearchOptions(Options):
                          "after the calibration; 'better', also when one holds, the over-budget candidates whose search "
                          "bias is below the search bias of the choice (the policy then chooses among everything "
                          "confirmed)", choices=["none-held", "better"])
+    protect: str = opt("", "heads no method may prune: comma-separated LAYER (every head of it) or LAYER:HEAD, "
+                       "counted from 0; a negative LAYER counts from the last (-1), so '0,-1' keeps the first and last "
+                       "layers whole. Knockouts, samples, the search and every baseline then work on the other heads, "
+                       "and the pruning ratios (--r-min, --r-max, FASP's grid) are shares of those (default: none)")
+
+    def protected_heads(self) -> list[tuple[int, int | None]]:
+        """``--protect`` parsed: ``(layer, head)`` pairs, ``head`` None for a whole layer (negative layers as given)."""
+        out = []
+        for item in split_list(self.protect):
+            parts = item.split(":")
+            try:
+                if len(parts) > 2:
+                    raise ValueError
+                layer, head = int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
+            except ValueError:
+                raise UserError(f"--protect item {item!r} is not LAYER or LAYER:HEAD (integers, e.g. '0,-1' or "
+                                "'3:5'); fix --protect.") from None
+            if head is not None and head < 0:
+                raise UserError(f"--protect item {item!r} names a negative head; heads count from 0.")
+            out.append((layer, head))
+        return out
+
+    def protected_cells(self, row_heads: list[int], width: int) -> np.ndarray:
+        """Bool ``(layers, width)``: the cells ``--protect`` keeps (heads only; a model's layers may differ in heads).
+
+        Refuses a layer or head the model has not, in one sentence naming its size.
+        """
+        n_layers = len(row_heads)
+        out = np.zeros((n_layers, width), dtype=bool)
+        for layer, head in self.protected_heads():
+            row = layer + n_layers if layer < 0 else layer
+            if not 0 <= row < n_layers:
+                raise UserError(f"--protect names layer {layer}, but the model has {n_layers} layers (0 to "
+                                f"{n_layers - 1}, or -1 to -{n_layers} from the last); fix --protect.")
+            if head is None:
+                out[row, :row_heads[row]] = True
+            elif head >= row_heads[row]:
+                raise UserError(f"--protect names head {head} of layer {layer}, which has {row_heads[row]} heads "
+                                f"(0 to {row_heads[row] - 1}); fix --protect.")
+            else:
+                out[row, head] = True
+        return out
 
     def bounds(self, n_total: int) -> tuple[int, int]:
         """``[k_min, k_max]`` pruned heads of ``n_total`` for sampling and the search."""
@@ -399,6 +443,7 @@ class SearchOptions(Options):
             raise UserError("--calibrate must be 0 or more rounds.")
         if self.trim < 0:
             raise UserError("--trim must be 0 (off) or a number of candidates.")
+        self.protected_heads()  # its syntax (the model's size is checked once it is loaded)
         return self
 
 
@@ -513,7 +558,7 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     DECISION_KEYS = ("sampler", "knockouts", "knockout_ppl", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
                      "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "trim", "trim_when",
                      "confirm",
-                     "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens")
+                     "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens", "protect")
 
     @property
     def out_dir(self) -> Path:
@@ -534,18 +579,25 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
             del out["trim"]  # no trim, as before the option: those stores match it
         if out["trim_when"] == "none-held":
             del out["trim_when"]  # the trigger before the option
+        if not split_list(out["protect"]):
+            del out["protect"]  # every head free, as before the option: those stores match it
         if model_name is not None:
             out["model"] = model_name
         return out
 
-    def check_model(self, n_total: int) -> None:
-        """Refuse options that cannot work on a model of ``n_total`` heads (checked after loading, before any evaluation)."""
+    def check_model(self, n_total: int, protected: int = 0) -> None:
+        """Refuse options that cannot work on a model of ``n_total`` heads the methods may prune, ``protected``
+        more kept by ``--protect`` (checked after loading, before any evaluation)."""
+        if n_total < 1:
+            raise UserError(f"--protect {self.protect} keeps every one of the model's {protected} heads; leave some to "
+                            "prune.")
         k_min, _ = self.bounds(n_total)
         free = self.screen_size(n_total)
         if k_min > free:
+            of = f"the {n_total} heads --protect leaves free" if protected else f"the model's {n_total} heads"
             raise UserError(f"--r-min {self.r_min:g} asks for at least {k_min} pruned heads, but the screen "
-                            f"(--knockouts {self.knockouts:g}) leaves {free} of the model's {n_total} heads to prune; "
-                            "lower --r-min or raise --knockouts.")
+                            f"(--knockouts {self.knockouts:g}) leaves {free} of {of} to prune; "
+                            "lower --r-min or raise --knockouts" + (" or protect fewer heads." if protected else "."))
 
     def validate(self):
         super().validate()

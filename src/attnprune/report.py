@@ -158,6 +158,8 @@ def markdown(report: RepairReport) -> str:
         f"budget {v.budget:.2f}",
         f"- chosen: bias {v.chosen.bias:.3f}, perplexity {v.chosen.perplexity:.2f} (from {v.chosen.source})",
         f"- rule: {v.rule}",
+        *([f"- protected (never pruned, by any method): {report.config['protect']}"]
+          if report.config.get("protect") else []),
         f"- LLM evaluations: {ev.validation} on validation ({ev.new_this_run} new in this run)"
         + (f"; {ev.guards} guard evaluations of candidates" if ev.guards else ""),
         *[f"- calibration {i + 1}: the search's perplexity under-stated the confirmed change by {100 * c.gap:.1f}% "

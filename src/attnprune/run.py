@@ -71,7 +71,7 @@ class Run:
         self._valid: Evaluator | None = None
         self._executor: Executor | None = None
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
-        self._derived: dict[str, object] = {}  # computed once per run (bucket_projection, warned guards)
+        self._derived: dict[str, object] = {}  # computed once per run (bucket_projection, heads, warned guards)
         self.bench = TestBench(self)  # the TEST split: chosen masks against the unrepaired model
 
     @classmethod
@@ -82,7 +82,8 @@ class Run:
         if loaded is None:
             log(f"loading {cfg.model} ...")
             loaded = cfg.load()
-        cfg.check_model(loaded.layout.n_total)
+        protected = int(cfg.protected_cells(loaded.layout.row_heads, loaded.layout.shape[1]).sum())
+        cfg.check_model(loaded.layout.n_total - protected, protected)
         config = cfg.store_config(loaded.name)
         store = Store(cfg.out_dir / "store.sqlite", loaded.layout.shape, config,
                       compatible_keys=[k for k in config if k != "samples"], row_heads=loaded.layout.row_heads)
@@ -118,13 +119,19 @@ class Run:
 
     @property
     def heads(self) -> np.ndarray:
-        """Bool ``(layers, heads)``: the cells of the mask grid that are heads (all of them unless layers differ)."""
-        return head_cells(self.store.row_heads, self.shape[1])
+        """Bool ``(layers, heads)``: the cells of the mask grid that the methods may prune.
+
+        The cells that are heads (all of them unless layers differ), less those ``--protect`` keeps.
+        """
+        if "heads" not in self._derived:
+            heads = head_cells(self.store.row_heads, self.shape[1])
+            self._derived["heads"] = heads & ~self.cfg.protected_cells(self.store.row_heads, self.shape[1])
+        return self._derived["heads"].copy()
 
     @property
     def n_total(self) -> int:
-        """Number of maskable heads."""
-        return sum(self.store.row_heads)
+        """Number of heads the methods may prune (the model's, less ``--protect``'s)."""
+        return int(self.heads.sum())
 
     @property
     def bounds(self) -> tuple[int, int]:

@@ -155,7 +155,7 @@ class Store:
         differ = [k for k in keys if json.dumps(old.get(k), default=str) != json.dumps(config.get(k), default=str)]
         if differ:
             detail = ", ".join(f"{k}: {old[k]!r} -> {config.get(k)!r}" if k in old else
-                               f"{k}: not recorded (an older attnprune made it) -> {config.get(k)!r}" for k in differ[:6])
+                               f"{k}: not recorded (made at its default, or before the option existed) -> {config.get(k)!r}" for k in differ[:6])
             detail += f" and {len(differ) - 6} more" if len(differ) > 6 else ""
             raise UserError(
                 f"Store {self.path} was made with a different configuration ({detail}); rerun with the "
