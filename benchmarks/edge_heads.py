@@ -32,20 +32,15 @@ from attnprune.config import RepairConfig
 from attnprune.heads import HeadMask
 from attnprune.run import VALID_BOOTSTRAP_REPS, Run, change_bounds, guarded_values
 from common import DEVELOPMENT_SEEDS, write
+from edge_prediction import edge_heads
 
 ALL = 10 ** 6  # more prompts than any axis's split holds: all of it
 
 
-def edge_layers(n_layers: int) -> tuple[int, int]:
-    """The layers whose heads the prediction is about: the first and the last."""
-    return 0, n_layers - 1
-
-
 def other_mask(mask: HeadMask, add: list[tuple[int, int]]) -> tuple[str, HeadMask]:
     """The mask ``mask`` is compared with: without its edge heads, or (when it has none) with ``add`` added."""
-    first, last = edge_layers(mask.shape[0])
     pruned = mask.pruned
-    edge = [h for h in pruned if h[0] in (first, last)]
+    edge = [tuple(h) for h in edge_heads(mask.to_dict())]
     if edge:
         return "without its edge heads", HeadMask.from_pruned(*mask.shape, [h for h in pruned if h not in edge])
     return "with edge heads added", HeadMask.from_pruned(*mask.shape, sorted({*pruned, *add}))
