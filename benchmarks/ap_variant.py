@@ -55,7 +55,7 @@ from attnprune.methods import MethodContext
 from attnprune.run import Run
 from attnprune.selection import SelectionPolicy
 from attnprune.store import Store
-from common import DEVELOPMENT_SEEDS, write
+from common import development_seeds, write
 
 
 def arm(cfg: RepairConfig, lm) -> dict:
@@ -174,9 +174,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ap-variant", help="where the arms' stores go: seed-N-today (read back when "
                     "it is there, so variants run one after another share it) and seed-N-<name>")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if any(s not in DEVELOPMENT_SEEDS for s in seeds):
-        raise SystemExit(f"only development seeds {DEVELOPMENT_SEEDS} may be read here")
+    seeds = development_seeds(args.seeds)
     base = overrides(args.base) if args.base else {}
     change = overrides(args.set, base)
     label = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"

@@ -17,6 +17,14 @@ RESULTS = Path(__file__).parent / "results"
 DEVELOPMENT_SEEDS = (0, 1, 2)
 
 
+def development_seeds(text: str) -> list[int]:
+    """A ``--seeds`` value (comma-separated), refused unless every seed is a development seed."""
+    seeds = [int(s) for s in text.split(",")]
+    if any(s not in DEVELOPMENT_SEEDS for s in seeds):
+        raise SystemExit(f"only development seeds {DEVELOPMENT_SEEDS} may be read here")
+    return seeds
+
+
 def seconds_of(fn) -> float:
     """Wall-clock seconds of one call of ``fn``."""
     t = time.perf_counter()

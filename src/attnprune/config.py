@@ -485,6 +485,12 @@ class SelectionOptions(Options):
                                     "the search and the confirmations read only --axis; default: --confirm-prompts; "
                                     "all of the split at most): the noise a guard's bound adds to a change falls as "
                                     "1 / sqrt(prompts)")
+    guard_search: bool = opt(False, "AP's search also carries the guarded HolisticBias axes: each head's first-order "
+                             "shift of an axis's bucket means (one gradient pass on the search half of its validation "
+                             "split) predicts any mask's change of that axis's bias, and a predicted rise beyond "
+                             "--guard-margin costs --penalty bias standard deviations per tenth of the axis's "
+                             "unrepaired bias; the guard itself then reads only the confirmation half, which the "
+                             "search never saw (experimental: see docs/RESULTS.md)")
 
     @property
     def auto_guard(self) -> bool:
@@ -537,6 +543,12 @@ class SelectionOptions(Options):
 
         if AUTO_GUARD in split_list(self.guard) and not self.auto_guard:
             raise UserError("--guard auto already guards every other axis and lms; give it alone, or list the guards.")
+        if self.guard_search and not self.guarded_axes:
+            raise UserError("--guard-search carries the guarded HolisticBias axes into the search; name at least one "
+                            "with --guard (e.g. --guard religion).")
+        if self.guard_search and getattr(self, "bias", "likelihood") != "likelihood":
+            raise UserError("--guard-search predicts a guarded axis from the likelihood measure's first-order "
+                            "estimates; use --bias likelihood or leave --guard-search out.")
         if split_list(self.guard) and self.confirm <= 0:
             raise UserError("--guard needs the confirmation (--confirm above 0): guards are measured on its data.")
         self.check_at_least_one("confirm_prompts", "confirm_ppl_tokens")
@@ -558,7 +570,8 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
     DECISION_KEYS = ("sampler", "knockouts", "knockout_ppl", "samples", "surrogate", "shrink", "anchor_prompts", "ppl_prior_tokens",
                      "tau", "penalty", "chains", "steps", "cooling", "t0", "top_k", "rounds", "calibrate", "trim", "trim_when",
                      "confirm",
-                     "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens", "protect")
+                     "confirm_prompts", "confirm_ppl_tokens", "confidence", "hold_tokens", "protect",
+                     "guard_search")
 
     @property
     def out_dir(self) -> Path:
@@ -581,6 +594,11 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
             del out["trim_when"]  # the trigger before the option
         if not split_list(out["protect"]):
             del out["protect"]  # every head free, as before the option: those stores match it
+        if out["guard_search"]:  # what the search carries: the axes, their margin, their prompts
+            out["guard_search"] = (f"{','.join(self.guarded_axes)}; margin {self.guard_margin:g}; prompts "
+                                   f"{self.guard_prompts or self.confirm_prompts}")
+        else:
+            del out["guard_search"]  # the search blind to the guards, as before the option
         if model_name is not None:
             out["model"] = model_name
         return out

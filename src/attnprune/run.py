@@ -329,8 +329,30 @@ class Run:
         c = self.cfg
         if axis == labels.LMS_GUARD:
             return self.spec("valid", bias="stereoset", axis="all", bootstrap_reps=VALID_BOOTSTRAP_REPS)
+        # with --guard-search the search reads the axis's search half: the guard keeps to the other
         return self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
-                         bootstrap_reps=VALID_BOOTSTRAP_REPS)
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="confirm" if c.guard_search else None)
+
+    def guard_removal_estimates(self, axis: str) -> dict:
+        """What ``--guard-search`` predicts guarded ``axis`` from, on the search half of its validation split.
+
+        ``{"shifts": [N, B]`` every head's first-order shift of the axis's bucket means, ``"means"``
+        and ``"weights"`` ``[B]`` the unrepaired model's bucket means and the buckets' weights,
+        ``"bias"`` its bias there, ``"prompts"``, ``"seconds"}``: one forward and one gradient pass
+        on up to ``--guard-prompts`` prompts (the guard itself reads the other half).
+        """
+        c = self.cfg
+        spec = self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
+                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="search")
+        t = time.perf_counter()
+        ev, _ = self.evaluator(spec, with_perplexity=False)
+        base = ev.evaluate([HeadMask.all_active(*self.shape)], with_perplexity=False)[0].bias_result
+        measure = ev.bias_measure
+        shifts = np.asarray(measure.bucket_means(measure.removal_estimates().T), dtype=float)
+        names = sorted(base.buckets)
+        return {"shifts": shifts.tolist(), "means": [base.buckets[b] for b in names],
+                "weights": [base.bucket_weights[b] for b in names], "bias": base.bias,
+                "prompts": measure.describe()["prompts"], "seconds": time.perf_counter() - t}
 
     def guard(self, masks: Sequence[HeadMask]) -> list[dict[str, GuardVerdict]]:
         """Each mask's verdict on every guard (``cfg.guard``), paired with the unrepaired model.

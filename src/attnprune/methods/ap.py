@@ -34,7 +34,7 @@ import torch
 from attnprune import labels
 from attnprune.heads import HeadMask
 from attnprune.methods.base import Method, MethodContext, Proposal, charged_totals, register_method
-from attnprune.methods.samplers import Sampler, make_sampler, summaries_of
+from attnprune.methods.samplers import Sampler, bucket_spread, make_sampler, summaries_of
 from attnprune.results import AnnealingSummary, Calibration, Candidate, SearchDetails, Trim, TrimProbe
 from attnprune.search.annealing import AnnealingResult, anneal
 from attnprune.selection import fitting_count, trust_region, window_differences
@@ -43,6 +43,44 @@ from attnprune.surrogate import TrainingSet, make_surrogate
 
 # the search's perplexity budgets, as fractions of tau: candidates spread along the boundary
 BUDGET_LADDER = (0.5, 0.75, 1.0)
+
+
+class GuardPrediction:
+    """A guarded axis's bias change for any mask, from every head's first-order shift of its bucket means.
+
+    ``--guard-search``: the shifts of the pruned heads add up to the mask's bucket means, whose
+    spread is the axis's bias; ``limit`` is the rise the guard allows (``--guard-margin`` x the
+    unrepaired bias) and ``unit`` a tenth of that bias, the excess that costs ``--penalty`` bias
+    standard deviations in the annealing.
+    """
+
+    def __init__(self, axis: str, stored: dict, margin: float):
+        self.axis = axis
+        self.shifts = torch.tensor(stored["shifts"], dtype=torch.float32)  # [cells, B]
+        self.means = torch.tensor(stored["means"], dtype=torch.float32)
+        self.weights = torch.tensor(stored["weights"], dtype=torch.float32)
+        self.base = float(bucket_spread(self.means, self.weights))
+        self.limit = margin * self.base
+        self.unit = max(0.1 * self.base, 1e-6)
+
+    def change(self, states: torch.Tensor) -> torch.Tensor:
+        """``[chains]`` predicted change of the axis's bias for ``states`` ``[chains, cells]`` (1 = active)."""
+        means = self.means + (1 - states.float()) @ self.shifts
+        return bucket_spread(means, self.weights) - self.base
+
+
+def guarded_cost(cost, guards: list[GuardPrediction], weight: float):
+    """``cost`` plus ``weight`` for every ``unit`` of each guard's predicted rise beyond its limit (``cost`` when none)."""
+    if not guards:
+        return cost
+
+    def guarded(states: torch.Tensor) -> torch.Tensor:
+        out = cost(states)
+        for g in guards:
+            out = out + weight * torch.clamp(g.change(states) - g.limit, min=0) / g.unit
+        return out
+
+    return guarded
 
 
 class Surrogates:
@@ -152,6 +190,29 @@ class AttentionPruning(Method):
         # only this design's rows: the store may hold others (a comparison's FASP knocks out every head)
         return self.sampler(ctx).training_rows(ctx, rows)
 
+    def guard_predictions(self, ctx: MethodContext) -> list[GuardPrediction]:
+        """``--guard-search``: a prediction of each guarded axis (kept in the store; empty when off).
+
+        One forward and one gradient pass per axis on the search half of its validation split,
+        counted in the method's cost.
+        """
+        c = self.options(ctx)
+        if not c.guard_search:
+            return []
+        out = []
+        for axis in c.guarded_axes:
+            depends = {"axis": axis, "prompts": c.guard_prompts or c.confirm_prompts}
+            stored = ctx.cached("guard_first_order", depends)
+            if stored is None and ctx.can_evaluate:
+                ctx.log(f"--guard-search: first-order estimates of every head's removal on {axis} (the search half "
+                        "of its validation prompts) ...")
+                with ctx.timed("guard_first_order"):
+                    stored = ctx.guard_removal_estimates(axis)
+                ctx.keep("guard_first_order", stored, depends)
+            if stored is not None:
+                out.append(GuardPrediction(axis, stored, c.guard_margin))
+        return out
+
     # ---- stage 2 ------------------------------------------------------------------------
     def fit(self, ctx: MethodContext, round_: int | None = None) -> Surrogates:
         """Stage 2: fit both surrogates on the validation evaluations (those before ``round_`` when given)."""
@@ -208,6 +269,7 @@ class AttentionPruning(Method):
         budgets = self.ladder if budgets is None else budgets
         c = self.options(ctx)
         policy = ctx.policy
+        guards = self.guard_predictions(ctx)  # read back from the store after the first round
         with ctx.timed("search"):
             rows = self.training_data(ctx, round_)
             budget = policy.budget(ctx.base())
@@ -224,7 +286,8 @@ class AttentionPruning(Method):
             free = self.sampler(ctx).free(ctx)
             results = []
             for j, fraction in enumerate(budgets):
-                cost = policy.cost(predict, float(base_lp[0]), scale, tau=fraction * c.tau)
+                cost = guarded_cost(policy.cost(predict, float(base_lp[0]), scale, tau=fraction * c.tau), guards,
+                                    policy.penalty * scale)
                 results.append(anneal(cost, ctx.cells, *bounds, chains=c.chains, steps=c.steps,
                                       seed=c.seed + 1000 * (round_ or 0) + 100 * j, t0=c.t0, cooling=c.cooling,
                                       top=max(50, 4 * c.top_k), free=free))
@@ -476,6 +539,11 @@ class AttentionPruning(Method):
         if prior:
             extras["perplexity prior"] = (0, prior["seconds"])
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
+        for g in self.guard_predictions(ctx):
+            stored = ctx.cached("guard_first_order", {"axis": g.axis, "prompts": c.guard_prompts or c.confirm_prompts})
+            extras[f"{g.axis} estimates"] = (1, stored["seconds"])
+            notes += (f"; the search kept {g.axis}'s bias (first-order estimates on {stored['prompts']} of its "
+                      f"prompts) within {100 * c.guard_margin:g}% of its unrepaired {g.base:.3f}")
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
         light = self.sampler(ctx).bias_only_rows(ctx)  # knockouts of the bias alone: charged, never chosen

@@ -29,5 +29,5 @@ class PaperAttentionPruning(AttentionPruning):
         c = ctx.options
         n_evals = ctx.evaluation_budget or ctx.default_budget()
         self.overrides = {"sampler": "paper", "surrogate": "mlp", "samples": max(10, n_evals - 1 - c.top_k),
-                          "rounds": 1, "calibrate": 0, "trim": 0, "anchor_prompts": 0}
+                          "rounds": 1, "calibrate": 0, "trim": 0, "anchor_prompts": 0, "guard_search": False}
         return super().propose(ctx)

@@ -55,6 +55,8 @@ class Session(Protocol):
     def estimates_removals(self) -> bool: ...
     def removal_estimates(self) -> dict: ...
     def perplexity_removal_estimates(self, tokens: int) -> np.ndarray: ...
+
+    def guard_removal_estimates(self, axis: str) -> dict: ...
     def unrepaired_on_search_prompts(self, prompts: int) -> dict | None: ...
     def bucket_projection(self) -> np.ndarray | None: ...
     def gate_gradients(self) -> np.ndarray: ...
@@ -193,6 +195,14 @@ class MethodContext:
     def perplexity_removal_estimates(self, tokens: int) -> np.ndarray:
         """``[N]`` first-order log-perplexity effect of every head's removal on ``tokens`` of the search half's text."""
         return self._session.perplexity_removal_estimates(tokens)
+
+    def guard_removal_estimates(self, axis: str) -> dict:
+        """``--guard-search``'s first-order estimates of guarded ``axis`` on the search half of its validation split.
+
+        ``shifts [N, B]``, the unrepaired ``means`` and the ``weights`` of its buckets, its ``bias``,
+        ``prompts`` and ``seconds`` (one forward and one gradient pass).
+        """
+        return self._session.guard_removal_estimates(axis)
 
     def unrepaired_on_search_prompts(self, prompts: int) -> dict | None:
         """The unrepaired model's bucket means on up to ``prompts`` search-half prompts, or None.

@@ -292,6 +292,11 @@ def head_index(mask: HeadMask, shape: tuple[int, int]) -> int:
     return layer * shape[1] + head
 
 
+def bucket_spread(means: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The HolisticBias statistic of bucket means ``[..., B]``: their absolute deviations from the weighted mean, summed."""
+    return ((means @ weights).unsqueeze(-1) - means).abs().sum(-1)
+
+
 def summaries_of(ctx: MethodContext, rows: list[StoredEvaluation]):
     """Per row: the bias measure's summary (bucket means), its sampling variance vs the unrepaired model, and the statistic.
 
@@ -312,8 +317,5 @@ def summaries_of(ctx: MethodContext, rows: list[StoredEvaluation]):
             diffs = np.array([r.prompt_scores - b0 for r in rows])
             var = (diffs - diffs.mean(1, keepdims=True)) ** 2 @ (projection ** 2).T
 
-        def statistic(means: torch.Tensor) -> torch.Tensor:
-            return ((means @ w).unsqueeze(-1) - means).abs().sum(-1)
-
-        return summaries, var, statistic
+        return summaries, var, lambda means: bucket_spread(means, w)
     return np.array([[r.bias] for r in rows]), None, lambda means: means[..., 0]
