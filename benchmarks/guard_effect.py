@@ -109,7 +109,7 @@ def main() -> None:
     md = [f"# Guards on the test split: seed {args.seed}, {args.method}, `--guard {cfg.guard} --guard-test "
           f"{cfg.guard_test}` "
           f"(margin {100 * cfg.guard_margin:g}% of the unrepaired test value; "
-          f"{cfg.guard_prompts or cfg.confirm_prompts} validation prompts per guarded axis at most)", "",
+          f"{cfg.guard_prompt_count} validation prompts per guarded axis at most)", "",
           f"Primary ({cfg.axis}, {some['test_prompts']} test prompts): guarded {primary(rows['guarded'])}; "
           f"unguarded {primary(rows['unguarded'])}; the guards gave up {100 * given_up:+.1f} points.", "",
           "A guard holds on test when the paired 95% CI's upper end is within the limit; a rise beyond the limit is "

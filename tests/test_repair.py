@@ -401,7 +401,8 @@ def test_guarded_cost_charges_only_a_predicted_rise_beyond_the_limit():
 
     # two buckets, equal weights: spread = |m0 - m1|; head 0 widens it by 1, head 1 narrows it by 0.5
     guard = GuardPrediction("religion", {"shifts": [[0.5, -0.5], [-0.25, 0.25]], "means": [1.0, 0.0],
-                                         "weights": [0.5, 0.5]}, margin=0.2)
+                                         "weights": [0.5, 0.5], "prompts": 10, "seconds": 0.0},
+                            margin=0.2)
     assert guard.base == pytest.approx(1.0) and guard.limit == pytest.approx(0.2) and guard.unit == pytest.approx(0.1)
     states = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     assert guard.change(states).tolist() == pytest.approx([0.0, 1.0, -0.5, 0.5])

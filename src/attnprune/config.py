@@ -511,6 +511,11 @@ class SelectionOptions(Options):
         return [a for a in hb.axes(getattr(self, "holisticbias", None)) if a != getattr(self, "axis", None)] + [LMS_GUARD]
 
     @property
+    def guard_prompt_count(self) -> int:
+        """Prompts of each guarded axis (``--guard-prompts``, default ``--confirm-prompts``), for a guard and its estimates."""
+        return self.guard_prompts or self.confirm_prompts
+
+    @property
     def held_tokens(self) -> int:
         """``--hold-tokens`` with its default resolved: the test text's size (see the option)."""
         return self.hold_tokens if self.hold_tokens is not None else getattr(self, "test_ppl_tokens", TEST_PPL_TOKENS)
@@ -596,7 +601,7 @@ class RunConfig(SelectionOptions, SearchOptions, ExecutorOptions, DataOptions, S
             del out["protect"]  # every head free, as before the option: those stores match it
         if out["guard_search"]:  # what the search carries: the axes, their margin, their prompts
             out["guard_search"] = (f"{','.join(self.guarded_axes)}; margin {self.guard_margin:g}; prompts "
-                                   f"{self.guard_prompts or self.confirm_prompts}")
+                                   f"{self.guard_prompt_count}")
         else:
             del out["guard_search"]  # the search blind to the guards, as before the option
         if model_name is not None:

@@ -316,7 +316,7 @@ class Run:
         """The store setting of confirmations measured for perplexity only (``ev``: the confirmation evaluator)."""
         return self.store.register_setting({**ev.describe(), "with_perplexity": True, "with_bias": False})
 
-    def guard_spec(self, axis: str) -> EvaluatorSpec:
+    def guard_spec(self, axis: str, part: str | None = None) -> EvaluatorSpec:
         """The recipe of a guard: the search's measure on ``axis``, on that axis's validation prompts.
 
         A guarded axis is never the search's (``--guard`` refuses it), so neither the search
@@ -329,9 +329,9 @@ class Run:
         c = self.cfg
         if axis == labels.LMS_GUARD:
             return self.spec("valid", bias="stereoset", axis="all", bootstrap_reps=VALID_BOOTSTRAP_REPS)
-        # with --guard-search the search reads the axis's search half: the guard keeps to the other
-        return self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
-                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="confirm" if c.guard_search else None)
+        # with --guard-search the search reads the axis's search half (``part``): the guard keeps to the other
+        return self.spec("valid", axis=axis, prompts=c.guard_prompt_count, bootstrap_reps=VALID_BOOTSTRAP_REPS,
+                         part=part or ("confirm" if c.guard_search else None))
 
     def guard_removal_estimates(self, axis: str) -> dict:
         """What ``--guard-search`` predicts guarded ``axis`` from, on the search half of its validation split.
@@ -341,11 +341,8 @@ class Run:
         ``"bias"`` its bias there, ``"prompts"``, ``"seconds"}``: one forward and one gradient pass
         on up to ``--guard-prompts`` prompts (the guard itself reads the other half).
         """
-        c = self.cfg
-        spec = self.spec("valid", axis=axis, prompts=c.guard_prompts or c.confirm_prompts,
-                         bootstrap_reps=VALID_BOOTSTRAP_REPS, part="search")
         t = time.perf_counter()
-        ev, _ = self.evaluator(spec, with_perplexity=False)
+        ev, _ = self.evaluator(self.guard_spec(axis, part="search"), with_perplexity=False)
         base = ev.evaluate([HeadMask.all_active(*self.shape)], with_perplexity=False)[0].bias_result
         measure = ev.bias_measure
         shifts = np.asarray(measure.bucket_means(measure.removal_estimates().T), dtype=float)

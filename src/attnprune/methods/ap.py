@@ -62,6 +62,7 @@ class GuardPrediction:
         self.base = float(bucket_spread(self.means, self.weights))
         self.limit = margin * self.base
         self.unit = max(0.1 * self.base, 1e-6)
+        self.prompts, self.seconds = stored["prompts"], stored["seconds"]  # what the estimates cost, for the notes
 
     def change(self, states: torch.Tensor) -> torch.Tensor:
         """``[chains]`` predicted change of the axis's bias for ``states`` ``[chains, cells]`` (1 = active)."""
@@ -201,7 +202,7 @@ class AttentionPruning(Method):
             return []
         out = []
         for axis in c.guarded_axes:
-            depends = {"axis": axis, "prompts": c.guard_prompts or c.confirm_prompts}
+            depends = {"axis": axis, "prompts": c.guard_prompt_count}
             stored = ctx.cached("guard_first_order", depends)
             if stored is None and ctx.can_evaluate:
                 ctx.log(f"--guard-search: first-order estimates of every head's removal on {axis} (the search half "
@@ -540,9 +541,8 @@ class AttentionPruning(Method):
             extras["perplexity prior"] = (0, prior["seconds"])
             notes += f"; perplexity effects shrunk toward first-order estimates on {c.ppl_prior_tokens} search tokens"
         for g in self.guard_predictions(ctx):
-            stored = ctx.cached("guard_first_order", {"axis": g.axis, "prompts": c.guard_prompts or c.confirm_prompts})
-            extras[f"{g.axis} estimates"] = (1, stored["seconds"])
-            notes += (f"; the search kept {g.axis}'s bias (first-order estimates on {stored['prompts']} of its "
+            extras[f"{g.axis} estimates"] = (1, g.seconds)
+            notes += (f"; the search kept {g.axis}'s bias (first-order estimates on {g.prompts} of its "
                       f"prompts) within {100 * c.guard_margin:g}% of its unrepaired {g.base:.3f}")
         if retired:
             notes += f"; {len(retired)} confirmed over the budget before a calibration round, not shortlisted again"
